@@ -1,0 +1,1 @@
+"""DePT: Decomposed Prompt Tuning (ICLR 2024)."""

@@ -1,0 +1,105 @@
+"""Tiny models and tokenizers built offline, for tests, demos and smoke benchmarks.
+
+Nothing here downloads anything: each builder makes a config with small dims, or a word-level tokenizer
+trained on the words it is given, and can save it to a directory so that the real `from_pretrained`
+loading paths are exercised.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from transformers import BertConfig, LlamaConfig, PreTrainedTokenizerFast, T5Config
+
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<s>"]  # T5's ids: pad 0, eos 1, unk 2
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def build_word_tokenizer(texts: Iterable[str], save_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """A lower-cased word-level tokenizer whose vocabulary is every word in `texts`.
+
+    It appends `</s>` to each sequence, as T5's tokenizer does, and pads with id 0.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = sorted({w for text in texts for w in _WORD.findall(text.lower())})
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    from tokenizers import decoders
+
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        model_max_length=512,
+    )
+    if save_dir is not None:
+        tokenizer.save_pretrained(str(save_dir))
+    return tokenizer
+
+
+def tiny_t5_config(vocab_size: int, d_model: int = 32, **overrides) -> T5Config:
+    kwargs = dict(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=d_model * 2,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return T5Config(**kwargs)
+
+
+def tiny_llama_config(vocab_size: int, hidden_size: int = 32, **overrides) -> LlamaConfig:
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=3,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def tiny_bert_config(vocab_size: int, hidden_size: int = 32, num_labels: int = 2, **overrides) -> BertConfig:
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+        num_labels=num_labels,
+    )
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
