@@ -1,0 +1,98 @@
+"""Safe image paths and robust RGB image loading with Pillow.
+
+Every way an image can fail to load (missing, empty, truncated, not an image, too large) raises one error type,
+`ImageLoadError`, which names the file. Code that processes many images catches it, reports the path and counts
+the failures; it never drops an image silently.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "ImagePathError", "load_image", "resolve_image_path", "to_rgb"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_BACKGROUND = (255, 255, 255)
+
+
+class ImagePathError(ValueError):
+    """An image path from an annotation file points outside the image root."""
+
+
+class ImageLoadError(Exception):
+    """An image file is missing, empty, truncated, corrupt or not an image. `path` names the file."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"cannot load image {self.path}: {reason}")
+
+
+def resolve_image_path(root: str | Path, relative: str | Path) -> Path:
+    """Join an image path taken from an annotation file onto `root`, refusing paths that leave `root`.
+
+    `../` escapes and absolute paths outside `root` raise `ImagePathError`. The check is on the normalised path,
+    not on the resolved one, so symlinks that the user placed inside `root` (e.g. `root/train2014 -> /data/coco`)
+    keep working.
+    """
+    root_abs = Path(os.path.abspath(root))
+    candidate = Path(os.path.normpath(root_abs / relative))
+    if candidate != root_abs and root_abs not in candidate.parents:
+        raise ImagePathError(
+            f"image path {str(relative)!r} resolves to {candidate}, which is outside the image root {root_abs}; "
+            "annotation files must name images relative to the image root, without '..'"
+        )
+    return candidate
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Load an image file as an 8-bit RGB `PIL.Image`, upright as a viewer would show it.
+
+    Applies the EXIF orientation, then converts any mode to RGB (see `to_rgb`). Raises `ImageLoadError`
+    naming `path` for a missing, empty, truncated or unreadable file.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageLoadError(path, "the file is empty (0 bytes)")
+        with Image.open(path) as image:
+            image.load()  # decode now, so a truncated file fails here and not later in a worker
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except ImageLoadError:
+        raise
+    except FileNotFoundError as error:
+        raise ImageLoadError(path, "no such file") from error
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        # Pillow reports truncated/corrupt data as OSError, some bad headers as SyntaxError or ValueError.
+        raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert an image of any Pillow mode to 8-bit RGB.
+
+    - 16-bit grayscale (`I;16*`, and `I`, which is how Pillow decodes 16-bit files) is scaled from
+      [0, 65535] to [0, 255]; Pillow's own `convert` would clip every value above 255 to white.
+    - Transparent images (RGBA, LA, palette with transparency) are composited on white: the colour of fully
+      transparent pixels is undefined (often black), and white is how viewers and browsers show them.
+    - CMYK, grayscale, 1-bit, YCbCr and the rest use Pillow's conversion.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        eight_bit = np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight_bit).convert("RGB")
+    if "transparency" in image.info or image.mode in ("PA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, _BACKGROUND)
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
