@@ -1,0 +1,87 @@
+"""Adapter files: ours (adapter_config.json + adapter_model.safetensors) and the official DePT release
+(adapter_config.json + a pickled adapter_model.bin, read with weights_only=True)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import CONFIG_NAME, DePTConfig
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+OFFICIAL_WEIGHTS_NAME = "adapter_model.bin"
+# Official key -> our key.
+OFFICIAL_KEYS = {
+    "prompt_embeddings": "prompt_embeddings",
+    "prompt_encoder.lora_embedding_A": "lora_embedding_A",
+    "prompt_encoder.lora_embedding_B": "lora_embedding_B",
+}
+
+
+class UnsafeCheckpointError(ValueError):
+    """A pickle that holds more than tensors, refused by torch's weights_only loader."""
+
+
+def save_adapter(save_directory: str | Path, config: DePTConfig, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write the config and the tensors; the weights file appears only once it is complete."""
+    path = Path(save_directory)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+    handle, tmp_name = tempfile.mkstemp(prefix=".adapter_model.", suffix=".tmp", dir=path)
+    os.close(handle)
+    try:
+        save_file(tensors, tmp_name, metadata={"format": "pt", "peft_type": "DEPT"})
+        os.replace(tmp_name, path / WEIGHTS_NAME)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    config.save_pretrained(path)
+    return path
+
+
+def is_official_checkpoint(directory: str | Path) -> bool:
+    path = Path(directory)
+    return (path / OFFICIAL_WEIGHTS_NAME).is_file() and not (path / WEIGHTS_NAME).is_file()
+
+
+def load_official_weights(weights_path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an official DePT `adapter_model.bin` and rename its keys to ours."""
+    try:
+        raw = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnsafeCheckpointError(
+            f"Refusing to load {weights_path}: it holds objects other than tensors, which could run code. "
+            "Only plain tensor checkpoints are loaded (torch.load with weights_only=True rejected this one)."
+        ) from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{weights_path} should hold a dict of tensors, got {type(raw).__name__}.")
+    unknown = sorted(set(raw) - set(OFFICIAL_KEYS))
+    if unknown or "prompt_embeddings" not in raw:
+        raise ValueError(
+            f"{weights_path} is not an official DePT checkpoint: expected keys {sorted(OFFICIAL_KEYS)}, "
+            f"found {sorted(raw)}."
+        )
+    return {OFFICIAL_KEYS[key]: value.float() for key, value in raw.items()}
+
+
+def load_adapter(directory: str | Path) -> tuple[DePTConfig, dict[str, torch.Tensor], str]:
+    """Config and tensors of a saved adapter, ours or official, plus a label naming the source for messages."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Adapter directory {path} does not exist.")
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: is it a DePT adapter directory?")
+    config = DePTConfig.from_pretrained(path)
+    if (path / WEIGHTS_NAME).is_file():
+        return config, load_file(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME)
+    if (path / OFFICIAL_WEIGHTS_NAME).is_file():
+        return config, load_official_weights(path / OFFICIAL_WEIGHTS_NAME), str(path / OFFICIAL_WEIGHTS_NAME)
+    raise FileNotFoundError(
+        f"{path} has {CONFIG_NAME} but no weights: expected {WEIGHTS_NAME} (ours) or {OFFICIAL_WEIGHTS_NAME} "
+        "(official DePT)."
+    )

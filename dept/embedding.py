@@ -1,0 +1,135 @@
+"""The DePT math, once: a short prompt P and a position-wise low-rank update A @ B of the input embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import DePTConfig
+
+
+class InputTooLongError(ValueError):
+    """An input has more real tokens than the adapter's max_length covers."""
+
+
+class DePTEmbedding(nn.Module):
+    """Applies DePT to already-embedded inputs.
+
+        E' = E + scaling * (A @ B)[position]      position = index of the token among the row's real tokens
+        X  = concat(P, E')                       the mask gets m ones in front
+
+    Position i is the i-th *real* token of a row, counted from the attention mask, so the result does not
+    depend on the padding side or on how much padding the batch has. Pads get no update. With left padding
+    the prompt goes right before the first real token (`[pads ; P ; E']`), so relative-position models
+    such as T5 see the same distances as without padding; `prompt_first=True` keeps `[P ; pads ; E']`
+    for classifiers whose pooler reads position 0.
+
+    Shapes:
+        inputs_embeds: (batch, seq, d); attention_mask: (batch, seq) of 0/1.
+        returns (batch, m + seq, d) embeddings and a (batch, m + seq) mask.
+
+    Example:
+        >>> from dept import DePTConfig
+        >>> layer = DePTEmbedding(DePTConfig(num_virtual_tokens=4, r=2, max_length=16, prompt_init="random"), 8)
+        >>> embeds, mask = layer(torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.long))
+        >>> tuple(embeds.shape), tuple(mask.shape)
+        ((3, 9, 8), (3, 9))
+    """
+
+    def __init__(self, config: DePTConfig, token_dim: int):
+        super().__init__()
+        self.num_virtual_tokens = config.num_virtual_tokens
+        self.r = config.r
+        self.max_length = config.max_length
+        self.scaling = config.scaling
+        self.prompt_embeddings = nn.Parameter(torch.zeros(config.num_virtual_tokens, token_dim))
+        self.lora_embedding_A = nn.Parameter(torch.zeros(config.max_length, config.r))
+        self.lora_embedding_B = nn.Parameter(torch.zeros(config.r, token_dim))
+        self._cached_update: torch.Tensor | None = None
+        self._cache_key: tuple | None = None
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A ~ Kaiming-uniform(a=sqrt(5)), i.e. U(-1/sqrt(r), 1/sqrt(r)); B = 0, so A @ B = 0 at step 0."""
+        if self.r > 0:
+            bound = 1.0 / math.sqrt(self.r)
+            self.lora_embedding_A.uniform_(-bound, bound, generator=generator)
+        self.lora_embedding_B.zero_()
+
+    def embedding_update(self, length: int | None = None) -> torch.Tensor:
+        """scaling * (A @ B)[:length], shape (length, d).
+
+        In eval mode without autograd the full table is computed once and reused until A or B change
+        (tracked by their in-place version counters, which optimizer steps and loads bump).
+        """
+        length = self.max_length if length is None else length
+        A, B = self.lora_embedding_A, self.lora_embedding_B
+        if self.training or (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)):
+            return (A[:length] @ B) * self.scaling
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), A.device, A.dtype, B.dtype)
+        if self._cache_key != key:
+            self._cached_update = (A @ B) * self.scaling
+            self._cache_key = key
+        return self._cached_update[:length]
+
+    def real_token_positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Index of each token among its row's real tokens (pads get 0). Raises if a row exceeds max_length."""
+        lengths = attention_mask.sum(dim=1)
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if longest > self.max_length:
+            raise InputTooLongError(
+                f"An input has {longest} tokens but the adapter's max_length is {self.max_length}. Truncate inputs "
+                f"to max_length (the pipelines set the tokenizer's max_length from the adapter config), or train an "
+                f"adapter with a larger max_length."
+            )
+        return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+    def prompt_layout(self, attention_mask: torch.Tensor, prompt_first: bool = False) -> torch.Tensor | None:
+        """Gather index (batch, m + seq) from `[P ; tokens]` to the output order, or None when they agree.
+
+        Rows with k leading pads become `[pads(k) ; P ; rest]`; right-padded rows need no reordering.
+        """
+        if prompt_first:
+            return None
+        leading_pads = (attention_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)
+        if not bool(leading_pads.any()):
+            return None
+        m = self.num_virtual_tokens
+        t = torch.arange(m + attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
+        return torch.where(t < leading_pads, t + m, torch.where(t < leading_pads + m, t - leading_pads, t))
+
+    @staticmethod
+    def place(prompt_part: torch.Tensor, tokens: torch.Tensor, layout: torch.Tensor | None) -> torch.Tensor:
+        """Concatenate a per-prompt-position and a per-token tensor along dim 1, in the layout's order."""
+        combined = torch.cat([prompt_part, tokens], dim=1)
+        if layout is None:
+            return combined
+        index = layout.view(*layout.shape, *([1] * (combined.dim() - 2))).expand_as(combined)
+        return combined.gather(1, index)
+
+    def insert_prompt(
+        self, per_token: torch.Tensor, attention_mask: torch.Tensor, fill_value, prompt_first: bool = False
+    ) -> torch.Tensor:
+        """Align a per-token tensor (labels, token types) with the output: `fill_value` at the prompt."""
+        prompt_part = per_token.new_full((per_token.shape[0], self.num_virtual_tokens), fill_value)
+        return self.place(prompt_part, per_token, self.prompt_layout(attention_mask, prompt_first))
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, prompt_first: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, seq, _ = inputs_embeds.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, seq, dtype=torch.long, device=inputs_embeds.device)
+        mask = attention_mask.to(torch.long)
+        positions = self.real_token_positions(mask)
+        if self.r > 0:
+            longest = int(positions.max()) + 1 if seq else 0
+            update = self.embedding_update(longest).to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds + update[positions] * mask.unsqueeze(-1).to(inputs_embeds.dtype)
+        prompt = self.prompt_embeddings.to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        layout = self.prompt_layout(mask, prompt_first)
+        embeds = self.place(prompt, inputs_embeds, layout)
+        return embeds, self.place(mask.new_ones(batch, self.num_virtual_tokens), attention_mask.to(mask.dtype), layout)

@@ -1,0 +1,106 @@
+"""The forward pass is exactly the formula, for each model kind, and does not depend on padding."""
+
+import pytest
+import torch
+
+from dept import DePTConfig, DePTEmbedding, InputTooLongError, get_dept_model
+from tests.dept.helpers import TASK_TYPES, attach, base_forward, dept_forward
+
+TEXTS = ["the movie was great", "a dull and boring film with terrible acting and actors", "red circle"]
+
+
+def hand_computed_logits(kind, dept_model, input_ids):
+    """E' = E + scaling * (A @ B)[:s]; X = [P ; E'] — written out for one unpadded example."""
+    encoder = dept_model.prompt_encoder
+    s = input_ids.shape[1]
+    E = dept_model.base_model.get_input_embeddings().weight[input_ids[0]]
+    update = dept_model.config.scaling * (encoder.lora_embedding_A @ encoder.lora_embedding_B)[:s]
+    X = torch.cat([encoder.prompt_embeddings, E + update])[None]
+    m = dept_model.config.num_virtual_tokens
+    mask = torch.ones(1, m + s, dtype=torch.long)
+    positions = torch.arange(m + s)[None]
+    return base_forward(kind, dept_model.base_model, X, mask, positions)
+
+
+def test_forward_matches_the_formula(any_model, tokenizer):
+    kind, model = any_model
+    dept_model = attach(kind, model, tokenizer)
+    batch = tokenizer(TEXTS[1:2], return_tensors="pt")
+    with torch.no_grad():
+        expected = hand_computed_logits(kind, dept_model, batch["input_ids"])
+        actual = dept_forward(kind, dept_model, batch)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+
+
+def test_at_initialisation_dept_equals_prompt_tuning(any_model, tokenizer):
+    kind, model = any_model
+    dept_model = get_dept_model(model, DePTConfig(num_virtual_tokens=5, r=3, max_length=24,
+                                                  task_type=TASK_TYPES[kind]), tokenizer=tokenizer)
+    assert torch.count_nonzero(dept_model.prompt_encoder.lora_embedding_B) == 0
+    batch = tokenizer(TEXTS[:1], return_tensors="pt")
+    P = dept_model.prompt_encoder.prompt_embeddings
+    E = model.get_input_embeddings().weight[batch["input_ids"][0]]
+    with torch.no_grad():
+        prompt_tuning = base_forward(kind, model, torch.cat([P, E])[None], torch.ones(1, 5 + E.shape[0]).long(),
+                                     torch.arange(5 + E.shape[0])[None])
+        torch.testing.assert_close(dept_forward(kind, dept_model, batch), prompt_tuning, atol=1e-6, rtol=0)
+
+
+def test_lora_A_starts_kaiming_uniform_and_B_at_zero():
+    layer = DePTEmbedding(DePTConfig(num_virtual_tokens=2, r=16, max_length=512, prompt_init="random"), 8)
+    A = layer.lora_embedding_A
+    assert A.abs().max() <= 1 / 16**0.5 and A.abs().max() > 0.9 / 16**0.5  # U(-1/sqrt(r), 1/sqrt(r)) fills it
+    assert torch.count_nonzero(layer.lora_embedding_B) == 0
+
+
+def test_text_init_tiles_the_init_text(t5_model, tokenizer):
+    dept_model = get_dept_model(t5_model, DePTConfig(num_virtual_tokens=12, r=2, max_length=24), tokenizer=tokenizer)
+    ids = tokenizer(dept_model.config.prompt_init_text, add_special_tokens=False)["input_ids"]
+    expected = t5_model.get_input_embeddings().weight[(ids * 3)[:12]]
+    torch.testing.assert_close(dept_model.prompt_encoder.prompt_embeddings, expected, atol=0, rtol=0)
+
+
+def _logits_per_row(kind, dept_model, tokenizer, texts, side):
+    tokenizer.padding_side = side
+    try:
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = "right"
+    logits = dept_forward(kind, dept_model, batch)
+    if kind == "llama":  # keep the positions of real tokens only
+        keep = dept_model.insert_prompt(batch["attention_mask"], batch["attention_mask"], 1).bool()
+        return [row[mask] for row, mask in zip(logits, keep)]
+    return list(logits)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_does_not_change_logits(any_model, tokenizer, side):
+    kind, model = any_model
+    dept_model = attach(kind, model, tokenizer)
+    with torch.no_grad():
+        alone = _logits_per_row(kind, dept_model, tokenizer, TEXTS[:1], side)[0]
+        padded = _logits_per_row(kind, dept_model, tokenizer, TEXTS, side)[0]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+
+
+def test_input_longer_than_max_length_names_max_length(t5_model, tokenizer):
+    dept_model = attach("t5", t5_model, tokenizer, max_length=4)
+    batch = tokenizer(TEXTS[1:2], return_tensors="pt")
+    with pytest.raises(InputTooLongError, match="max_length is 4"):
+        dept_forward("t5", dept_model, batch)
+
+
+def test_eval_cache_is_computed_once_and_never_stale(t5_model, tokenizer):
+    dept_model = attach("t5", t5_model, tokenizer)
+    dept_model.requires_grad_(False)
+    dept_model.eval()
+    encoder = dept_model.prompt_encoder
+    with torch.no_grad():
+        first = encoder.embedding_update()
+        assert encoder.embedding_update().data_ptr() == first.data_ptr()  # cached, not recomputed
+        encoder.lora_embedding_B.add_(1.0)  # an update in place, as an optimizer step makes it
+        after_update = encoder.embedding_update()
+        expected = encoder.scaling * encoder.lora_embedding_A @ encoder.lora_embedding_B
+        torch.testing.assert_close(after_update, expected, atol=1e-6, rtol=0)
+        dept_model.load_adapter_state_dict({"lora_embedding_B": torch.zeros_like(encoder.lora_embedding_B)})
+        assert torch.count_nonzero(encoder.embedding_update()) == 0
