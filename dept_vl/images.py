@@ -33,6 +33,9 @@ class ImageLoadError(Exception):
         self.reason = reason
         super().__init__(f"cannot load image {self.path}: {reason}")
 
+    def __reduce__(self):  # DataLoader workers send these back to the main process
+        return type(self), (self.path, self.reason)
+
 
 def resolve_image_path(root: str | Path, relative: str | Path) -> Path:
     """Join an image path taken from an annotation file onto `root`, refusing paths that leave `root`.
