@@ -162,6 +162,11 @@ class GridFeatureExtractor:
 # Reading stored features
 
 
+def _plain_attrs(attrs: h5py.AttributeManager) -> dict:
+    """h5 attributes as plain Python values (h5py returns numpy scalars)."""
+    return {key: value.item() if isinstance(value, np.generic) else value for key, value in attrs.items()}
+
+
 class _LazyFile:
     """Opens a file on first use in each process: h5py handles and memory maps must not cross `fork()`, so each
     DataLoader worker opens its own, and pickling (for `spawn` workers) carries only the path."""
@@ -199,7 +204,7 @@ class _H5Reader(_LazyFile):
         return {key: group[key][()] for key in ("features", "boxes", "img_h", "img_w") if key in group}
 
     def attrs(self) -> dict:
-        return dict(self.handle.attrs)
+        return _plain_attrs(self.handle.attrs)
 
 
 class _NpyReader(_LazyFile):
@@ -480,7 +485,7 @@ def _check_provenance(h5: h5py.File, output: Path, wanted: Mapping) -> None:
     if len(h5) == 0 and not h5.attrs:
         h5.attrs.update(wanted)
         return
-    found = {key: h5.attrs[key].item() if hasattr(h5.attrs[key], "item") else h5.attrs[key] for key in h5.attrs}
+    found = _plain_attrs(h5.attrs)
     mismatched = {key: (found.get(key), value) for key, value in wanted.items() if found.get(key) != value}
     if mismatched:
         details = ", ".join(f"{key}: file has {old!r}, this run {new!r}" for key, (old, new) in mismatched.items())

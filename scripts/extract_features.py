@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dept_vl.features import GridFeatureExtractor, extract_to_h5
+from dept_vl.features import FeatureStoreError, GridFeatureExtractor, extract_to_h5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     extractor = GridFeatureExtractor(args.backbone, args.pretrained, args.image_size, args.device)
     height, width = extractor.grid_size
     print(f"{args.backbone}: {extractor.n_regions} regions ({height}x{width}) x {extractor.feat_dim} features each")
-    report = extract_to_h5(args.image_dir, args.output, extractor, args.batch_size, args.num_workers)
+    try:
+        report = extract_to_h5(args.image_dir, args.output, extractor, args.batch_size, args.num_workers)
+    except FeatureStoreError as error:  # e.g. the output was made by another backbone
+        raise SystemExit(f"error: {error}") from None
     print(report.summary())
     return 1 if report.failures else 0
 
