@@ -28,35 +28,49 @@ _SMALL = 1e-9
 
 # Contraction suffixes that the PTB tokenizer splits off: "don't" -> "do n't", "dog's" -> "dog 's".
 _CONTRACTION_SUFFIX = re.compile(r"(?<=\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
+# Abbreviations that PTB keeps with their period, even at the end of a caption ("on the st." -> "st.").
+_ABBREVIATIONS = "mr|mrs|ms|dr|st|jr|sr|vs|mt|ft|ave|co|inc|ltd|etc"
 _TOKEN = re.compile(
-    r"""
-      (?:[a-z]\.){2,}            # letter-dot abbreviations: u.s., a.m.
-    | \d+(?:[.,]\d+)+            # numbers with separators: 3.5, 1,000
-    | n't | '(?:s|re|ve|ll|d|m)\b  # the contraction suffixes split off above
-    | \w+(?:[-']\w+)*            # words, including hyphenated ones: black-and-white, o'clock
-    | \S                         # any other character is a token of its own
+    rf"""
+      [a-z](?:\.[a-z])*\.(?!\w)      # letter-dot abbreviations and initials: u.s., a.m., b.
+    | (?:{_ABBREVIATIONS})\.(?!\w)   # known abbreviations: mr., st.
+    | no\.(?=\s*\d)                  # "no." before a number
+    | \d+(?:[.,:]\d+)+               # numbers with separators: 3.5, 1,000, 10:30
+    | n't | '(?:s|re|ve|ll|d|m)\b    # the contraction suffixes split off above
+    | \w+(?:[-'/.]\w+)*              # words, joined by - ' / or . inside: black-and-white, o'clock, and/or
+    | [#@][^\W\d_]\w*                # hashtags and handles: #tag, @user (but "#1" is "#", "1")
+    | -(?:lrb|rrb|lsb|rsb|lcb|rcb)-  # already-escaped brackets stay, as in PTB
+    | [?!]+ | \.+ | -+               # runs of these marks are one token
+    | \S                             # any other character is a token of its own
     """,
     re.VERBOSE,
 )
-# pycocoevalcap drops these PTB tokens. PTB writes brackets as -LRB-/-RRB-/-LCB-/-RCB- and quotes as `` and '',
-# so here the raw characters are dropped instead.
-_DROPPED_TOKENS = frozenset(["'", "`", '"', "“", "”", "‘", ".", "?", "!", ",", ":", ";", "-", "…"] + list("(){}[]"))
+# PTB writes brackets as -LRB- etc. pycocoevalcap means to drop them, but its list has them in upper case while
+# ``-lowerCase`` lower-cases them, so in practice they stay, lower-cased.
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+# pycocoevalcap's punctuation list, in the raw characters that PTB turns into those tokens (quotes become `` '').
+_DROPPED_TOKENS = frozenset(["'", "`", '"', "“", "”", "‘", "?", "!", ",", ":", ";", "…"])
+
+
+def _is_dropped(token: str) -> bool:
+    return token in _DROPPED_TOKENS or set(token) == {"."} or set(token) == {"-"}
 
 
 def tokenize_caption(text: str) -> list[str]:
     """Tokenise a caption like pycocoevalcap's PTBTokenizer (``-lowerCase``), then drop its punctuation tokens.
 
-    On ordinary captions the output matches the Java tokenizer: lower case, punctuation split off and dropped,
-    contractions split PTB-style ("don't" -> ["do", "n't"], "dog's" -> ["dog", "'s"]), hyphenated words, numbers
-    such as "3.5" and "1,000", and letter-dot abbreviations such as "u.s." kept whole. Symbols such as "&", "$"
-    and "%" stay as tokens of their own.
+    It follows the Java tokenizer (Stanford CoreNLP 3.4.1): lower case; punctuation split off and dropped;
+    contractions split ("don't" -> ["do", "n't"], "dog's" -> ["dog", "'s"]); words joined by hyphens, slashes or
+    inner periods, numbers such as "3.5", "1,000" and "10:30", and abbreviations such as "u.s." and "mr." kept
+    whole; brackets kept as "-lrb-", "-rrb-", ... (pycocoevalcap's list fails to drop them); runs such as "?!"
+    kept. Symbols such as "&", "$" and "%" are tokens of their own. ``tests/vl/test_metrics.py`` compares it
+    with the Java tokenizer where Java is installed.
 
-    Differences from the Java tokenizer, all rare in captions:
-
-    - Known abbreviations such as "mr." or "st." lose their period; PTB keeps "mr." whole.
-    - Square brackets are dropped; PTB writes them as -LSB-/-RSB-, which pycocoevalcap keeps.
-    - Typographic apostrophes count as straight ones, and "…" is dropped like "...".
-    - "3.5mm" gives ["3.5", "mm"], while PTB's rules for numbers glued to letters are more detailed.
+    Known differences, all rare in captions: PTB decides whether "no." and single-letter initials ("A.") keep
+    their period from what follows (a sentence end or not); here "no." keeps it only before a number and an
+    initial always does. Only a short list of other abbreviations keeps its period. "'90s" is split, "y'all" and
+    "rock'n'roll" stay whole, "-5" and ".5" lose their sign or period, and typographic apostrophes count as
+    straight ones. Words glued to punctuation without spaces ("dog's,cat") may split differently.
 
     >>> tokenize_caption("A man's dog, sitting on the U.S. flag.")
     ['a', 'man', "'s", 'dog', 'sitting', 'on', 'the', 'u.s.', 'flag']
@@ -65,7 +79,8 @@ def tokenize_caption(text: str) -> list[str]:
         raise TypeError(f"a caption must be a string, got {type(text).__name__}: {text!r}")
     text = text.lower().replace("’", "'")
     text = _CONTRACTION_SUFFIX.sub(r" \1", text)
-    return [token for token in _TOKEN.findall(text) if token not in _DROPPED_TOKENS]
+    tokens = (_BRACKETS.get(token, token) for token in _TOKEN.findall(text))
+    return [token for token in tokens if not _is_dropped(token)]
 
 
 def _ngram_counts(tokens: Tokens, max_order: int) -> Counter[tuple[str, ...]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import shutil
 
 import pytest
 
@@ -164,24 +165,31 @@ def test_nlvr_consistency_rejects_missing_group_ids():
 # ---------------------------------------------------------------- caption tokenizer
 
 
-@pytest.mark.parametrize(
-    ("caption", "tokens"),
-    [
-        ("A dog runs.", ["a", "dog", "runs"]),
-        ("Two dogs, running!", ["two", "dogs", "running"]),
-        ("A man's hat", ["a", "man", "'s", "hat"]),
-        ("Don't stop", ["do", "n't", "stop"]),
-        ("it can't fly", ["it", "ca", "n't", "fly"]),
-        ("the dogs' toys", ["the", "dogs", "toys"]),
-        ("a black-and-white photo", ["a", "black-and-white", "photo"]),
-        ("a (small) cat -- sleeping...", ["a", "small", "cat", "sleeping"]),
-        ('a sign reading "stop"', ["a", "sign", "reading", "stop"]),
-        ("3.5 inches and 1,000 people", ["3.5", "inches", "and", "1,000", "people"]),
-        ("the U.S. flag", ["the", "u.s.", "flag"]),
-        ("cats & dogs: 50%", ["cats", "&", "dogs", "50", "%"]),
-        ("5 o'clock", ["5", "o'clock"]),
-    ],
-)
+# Outputs of the Java PTB tokenizer (-lowerCase) after pycocoevalcap's punctuation filter.
+TOKENIZER_CASES = [
+    ("A dog runs.", ["a", "dog", "runs"]),
+    ("Two dogs, running!", ["two", "dogs", "running"]),
+    ("A man's hat", ["a", "man", "'s", "hat"]),
+    ("Don't stop", ["do", "n't", "stop"]),
+    ("it can't fly", ["it", "ca", "n't", "fly"]),
+    ("the dogs' toys", ["the", "dogs", "toys"]),
+    ("a black-and-white photo", ["a", "black-and-white", "photo"]),
+    # pycocoevalcap fails to drop PTB's bracket tokens: its list has them in upper case.
+    ("a (small) cat -- sleeping...", ["a", "-lrb-", "small", "-rrb-", "cat", "sleeping"]),
+    ('a sign reading "stop"', ["a", "sign", "reading", "stop"]),
+    ("3.5 inches and 1,000 people", ["3.5", "inches", "and", "1,000", "people"]),
+    ("the U.S. flag", ["the", "u.s.", "flag"]),
+    ("cats & dogs: 50%", ["cats", "&", "dogs", "50", "%"]),
+    ("5 o'clock", ["5", "o'clock"]),
+    ("at 10:30 a red/white sign", ["at", "10:30", "a", "red/white", "sign"]),
+    ("Mr. Smith on St. Louis st.", ["mr.", "smith", "on", "st.", "louis", "st."]),
+    ("a no. 5 bus says no.", ["a", "no.", "5", "bus", "says", "no"]),
+    ("a cat?! wow!!", ["a", "cat", "?!", "wow", "!!"]),
+    ("3.5mm and 100km", ["3.5", "mm", "and", "100km"]),
+]
+
+
+@pytest.mark.parametrize(("caption", "tokens"), TOKENIZER_CASES)
 def test_tokenize_caption_matches_ptb_on_ordinary_captions(caption, tokens):
     assert tokenize_caption(caption) == tokens
 
@@ -327,3 +335,14 @@ def test_bleu4_and_cider_d_equal_pycocoevalcap_on_the_same_tokens():
     assert cider_d_scores(candidates, references) == pytest.approx(list(their_per_image), rel=1e-9, abs=1e-12)
     scores = caption_scores(COCO_LIKE_PREDICTIONS, COCO_LIKE_REFERENCES)
     assert scores == pytest.approx({"bleu4": 100 * their_bleu[3], "cider": 100 * their_cider}, rel=1e-9)
+
+
+def test_tokenize_caption_equals_the_java_ptb_tokenizer():
+    ptb_module = pytest.importorskip("pycocoevalcap.tokenizer.ptbtokenizer", reason="pycocoevalcap is optional")
+    if shutil.which("java") is None:
+        pytest.skip("pycocoevalcap's PTBTokenizer needs Java")
+    captions = [caption for caption, _ in TOKENIZER_CASES] + COCO_LIKE_PREDICTIONS
+    captions += [caption for refs in COCO_LIKE_REFERENCES for caption in refs]
+    theirs = ptb_module.PTBTokenizer().tokenize({index: [{"caption": c}] for index, c in enumerate(captions)})
+    for index, caption in enumerate(captions):
+        assert " ".join(tokenize_caption(caption)) == theirs[index][0], caption
