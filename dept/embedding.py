@@ -94,12 +94,7 @@ class DePTEmbedding(nn.Module):
         """
         if prompt_first:
             return None
-        leading_pads = (attention_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)
-        if not bool(leading_pads.any()):
-            return None
-        m = self.num_virtual_tokens
-        t = torch.arange(m + attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
-        return torch.where(t < leading_pads, t + m, torch.where(t < leading_pads + m, t - leading_pads, t))
+        return prompt_layout(attention_mask, self.num_virtual_tokens, self.num_virtual_tokens)
 
     @staticmethod
     def place(prompt_part: torch.Tensor, tokens: torch.Tensor, layout: torch.Tensor | None) -> torch.Tensor:
@@ -133,3 +128,31 @@ class DePTEmbedding(nn.Module):
         layout = self.prompt_layout(mask, prompt_first)
         embeds = self.place(prompt, inputs_embeds, layout)
         return embeds, self.place(mask.new_ones(batch, self.num_virtual_tokens), attention_mask.to(mask.dtype), layout)
+
+
+def prompt_layout(
+    attention_mask: torch.Tensor, num_virtual_tokens: int | torch.Tensor, width: int
+) -> torch.Tensor | None:
+    """Gather index (batch, width + seq) from `[prompt slots ; tokens]` to `[pads ; P ; tokens]`, or None.
+
+    The prompt slots hold a row's m_i prompt vectors followed by `width - m_i` empty slots (several adapters
+    padded to one width). A row with k leading pads becomes `[pads(k) ; empty slots ; P ; rest]`, so its
+    prompt stays right before its first real token. None when every row already is in that order.
+
+    Shapes: attention_mask (batch, seq); num_virtual_tokens an int or (batch,) per-row m_i <= width.
+    """
+    leading_pads = (attention_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)
+    m = torch.as_tensor(num_virtual_tokens, device=attention_mask.device).reshape(-1, 1)
+    empty_slots = width - m
+    if not bool(leading_pads.any()) and not bool(empty_slots.any()):
+        return None
+    t = torch.arange(width + attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
+    return torch.where(
+        t < leading_pads,
+        t + width,  # the row's leading pads
+        torch.where(
+            t < leading_pads + empty_slots,
+            t - leading_pads + m,  # empty prompt slots m_i .. width - 1
+            torch.where(t < leading_pads + width, t - leading_pads - empty_slots, t),  # P, then the real tokens
+        ),
+    )

@@ -149,10 +149,7 @@ class DePTModel(nn.Module):
 
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Positions counted over real tokens only (prompt first), so padding never shifts them."""
-        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        if getattr(self.base_model.config, "model_type", None) in PADDING_OFFSET_MODEL_TYPES:
-            positions = positions + self.base_model.config.pad_token_id + 1
-        return positions
+        return real_token_position_ids(attention_mask, self.base_model.config)
 
     # ----------------------------------------------------------------------------------------------------------
     # Training helpers
@@ -404,6 +401,14 @@ def get_dept_model(model: nn.Module, config: DePTConfig, tokenizer=None, **kwarg
             f"set task_type={kind!r}."
         )
     return _MODEL_CLASSES[kind](model, config, tokenizer=tokenizer, **kwargs)
+
+
+def real_token_position_ids(attention_mask: torch.Tensor, base_config) -> torch.Tensor:
+    """Positions (batch, seq) counted over the mask's real tokens, so padding never shifts them."""
+    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    if getattr(base_config, "model_type", None) in PADDING_OFFSET_MODEL_TYPES:
+        positions = positions + base_config.pad_token_id + 1
+    return positions
 
 
 def _check_compatible(config: DePTConfig, base_config, token_dim: int, task_type: str) -> None:
