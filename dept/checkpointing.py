@@ -1,0 +1,324 @@
+"""Training checkpoints that hold only what training changes, written atomically.
+
+A checkpoint is a directory `checkpoint-<step>` in the run's output directory:
+
+    trainable_parameters.safetensors   every parameter with requires_grad=True (never the frozen base model)
+    optimizer.pt, scheduler.pt         their state_dicts
+    rng_state.pt                       python / numpy / torch / cuda RNG states, one entry per process
+    trainer_state.json                 step, epoch, data-order position, best metric, log history
+
+It is written under `checkpoint-<step>.tmp-<pid>`, every file fsync'd, and renamed to `checkpoint-<step>` only
+when complete. A directory named `checkpoint-<step>` is therefore complete; `complete_checkpoints` still checks
+the files, so that a directory left by hand or by another tool is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINABLE_PARAMETERS_NAME = "trainable_parameters.safetensors"
+OPTIMIZER_NAME = "optimizer.pt"
+SCHEDULER_NAME = "scheduler.pt"
+RNG_STATE_NAME = "rng_state.pt"
+TRAINER_STATE_NAME = "trainer_state.json"
+CHECKPOINT_FILES = (TRAINABLE_PARAMETERS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, RNG_STATE_NAME, TRAINER_STATE_NAME)
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint or result file could not be written (disk full, read-only directory, ...)."""
+
+
+@dataclass
+class Checkpoint:
+    """The contents of one checkpoint directory, loaded on the CPU."""
+
+    path: Path
+    trainable_parameters: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng_states: list[dict]
+    trainer_state: dict
+
+
+# ----------------------------------------------------------------------------------------------- parameters
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> CPU copy of every parameter that requires a gradient."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the model's trainable parameters; names and shapes must match exactly."""
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(parameters) - set(state)), sorted(set(state) - set(parameters))
+    if missing or unexpected:
+        raise ValueError(
+            f"The checkpoint does not match the model's trainable parameters: missing {missing}, "
+            f"unexpected {unexpected}. Was it written for another adapter configuration?"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != parameters[name].shape:
+            raise ValueError(
+                f"Shape of {name!r} differs: checkpoint {tuple(tensor.shape)}, model {tuple(parameters[name].shape)}."
+            )
+        parameters[name].copy_(tensor)
+
+
+# ----------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict:
+    """This process's python, numpy, torch and cuda RNG states, in types `torch.load(weights_only=True)` accepts."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of `capture_rng_state`."""
+    random.setstate(_as_tuples(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["name"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    # random.setstate wants the nested tuples back, not lists.
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_torch(obj, path: Path) -> None:
+    torch.save(obj, path)
+    _fsync(path)
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path))
+    _fsync(path)
+
+
+def _write_text(text: str, path: Path) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename, so readers never see half a file.
+
+    Raises:
+        CheckpointWriteError: naming the path and the OS error, when the file cannot be written.
+    """
+    path = Path(path)
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        _write_text(text, temporary)
+        os.replace(temporary, path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise CheckpointWriteError(
+            f"Could not write {path}: {err.strerror or err}. Free disk space or make {path.parent} writable, "
+            "then run again."
+        ) from err
+
+
+def write_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    trainable_parameters: dict[str, torch.Tensor],
+    optimizer: dict,
+    scheduler: dict,
+    rng_states: list[dict],
+    trainer_state: dict,
+) -> Path:
+    """Write `checkpoint-<step>` into `output_dir` atomically and return its path.
+
+    Raises:
+        CheckpointWriteError: when any file cannot be written. The partial directory is removed and every
+            earlier checkpoint is left as it was.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    temporary = output_dir / f"{final.name}.tmp-{os.getpid()}"
+    writes: list[tuple[str, Callable[[Path], None]]] = [
+        (TRAINABLE_PARAMETERS_NAME, lambda p: _write_safetensors(trainable_parameters, p)),
+        (OPTIMIZER_NAME, lambda p: _write_torch(optimizer, p)),
+        (SCHEDULER_NAME, lambda p: _write_torch(scheduler, p)),
+        (RNG_STATE_NAME, lambda p: _write_torch(rng_states, p)),
+        # Last, so that any directory holding trainer_state.json got every other file first.
+        (TRAINER_STATE_NAME, lambda p: _write_text(json.dumps(trainer_state, indent=2) + "\n", p)),
+    ]
+    current = temporary
+    try:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        for name, write in writes:
+            current = temporary / name
+            write(current)
+        current = temporary
+        _fsync(temporary)
+        _replace_directory(temporary, final)
+        current = output_dir
+        _fsync(output_dir)
+    except OSError as err:
+        shutil.rmtree(temporary, ignore_errors=True)
+        last = latest_checkpoint(output_dir)
+        kept = f"The last complete checkpoint, {last}, is intact" if last else "No complete checkpoint exists yet"
+        resume = f"then resume with --resume_from_checkpoint {last}" if last else "then start the run again"
+        raise CheckpointWriteError(
+            f"Could not write checkpoint {final}: writing {current} failed with {err.strerror or err}. {kept}. "
+            f"Free disk space or make {output_dir} writable, {resume}."
+        ) from err
+    return final
+
+
+def _replace_directory(source: Path, target: Path) -> None:
+    # A run resumed from an earlier checkpoint saves again under names a later (killed) run already used.
+    if target.exists():
+        logger.warning("Replacing %s, written by an earlier attempt of this run.", target)
+        stale = target.with_name(f"{target.name}.replaced-{os.getpid()}")
+        os.rename(target, stale)
+        os.rename(source, target)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.rename(source, target)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def checkpoint_step(path: str | Path) -> int:
+    match = _CHECKPOINT_DIR.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named checkpoint-<step>.")
+    return int(match.group(1))
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    if not (_CHECKPOINT_DIR.match(path.name) and path.is_dir()):
+        return False
+    if not all((path / name).is_file() for name in CHECKPOINT_FILES):
+        return False
+    try:
+        return json.loads((path / TRAINER_STATE_NAME).read_text()).get("global_step") == checkpoint_step(path)
+    except (OSError, ValueError):
+        return False
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete `checkpoint-<step>` directories in `output_dir`, oldest first; partial and `.tmp` ones are skipped."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        if not path.name.startswith(CHECKPOINT_PREFIX):
+            continue
+        if is_complete_checkpoint(path):
+            found.append(path)
+        else:
+            logger.warning("Ignoring %s: it is not a complete checkpoint (interrupted or foreign write).", path)
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    checkpoints = complete_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a complete checkpoint on the CPU; `.pt` files are read with `weights_only=True`."""
+    path = Path(path)
+    if not is_complete_checkpoint(path):
+        missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+        raise FileNotFoundError(
+            f"{path} is not a complete checkpoint (missing: {missing or 'none; trainer_state.json does not match'}). "
+            "Pass a checkpoint-<step> directory written by dept.trainer, or resume_from_checkpoint='auto'."
+        )
+
+    def load(name: str):
+        return torch.load(path / name, map_location="cpu", weights_only=True)
+
+    return Checkpoint(
+        path=path,
+        trainable_parameters=load_file(str(path / TRAINABLE_PARAMETERS_NAME)),
+        optimizer=load(OPTIMIZER_NAME),
+        scheduler=load(SCHEDULER_NAME),
+        rng_states=load(RNG_STATE_NAME),
+        trainer_state=json.loads((path / TRAINER_STATE_NAME).read_text()),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- rotation
+
+
+def rotate_checkpoints(output_dir: str | Path, save_total_limit: int | None, best: str | Path | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `save_total_limit`; never the best one, never the newest.
+
+    Returns the deleted directories.
+    """
+    if save_total_limit is None:
+        return []
+    checkpoints = complete_checkpoints(output_dir)
+    protected = {checkpoints[-1].resolve()} if checkpoints else set()
+    if best is not None:
+        protected.add(Path(best).resolve())
+    deletable = [path for path in checkpoints if path.resolve() not in protected]
+    excess = max(0, len(checkpoints) - max(save_total_limit, len(protected)))
+    deleted = deletable[:excess]
+    for path in deleted:
+        shutil.rmtree(path)
+    return deleted

@@ -1,0 +1,166 @@
+"""The arguments of the shared training loop: one dataclass, checked at construction.
+
+Every field carries its help text in `field(metadata={"help": ...})`, so `transformers.HfArgumentParser` can
+build a command line from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+EVAL_STRATEGIES = ("steps", "epoch", "no")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+REPORT_TO = ("tensorboard", "none")
+# Schedules that need only (warmup, total) and whose state round-trips through a checkpoint.
+LR_SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+@dataclass
+class TrainingArguments:
+    """Settings of one training run of `dept.trainer.Trainer`.
+
+    Args:
+        output_dir: where checkpoints, the final adapter, result files, predictions and TensorBoard logs go.
+        overwrite_output_dir: allow training into an `output_dir` that already holds results or checkpoints.
+            Old `checkpoint-*` directories are then deleted, so that they are never resumed or rotated by mistake.
+        learning_rate: learning rate of the prompt P (official DePT: 3e-1 or 4e-1).
+        lora_embedding_lr: learning rate of A and B, the low-rank embedding update (official: 1e-4 to 5e-3).
+        weight_decay: AdamW weight decay (official DePT: effectively 0).
+        per_device_train_batch_size: training examples per process and micro-step.
+        per_device_eval_batch_size: evaluation examples per process and step.
+        gradient_accumulation_steps: micro-steps summed into one optimizer step.
+        max_steps: number of optimizer steps; when > 0 it overrides `num_train_epochs`.
+        num_train_epochs: number of passes over the training set (may be fractional) when `max_steps <= 0`.
+        warmup_steps: optimizer steps of linear warmup from 0 to the learning rates.
+        lr_scheduler_type: shape of the schedule after warmup, one of `LR_SCHEDULER_TYPES`.
+        max_grad_norm: gradients are clipped to this global L2 norm; 0 or less disables clipping.
+        eval_strategy: evaluate every `eval_steps` optimizer steps ("steps"), after each epoch ("epoch") or never.
+        eval_steps: optimizer steps between evaluations when `eval_strategy="steps"`.
+        save_strategy: write a checkpoint every `save_steps` ("steps"), after each epoch ("epoch") or never.
+        save_steps: optimizer steps between checkpoints when `save_strategy="steps"`.
+        logging_steps: optimizer steps between loss / learning-rate log entries.
+        save_total_limit: keep at most this many checkpoints (the best one is never deleted); None keeps all.
+        load_best_model_at_end: at the end, load the checkpoint with the best `metric_for_best_model`.
+        metric_for_best_model: metric that picks the best checkpoint, with or without the `eval_` prefix;
+            None means the evaluator's main metric (or `loss` without an evaluator).
+        greater_is_better: whether a larger `metric_for_best_model` is better; None means the evaluator's own
+            answer for its main metric, False for metrics named like a loss, True otherwise.
+        seed: seed of the data order, of dropout and of anything else random in the run.
+        mixed_precision: "no", "fp16" or "bf16", handed to accelerate.
+        resume_from_checkpoint: a checkpoint directory to resume from, or "auto" for the latest complete
+            checkpoint in `output_dir` (a fresh start when there is none).
+        skip_nan_steps: on a NaN/inf loss, skip that optimizer step (and count it) instead of stopping the run.
+        group_by_length: draw training batches of similar length (seeded, deterministic, resumable).
+        dataloader_num_workers: worker processes of each DataLoader; 0 loads in the main process.
+        report_to: "tensorboard" to log through accelerate's TensorBoard tracker, or "none".
+    """
+
+    output_dir: str = field(metadata={"help": "Where checkpoints, the adapter, results and logs are written."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an output_dir that already holds results; its old checkpoints are deleted."},
+    )
+    learning_rate: float = field(default=0.3, metadata={"help": "Learning rate of the prompt P."})
+    lora_embedding_lr: float = field(default=1e-4, metadata={"help": "Learning rate of A and B."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Training batch size per process."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Evaluation batch size per process."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-steps accumulated into one optimizer step."}
+    )
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; > 0 overrides num_train_epochs."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training set (max_steps <= 0)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear learning-rate warmup."})
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata={"help": "Learning-rate schedule after warmup.", "choices": list(LR_SCHEDULER_TYPES)},
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip gradients to this L2 norm (<= 0: no clip)."})
+    eval_strategy: str = field(
+        default="steps", metadata={"help": "When to evaluate.", "choices": list(EVAL_STRATEGIES)}
+    )
+    eval_steps: int = field(default=1000, metadata={"help": "Optimizer steps between evaluations."})
+    save_strategy: str = field(
+        default="steps", metadata={"help": "When to write a checkpoint.", "choices": list(EVAL_STRATEGIES)}
+    )
+    save_steps: int = field(default=1000, metadata={"help": "Optimizer steps between checkpoints."})
+    logging_steps: int = field(default=50, metadata={"help": "Optimizer steps between log entries."})
+    save_total_limit: int | None = field(
+        default=1, metadata={"help": "Keep at most this many checkpoints (never deleting the best); None keeps all."}
+    )
+    load_best_model_at_end: bool = field(
+        default=True, metadata={"help": "Load the best checkpoint (by metric_for_best_model) at the end."}
+    )
+    metric_for_best_model: str | None = field(
+        default=None, metadata={"help": "Metric picking the best checkpoint; default: the evaluator's main metric."}
+    )
+    greater_is_better: bool | None = field(
+        default=None, metadata={"help": "Whether a larger metric_for_best_model is better; default: inferred."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of data order, dropout and initialisation."})
+    mixed_precision: str = field(
+        default="no", metadata={"help": "Mixed precision through accelerate.", "choices": list(MIXED_PRECISIONS)}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "Checkpoint directory to resume from, or 'auto' for the latest one."}
+    )
+    skip_nan_steps: bool = field(
+        default=False, metadata={"help": "Skip optimizer steps with a NaN/inf loss instead of stopping."}
+    )
+    group_by_length: bool = field(default=False, metadata={"help": "Batch training examples of similar length."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    report_to: str = field(
+        default="tensorboard", metadata={"help": "Where to log metrics.", "choices": list(REPORT_TO)}
+    )
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ValueError("TrainingArguments.output_dir is required: pass the directory the run writes to.")
+        for name, allowed in (
+            ("eval_strategy", EVAL_STRATEGIES),
+            ("save_strategy", EVAL_STRATEGIES),
+            ("mixed_precision", MIXED_PRECISIONS),
+            ("report_to", REPORT_TO),
+            ("lr_scheduler_type", LR_SCHEDULER_TYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainingArguments.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainingArguments.{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("eval_steps", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainingArguments.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("Set max_steps > 0 or num_train_epochs > 0: as given, the run would train nothing.")
+        if self.warmup_steps < 0 or self.dataloader_num_workers < 0:
+            raise ValueError("warmup_steps and dataloader_num_workers must be >= 0.")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1 or None (keep all), got {self.save_total_limit}.")
+        if self.load_best_model_at_end:
+            self._check_best_model_is_saved()
+
+    def _check_best_model_is_saved(self) -> None:
+        # The best model can only be reloaded if every evaluation that may be the best has a checkpoint.
+        if self.eval_strategy == "no" or self.save_strategy == "no":
+            raise ValueError(
+                "load_best_model_at_end needs evaluations and checkpoints: set eval_strategy and save_strategy "
+                "to 'steps' or 'epoch', or set load_best_model_at_end=False."
+            )
+        if self.eval_strategy != self.save_strategy:
+            raise ValueError(
+                f"load_best_model_at_end needs save_strategy == eval_strategy, got save_strategy="
+                f"{self.save_strategy!r} and eval_strategy={self.eval_strategy!r}."
+            )
+        if self.save_strategy == "steps" and self.save_steps % self.eval_steps != 0:
+            raise ValueError(
+                f"load_best_model_at_end needs save_steps to be a multiple of eval_steps, got save_steps="
+                f"{self.save_steps} and eval_steps={self.eval_steps}."
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
