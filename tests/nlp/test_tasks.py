@@ -71,9 +71,15 @@ def test_hub_ids_are_parquet_repos_with_their_configs():
         "wsc.fixed",
     )
     assert get_task("nq").hub_path == "lucadiliello/naturalquestionsshortqa"
-    assert (get_task("winogrande").hub_path, get_task("winogrande").hub_config) == ("allenai/winogrande", "winogrande_xl")
+    assert (get_task("winogrande").hub_path, get_task("winogrande").hub_config) == (
+        "allenai/winogrande",
+        "winogrande_xl",
+    )
     assert (get_task("scitail").hub_path, get_task("scitail").hub_config) == ("allenai/scitail", "snli_format")
-    assert (get_task("paws").hub_path, get_task("paws").hub_config) == ("google-research-datasets/paws", "labeled_final")
+    assert (get_task("paws").hub_path, get_task("paws").hub_config) == (
+        "google-research-datasets/paws",
+        "labeled_final",
+    )
     assert get_task("yelp_polarity").hub_path == "fancyzhx/yelp_polarity"
 
 
@@ -118,7 +124,11 @@ FORMATTING_CASES = {
         "sentence1: Cats purr. sentence2: Dogs purr.",
         "1",
     ),
-    "wnli": ({"sentence1": "I ate.", "sentence2": "I was fed.", "label": 0}, "sentence1: I ate. sentence2: I was fed.", "0"),
+    "wnli": (
+        {"sentence1": "I ate.", "sentence2": "I was fed.", "label": 0},
+        "sentence1: I ate. sentence2: I was fed.",
+        "0",
+    ),
     "stsb": (
         {"sentence1": "A man sings.", "sentence2": "A man is singing.", "label": 3.75},
         "sentence1: A man sings. sentence2: A man is singing.",
@@ -375,7 +385,9 @@ def test_every_task_loads_from_local_files_without_the_hub(task_name, tmp_path, 
 @pytest.mark.parametrize("task_name", ["sst2", "stsb", "winogrande", "superglue-wsc.fixed"])
 def test_json_csv_and_parquet_load_the_same_rows_as_jsonl(task_name, file_format, tmp_path, no_hub):
     reference = load_task_datasets(task_name, **write_task_fixture(task_name, tmp_path / "jsonl"))
-    other = load_task_datasets(task_name, **write_task_fixture(task_name, tmp_path / file_format, file_format=file_format))
+    other = load_task_datasets(
+        task_name, **write_task_fixture(task_name, tmp_path / file_format, file_format=file_format)
+    )
     for split in ("train", "validation", "test"):
         assert other[split].to_list() == reference[split].to_list()
 
@@ -448,7 +460,11 @@ BAD_ROW_CASES = {
         "column 'sentence' is ['a', 'list'] (list), not a string",
         "a non-empty string",
     ),
-    "boolean label": ({"sentence": "ok", "label": True}, "column 'label' is True (bool), not an integer", "one of 0, 1"),
+    "boolean label": (
+        {"sentence": "ok", "label": True},
+        "column 'label' is True (bool), not an integer",
+        "one of 0, 1",
+    ),
     "unlabeled marker outside test": (
         {"sentence": "ok", "label": -1},
         "is -1, which marks an unlabeled row; only the test split may be unlabeled",
@@ -531,7 +547,9 @@ def test_bad_hub_row_is_reported_with_its_hub_split_and_row_number(monkeypatch):
     rows[7]["sentence"] = ""
     hub["validation"] = datasets.Dataset.from_list(rows)
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: hub)
-    with pytest.raises(DataValidationError, match=r"nyu-mll/glue \(cola\), split 'validation': row 7, column 'sentence'"):
+    with pytest.raises(
+        DataValidationError, match=r"nyu-mll/glue \(cola\), split 'validation': row 7, column 'sentence'"
+    ):
         load_task_datasets("cola")
 
 
