@@ -18,7 +18,8 @@ not one of the task's labels, or a value of the wrong type (a number written as 
 expected) stops loading with a message that names the file, the row and what was expected.
 The test split may be unlabeled, for predict-only runs: no label column at all, or the hub's own marker on a row
 (-1 as GLUE's test sets, "" as winogrande's). Such rows get label -1, target "" and no references.
-Text is never normalised: unicode, emoji and right-to-left text pass through as they are.
+Loading never normalises text: unicode, emoji and right-to-left text pass through as they are (only the MRQA
+formatting pads punctuation with spaces, as the official code does; see `dept_nlp.tasks.pad_punctuation`).
 """
 
 from __future__ import annotations
@@ -269,6 +270,11 @@ def _read_json(path: Path) -> _Table:
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError as err:
+                if _is_one_json_object(text):
+                    raise DataValidationError(
+                        f"{path}: the file is one JSON object; expected one object per line (JSON Lines) "
+                        "or an array of objects."
+                    ) from err
                 raise DataValidationError(
                     f"{path}: line {line_number} is not valid JSON ({err.msg}). Expected one JSON object per line."
                 ) from err
@@ -283,6 +289,13 @@ def _read_json(path: Path) -> _Table:
     names = dict.fromkeys(key for item in items for key in item)
     columns = {name: [item.get(name, _MISSING) for item in items] for name in names}
     return _Table(columns, len(items), values_are_text=False, row_name=row_name)
+
+
+def _is_one_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _read_csv(path: Path) -> _Table:

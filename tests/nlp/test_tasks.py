@@ -534,6 +534,13 @@ def test_invalid_json_line_is_reported_with_its_line_number(tmp_path):
         load_task_datasets("sst2", train_file=path, splits=("train",))
 
 
+def test_a_json_file_holding_one_object_says_which_layouts_work(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"data": [GOOD_SST2]}, indent=2), encoding="utf-8")
+    with pytest.raises(DataValidationError, match="one JSON object; expected one object per line"):
+        load_task_datasets("sst2", train_file=path, splits=("train",))
+
+
 def test_null_in_a_parquet_file_is_reported(tmp_path):
     path = tmp_path / "validation.parquet"
     write_rows([GOOD_SST2, {"sentence": None, "label": 0}], path)
