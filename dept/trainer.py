@@ -263,82 +263,87 @@ class Trainer:
             accelerator.init_trackers("runs", config=_hparams(args))
         self._log_run_start(total_steps, batches_per_epoch)
 
-        progress = tqdm(total=total_steps, initial=self.state.global_step, desc="train",
-                        disable=not accelerator.is_local_main_process)  # fmt: skip
         start_time, start_step = time.perf_counter(), self.state.global_step
         if rng_state is not None:
             restore_rng_state(rng_state)  # last, right before the first step, exactly where it was saved
         model.train()
-        while self.state.global_step < total_steps:
-            skip = self.state.batches_seen_in_epoch
-            sampler.set_epoch(self.state.epoch)
-            train_dataloader.set_epoch(self.state.epoch)
-            if skip == 0:
-                batches = train_dataloader
-            elif skip < batches_per_epoch:
-                batches = accelerator.skip_first_batches(train_dataloader, skip)
-                batches.set_epoch(self.state.epoch)
-            else:
-                batches = ()  # the checkpoint was taken after the epoch's last step, before its end-of-epoch work
-            window_losses, window_is_finite = [], True
-            for batch in batches:
-                inputs, _ = split_batch(batch)
-                with accelerator.accumulate(model):
-                    loss = model(**inputs).loss
-                    # The mean over processes, so every process takes the same NaN decision.
-                    mean_loss = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-                    if math.isfinite(mean_loss):
-                        accelerator.backward(loss)
-                        window_losses.append(mean_loss)
-                    elif args.skip_nan_steps:
-                        window_is_finite = False
-                    else:
-                        raise NonFiniteLossError(self._non_finite_loss_message(mean_loss, optimizer))
-                    if accelerator.sync_gradients and window_is_finite:
-                        if args.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(_trainable_parameters(model), args.max_grad_norm)
-                        optimizer.step()
-                    optimizer.zero_grad()
-                self.state.batches_seen_in_epoch += 1
-                if not accelerator.sync_gradients:
-                    continue
-
-                # One optimizer step is done (or skipped for a NaN/inf loss).
-                self.state.global_step += 1
-                scheduler.step()
-                if window_is_finite:
-                    self._record_step_loss(sum(window_losses) / len(window_losses))
-                else:
-                    self.state.nan_steps_skipped += 1
-                    logger.warning(f"Skipped optimizer step {self.state.global_step}: NaN/inf loss.")
+        progress = tqdm(
+            total=total_steps, initial=start_step, desc="train", disable=not accelerator.is_local_main_process
+        )
+        with progress:
+            while self.state.global_step < total_steps:
                 window_losses, window_is_finite = [], True
-                progress.update(1)
+                for batch in self._epoch_batches(train_dataloader, sampler):
+                    inputs, _ = split_batch(batch)
+                    with accelerator.accumulate(model):
+                        loss = model(**inputs).loss
+                        # The mean over processes, so that every process takes the same NaN decision.
+                        mean_loss = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+                        if math.isfinite(mean_loss):
+                            accelerator.backward(loss)
+                            window_losses.append(mean_loss)
+                        elif args.skip_nan_steps:
+                            window_is_finite = False
+                        else:
+                            raise NonFiniteLossError(self._non_finite_loss_message(mean_loss, optimizer))
+                        if accelerator.sync_gradients and window_is_finite:
+                            if args.max_grad_norm > 0:
+                                accelerator.clip_grad_norm_(_trainable_parameters(model), args.max_grad_norm)
+                            optimizer.step()
+                        optimizer.zero_grad()  # accelerate zeroes only once the accumulation window is done
+                    self.state.batches_seen_in_epoch += 1
+                    if not accelerator.sync_gradients:
+                        continue
 
-                if self.state.global_step % args.logging_steps == 0:
-                    self._log_training(optimizer, progress)
-                if args.eval_strategy == "steps" and self.state.global_step % args.eval_steps == 0:
-                    self._evaluate_during_training(model)
-                if args.save_strategy == "steps" and self.state.global_step % args.save_steps == 0:
-                    self.save_checkpoint(optimizer, scheduler)
-                if self.state.global_step >= total_steps:
-                    break
+                    # One optimizer step is done (or skipped for a NaN/inf loss); it counts either way.
+                    self.state.global_step += 1
+                    scheduler.step()
+                    if window_is_finite:
+                        self._record_step_loss(sum(window_losses) / len(window_losses))
+                    else:
+                        self.state.nan_steps_skipped += 1
+                        logger.warning(f"Skipped optimizer step {self.state.global_step}: NaN/inf loss.")
+                    window_losses, window_is_finite = [], True
+                    progress.update(1)
 
-            if self.state.batches_seen_in_epoch >= batches_per_epoch:  # the epoch ran to its end
-                self.state.epoch += 1
-                self.state.batches_seen_in_epoch = 0
-                if args.eval_strategy == "epoch":
-                    self._evaluate_during_training(model)
-                if args.save_strategy == "epoch":
-                    self.save_checkpoint(optimizer, scheduler)
-        progress.close()
+                    if self.state.global_step % args.logging_steps == 0:
+                        self._log_training(optimizer, progress)
+                    if args.eval_strategy == "steps" and self.state.global_step % args.eval_steps == 0:
+                        self._evaluate_during_training(model)
+                    if args.save_strategy == "steps" and self.state.global_step % args.save_steps == 0:
+                        self.save_checkpoint(optimizer, scheduler)
+                    if self.state.global_step >= total_steps:
+                        break
+
+                if self.state.batches_seen_in_epoch >= batches_per_epoch:  # the epoch ran to its end
+                    self.state.epoch += 1
+                    self.state.batches_seen_in_epoch = 0
+                    if args.eval_strategy == "epoch":
+                        self._evaluate_during_training(model)
+                    if args.save_strategy == "epoch":
+                        self.save_checkpoint(optimizer, scheduler)
         runtime = time.perf_counter() - start_time
 
         if args.load_best_model_at_end and self.state.best_model_checkpoint:
             self._load_best_model()
         metrics = self._train_metrics(runtime, self.state.global_step - start_step, batches_per_epoch)
         self._save_final(metrics)
-        accelerator.end_training()
+        if args.report_to != "none":
+            self._finish_trackers()
         return metrics
+
+    def _epoch_batches(self, train_dataloader: DataLoader, sampler: EpochSampler):
+        """The batches of the current epoch that this run has not consumed yet (all of them, unless resuming)."""
+        epoch, skip = self.state.epoch, self.state.batches_seen_in_epoch
+        sampler.set_epoch(epoch)
+        train_dataloader.set_epoch(epoch)
+        if skip == 0:
+            return train_dataloader
+        if skip >= len(train_dataloader):
+            return ()  # the checkpoint was taken after the epoch's last step, before its end-of-epoch work
+        batches = self.accelerator.skip_first_batches(train_dataloader, skip)
+        batches.set_epoch(epoch)
+        return batches
 
     def maybe_resume(self, checkpoint: Path, optimizer, scheduler) -> dict:
         """Load parameters, optimizer, schedule and progress from `checkpoint`; return this process's RNG state.
@@ -427,7 +432,12 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluation_loop(self, model: nn.Module, dataset: Dataset, prefix: str) -> tuple[list, list, dict]:
-        """Predictions, references and `<prefix>_*` metrics, gathered from every process without duplicates."""
+        """Predictions, references and `<prefix>_*` metrics, gathered from every process without duplicates.
+
+        Under several processes accelerate keeps batches even by padding the last one with wrap-around examples.
+        Predictions and references drop them exactly (`gather_for_metrics`); `<prefix>_loss`, a mean of batch
+        means as in HF's Trainer, then includes their share of that last batch.
+        """
         accelerator = self.accelerator
         dataloader = self._eval_dataloader(dataset)
         unwrapped = accelerator.unwrap_model(model)
@@ -646,6 +656,12 @@ class Trainer:
             f"starting at step {self.state.global_step}.",
             main_process_only=True,
         )
+
+    def _finish_trackers(self) -> None:
+        # Not accelerator.end_training(): it also destroys the process group that evaluate() still needs.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []
 
     def _load_best_model(self) -> None:
         best = Path(self.state.best_model_checkpoint)

@@ -1,0 +1,58 @@
+"""Run the toy training of the trainer tests in a process of its own, then evaluate.
+
+tests/reliability/test_trainer_faults.py launches it:
+- alone, slowed down by --step_delay, and SIGKILLs it once a checkpoint exists, to test resuming;
+- under `torchrun --nproc_per_node 2`, to test multi-process training and evaluation.
+
+    python tests/dept/launch_toy_training.py OUTPUT_DIR [--step_delay SECONDS] [--args JSON] [--report DIR]
+
+--args holds `TrainingArguments` overrides of `tests.dept._toy.toy_args`; --report gets one
+`process_<index>.json` per process with what that process saw (process count, eval metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `tests.dept._toy`
+
+import torch  # noqa: E402
+
+from tests.dept._toy import ToyAdapterModel, toy_args, toy_trainer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir")
+    parser.add_argument("--step_delay", type=float, default=0.0, help="Seconds of sleep per training forward.")
+    parser.add_argument("--args", default="{}", help="JSON dict of TrainingArguments overrides.")
+    parser.add_argument("--report", default=None, help="Directory for one process_<index>.json per process.")
+    options = parser.parse_args()
+
+    torch.set_num_threads(1)  # the same arithmetic as the single-threaded test process
+    trainer = toy_trainer(toy_args(options.output_dir, **json.loads(options.args)), ToyAdapterModel(step_delay=options.step_delay))
+    train_metrics = trainer.train()
+    eval_metrics = trainer.evaluate()
+
+    accelerator = trainer.accelerator
+    if options.report:
+        report = Path(options.report)
+        report.mkdir(parents=True, exist_ok=True)
+        (report / f"process_{accelerator.process_index}.json").write_text(
+            json.dumps(
+                {
+                    "num_processes": accelerator.num_processes,
+                    "distributed_type": str(accelerator.distributed_type),
+                    "train": train_metrics,
+                    "eval": eval_metrics,
+                }
+            )
+        )
+    assert accelerator.num_processes == int(__import__("os").environ.get("WORLD_SIZE", "1")), "process count"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""The shared training loop on a toy DePT-shaped model: learning, outputs, evaluation, best model, data order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import HfArgumentParser
+
+from dept.checkpointing import (
+    complete_checkpoints,
+    read_checkpoint,
+    rotate_checkpoints,
+    write_checkpoint,
+)
+from dept.trainer import EpochSampler, Trainer, example_lengths
+from dept.training_args import TrainingArguments
+from tests.dept._toy import (
+    EVAL_SIZE,
+    ToyAdapterModel,
+    ToyEvaluator,
+    collate,
+    make_dataset,
+    toy_args,
+    toy_trainer,
+    trainable_tensors,
+)
+
+
+def test_loss_falls_and_frozen_base_stays_bit_identical(tmp_path):
+    model = ToyAdapterModel()
+    base_before = {name: p.clone() for name, p in model.base.named_parameters()}
+    adapter_before = trainable_tensors(model)
+    initial = toy_trainer(toy_args(tmp_path / "before"), model).evaluate()
+
+    trainer = toy_trainer(toy_args(tmp_path / "run", max_steps=30, eval_strategy="no", save_strategy="no",
+                                   load_best_model_at_end=False), model)  # fmt: skip
+    trainer.train()
+    final = trainer.evaluate()
+
+    assert final["eval_loss"] < 0.6 * initial["eval_loss"]
+    assert final["eval_accuracy"] > initial["eval_accuracy"]
+    for name, tensor in model.base.named_parameters():
+        assert torch.equal(tensor, base_before[name]), name
+    for name, tensor in trainable_tensors(model).items():
+        assert not torch.equal(tensor, adapter_before[name]), f"{name} did not train"
+
+
+def test_log_history_records_each_group_learning_rate(tmp_path):
+    args = toy_args(tmp_path, learning_rate=0.2, lora_embedding_lr=0.01, warmup_steps=0, max_steps=8,
+                    eval_strategy="no", save_strategy="no", load_best_model_at_end=False)  # fmt: skip
+    toy_trainer(args).train()
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    train_logs = [entry for entry in history if "loss" in entry]
+    assert [entry["step"] for entry in train_logs] == [2, 4, 6, 8]
+    for entry in train_logs:  # linear decay from step 0 over 8 steps, the same factor for both groups
+        factor = (8 - entry["step"]) / 8
+        assert entry["learning_rate_prompt"] == pytest.approx(0.2 * factor)
+        assert entry["learning_rate_lora_embedding"] == pytest.approx(0.01 * factor)
+
+
+def test_outputs_use_the_official_file_names_and_keys(tmp_path):
+    trainer = toy_trainer(toy_args(tmp_path), test_dataset=make_dataset(9, seed=3))
+    train_metrics = trainer.train()
+    test_metrics = trainer.evaluate(split="test")
+
+    for name in ("all_results.json", "train_results.json", "trainer_state.json", "test_results.json",
+                 "adapter_model.safetensors", "adapter_config.json", "predictions_test.jsonl"):  # fmt: skip
+        assert (tmp_path / name).is_file(), name
+    train_results = json.loads((tmp_path / "train_results.json").read_text())
+    assert train_results == train_metrics
+    assert {"train_loss", "train_runtime", "train_samples_per_second", "epoch"} <= set(train_results)
+    assert {"test_accuracy", "test_loss", "test_runtime", "test_samples_per_second"} <= set(test_metrics)
+    all_results = json.loads((tmp_path / "all_results.json").read_text())
+    assert all_results["test_accuracy"] == test_metrics["test_accuracy"]
+    assert all_results["train_loss"] == train_metrics["train_loss"]
+    assert train_metrics["epoch"] == pytest.approx(16 * 4 / 40)  # 16 steps of 4 examples over 40 examples
+
+
+def test_predictions_file_has_one_line_per_example_next_to_its_reference(tmp_path):
+    test_set = make_dataset(9, seed=3)
+    trainer = toy_trainer(toy_args(tmp_path), test_dataset=test_set)
+    predictions, metrics = trainer.predict(test_set)
+    lines = [json.loads(line) for line in (tmp_path / "predictions_test.jsonl").read_text().splitlines()]
+    assert [line["prediction"] for line in lines] == predictions
+    assert [line["reference"] for line in lines] == [str(ex["label"]) for ex in test_set]
+    correct = sum(line["prediction"] == line["reference"] for line in lines)
+    assert metrics["test_accuracy"] == pytest.approx(100 * correct / 9)
+
+
+def test_eval_metrics_match_a_hand_computed_pass_over_the_data(tmp_path):
+    model = ToyAdapterModel()
+    with torch.no_grad():
+        model.lora_embedding_B.normal_(generator=torch.Generator().manual_seed(3))
+    eval_set = make_dataset(EVAL_SIZE, seed=2)  # 21 examples in batches of 4: the last batch has 1
+    metrics = toy_trainer(toy_args(tmp_path), model).evaluate(eval_set)
+
+    model.eval()
+    features = torch.stack([ex["features"] for ex in eval_set])
+    labels = torch.tensor([ex["label"] for ex in eval_set])
+    with torch.no_grad():
+        logits = model(features=features).logits
+    accuracy = 100 * (logits.argmax(-1) == labels).sum().item() / 21
+    # eval_loss averages the per-batch mean loss over examples: batches of 4, 4, 4, 4, 4, 1
+    batch_losses = [torch.nn.functional.cross_entropy(logits[i : i + 4], labels[i : i + 4]) for i in range(0, 21, 4)]
+    loss = sum(batch_loss * len(labels[i : i + 4]) for i, batch_loss in zip(range(0, 21, 4), batch_losses)) / 21
+    assert metrics["eval_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert metrics["eval_loss"] == pytest.approx(loss.item(), abs=1e-6)
+    assert metrics["eval_samples"] == 21
+
+
+def test_evaluation_without_evaluator_reports_eval_loss_only(tmp_path):
+    trainer = toy_trainer(toy_args(tmp_path), evaluator=None)
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and "eval_accuracy" not in metrics
+    assert not (tmp_path / "predictions_eval.jsonl").exists()
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
+    args = toy_args(tmp_path, max_steps=24, save_total_limit=1, metric_for_best_model="loss")
+    trainer = toy_trainer(args)
+    trainer.train()
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    evals = {entry["step"]: entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry}
+    best_step = min(evals, key=evals.get)
+    assert state["best_model_checkpoint"] == str(tmp_path / f"checkpoint-{best_step}")
+    assert state["best_metric"] == evals[best_step]
+
+    best = read_checkpoint(state["best_model_checkpoint"]).trainable_parameters
+    final = trainable_tensors(trainer.model)
+    adapter = load_file(str(tmp_path / "adapter_model.safetensors"))
+    for name, tensor in best.items():
+        assert torch.equal(final[name], tensor), name
+        assert torch.equal(adapter[name], tensor), name
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(state["best_metric"], abs=1e-6)
+    # save_total_limit=1 keeps the newest checkpoint (to resume) and the best one
+    kept = {path.name for path in complete_checkpoints(tmp_path)}
+    assert kept == {"checkpoint-24", f"checkpoint-{best_step}"}
+
+
+def test_rotation_deletes_oldest_checkpoints_but_never_the_best_or_newest(tmp_path):
+    for step in (2, 4, 6, 8):
+        write_checkpoint(tmp_path, step, trainable_parameters={"w": torch.zeros(1)}, optimizer={}, scheduler={},
+                         rng_states=[], trainer_state={"global_step": step})  # fmt: skip
+    deleted = rotate_checkpoints(tmp_path, save_total_limit=2, best=tmp_path / "checkpoint-2")
+    assert sorted(path.name for path in deleted) == ["checkpoint-4", "checkpoint-6"]
+    assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-8"]
+    assert rotate_checkpoints(tmp_path, save_total_limit=1, best=tmp_path / "checkpoint-2") == []
+
+
+def test_sampler_order_is_a_function_of_seed_and_epoch(tmp_path):
+    sampler = EpochSampler(50, seed=3)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    sampler.set_epoch(2)
+    second = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) == first  # the order of an epoch can be rebuilt after a restart
+    assert second != first
+    assert sorted(first) == list(range(50))
+    assert list(EpochSampler(50, seed=4)) != list(EpochSampler(50, seed=3))
+
+
+def test_group_by_length_batches_similar_lengths_and_covers_every_example():
+    lengths = [(37 * i) % 101 for i in range(400)]
+    grouped = EpochSampler(400, seed=0, lengths=lengths, batch_size=8)
+    shuffled = EpochSampler(400, seed=0)
+
+    def spread(order):  # total (longest - shortest) over the batches of 8
+        batches = [order[i : i + 8] for i in range(0, len(order), 8)]
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+
+    order = list(grouped)
+    assert sorted(order) == list(range(400))
+    assert spread(order) < 0.25 * spread(list(shuffled))
+    assert max(lengths[i] for i in order[:8]) == max(lengths)  # the longest batch first: OOM shows at once
+    assert list(grouped) == order
+
+
+def test_example_lengths_reads_length_or_input_ids():
+    assert example_lengths([{"length": 3}, {"length": 5}]) == [3, 5]
+    assert example_lengths([{"input_ids": [1, 2]}, {"input_ids": [1]}]) == [2, 1]
+    with pytest.raises(ValueError, match="group_by_length"):
+        example_lengths([{"features": torch.zeros(2)}])
+
+
+def test_group_by_length_training_runs_and_learns(tmp_path):
+    trainer = toy_trainer(toy_args(tmp_path, group_by_length=True, max_steps=20))
+    assert trainer.train()["train_loss"] < 2.0
+
+
+def test_references_and_other_non_tensor_entries_never_reach_forward(tmp_path):
+    def collate_with_ids(examples):
+        return {**collate(examples), "example_ids": [f"ex{i}" for i in range(len(examples))]}
+
+    # ToyAdapterModel.forward takes only tensors: any extra keyword would raise a TypeError.
+    trainer = toy_trainer(toy_args(tmp_path, max_steps=2, eval_steps=2, save_steps=2), collate_fn=collate_with_ids)
+    assert trainer.train()["total_steps"] == 2
+
+
+def test_tensorboard_receives_loss_learning_rates_and_eval_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    toy_trainer(toy_args(tmp_path, report_to="tensorboard", max_steps=4)).train()
+    event_dirs = {path.parent for path in (tmp_path / "runs").rglob("events.out.tfevents.*")}
+    tags = set()
+    for directory in event_dirs:
+        accumulator = EventAccumulator(str(directory))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate/prompt", "train/learning_rate/lora_embedding"} <= tags
+    assert {"eval/accuracy", "eval/loss"} <= tags
+
+
+def test_training_arguments_build_a_command_line_with_help():
+    parser = HfArgumentParser(TrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", "out", "--learning_rate", "0.4", "--lora_embedding_lr", "5e-3", "--group_by_length"]
+    )
+    assert (args.learning_rate, args.lora_embedding_lr, args.group_by_length) == (0.4, 5e-3, True)
+    help_text = parser.format_help()
+    assert "Learning rate of A and B" in help_text and "resume" in help_text
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"eval_strategy": "often"}, "eval_strategy"),
+        ({"load_best_model_at_end": True, "eval_strategy": "no"}, "load_best_model_at_end"),
+        ({"save_steps": 6, "eval_steps": 4}, "multiple of eval_steps"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
+        ({"max_steps": -1, "num_train_epochs": 0}, "train nothing"),
+    ],
+)
+def test_inconsistent_training_arguments_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        toy_args(tmp_path, **overrides)
+
+
+def test_mismatched_accelerator_accumulation_is_refused(tmp_path):
+    from accelerate import Accelerator
+
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        Trainer(ToyAdapterModel(), toy_args(tmp_path, gradient_accumulation_steps=2), collate_fn=collate,
+                evaluator=ToyEvaluator(), accelerator=Accelerator(cpu=True, gradient_accumulation_steps=1))  # fmt: skip
+
+
+def test_gradient_accumulation_of_two_half_batches_equals_one_full_batch(tmp_path):
+    # The sampler's order depends only on (seed, epoch), so 2 micro-batches of 2 hold the same 4 examples as 1 of 4.
+    common = dict(max_steps=6, eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
+    full = ToyAdapterModel(dropout=0.0)
+    toy_trainer(toy_args(tmp_path / "full", per_device_train_batch_size=4, **common), full).train()
+    accumulated = ToyAdapterModel(dropout=0.0)
+    toy_trainer(toy_args(tmp_path / "accumulated", per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                         **common), accumulated).train()  # fmt: skip
+    for name, tensor in trainable_tensors(full).items():
+        torch.testing.assert_close(trainable_tensors(accumulated)[name], tensor, rtol=0, atol=1e-6)
