@@ -131,22 +131,36 @@ class DePTEmbedding(nn.Module):
 
 
 def prompt_layout(
-    attention_mask: torch.Tensor, num_virtual_tokens: int | torch.Tensor, width: int
+    attention_mask: torch.Tensor, num_virtual_tokens: int | torch.Tensor, width: int, prompt_first: bool = False
 ) -> torch.Tensor | None:
-    """Gather index (batch, width + seq) from `[prompt slots ; tokens]` to `[pads ; P ; tokens]`, or None.
+    """Gather index (batch, width + seq) from `[prompt slots ; tokens]` to the output order, or None when equal.
 
     The prompt slots hold a row's m_i prompt vectors followed by `width - m_i` empty slots (several adapters
     padded to one width). A row with k leading pads becomes `[pads(k) ; empty slots ; P ; rest]`, so its
-    prompt stays right before its first real token. None when every row already is in that order.
+    prompt stays right before its first real token. With `prompt_first` (classifiers, whose pooler reads
+    position 0) a row becomes `[P ; real tokens ; pads ; empty slots]`, so position 0 holds P, or the first
+    real token when m_i = 0, whatever the padding side.
 
     Shapes: attention_mask (batch, seq); num_virtual_tokens an int or (batch,) per-row m_i <= width.
     """
-    leading_pads = (attention_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)
+    seq = attention_mask.shape[1]
     m = torch.as_tensor(num_virtual_tokens, device=attention_mask.device).reshape(-1, 1)
     empty_slots = width - m
+    t = torch.arange(width + seq, device=attention_mask.device).unsqueeze(0)
+    leading_pads = (attention_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)
     if not bool(leading_pads.any()) and not bool(empty_slots.any()):
         return None
-    t = torch.arange(width + attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
+    if prompt_first:
+        real_end = m + seq - leading_pads
+        return torch.where(
+            t < m,
+            t,  # P
+            torch.where(
+                t < real_end,
+                t - m + leading_pads + width,  # the real tokens
+                torch.where(t < m + seq, t - real_end + width, t - seq),  # the leading pads, then empty slots
+            ),
+        )
     return torch.where(
         t < leading_pads,
         t + width,  # the row's leading pads
