@@ -16,6 +16,7 @@ from .model import (
     get_dept_model,
     infer_task_type,
 )
+from .multi_adapter import MultiAdapterModel
 
 __all__ = [
     "AdapterMismatchError",
@@ -27,6 +28,7 @@ __all__ = [
     "DePTModelForSeq2SeqLM",
     "DePTModelForSequenceClassification",
     "InputTooLongError",
+    "MultiAdapterModel",
     "UnsafeCheckpointError",
     "get_dept_model",
     "infer_task_type",
