@@ -111,8 +111,9 @@ class MultiAdapterModel(nn.Module):
     prompt_first: bool = False  # True keeps P at position 0 for classifiers, as DePTModel does
 
     def __new__(cls, *args, **kwargs):
-        if cls is MultiAdapterModel and args:
-            cls = _MODEL_CLASSES[infer_task_type(args[0])]
+        base_model = args[0] if args else kwargs.get("base_model")
+        if cls is MultiAdapterModel and base_model is not None:  # pick the class for the model's kind
+            cls = _MODEL_CLASSES[infer_task_type(base_model)]
         return super().__new__(cls)
 
     def __init__(self, base_model: nn.Module, adapters: dict[str, str | Path] | None = None):
@@ -132,7 +133,8 @@ class MultiAdapterModel(nn.Module):
     def from_dept_models(cls, models: dict[str, DePTModel]) -> MultiAdapterModel:
         """Serve already-built `DePTModel`s together, over the first one's base model.
 
-        The others must wrap that same base model, or one with identical frozen weights.
+        The others must wrap that same base model, or one with identical frozen weights. The shared base model
+        is frozen and put in eval mode.
         """
         if not models:
             raise ValueError("from_dept_models needs at least one DePTModel.")

@@ -160,7 +160,7 @@ def test_from_dept_models_equals_loading_from_directories(t5_model, tokenizer, t
     paths = save_adapters("t5", t5_model, tokenizer, tmp_path)
     built = {name: DePTModel.from_pretrained(t5_model, path) for name, path in paths.items()}
     from_models = MultiAdapterModel.from_dept_models(built)
-    from_dirs = MultiAdapterModel(t5_model, paths)
+    from_dirs = MultiAdapterModel(base_model=t5_model, adapters=paths)
     assert isinstance(from_models, MultiAdapterModelForSeq2SeqLM)
     batch = tokenize(tokenizer, TEXTS)
     assert torch.equal(logits("t5", from_models, batch, adapter_names=ROW_ADAPTERS),
