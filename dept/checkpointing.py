@@ -5,6 +5,7 @@ A checkpoint is a directory `checkpoint-<step>` in the run's output directory:
     trainable_parameters.safetensors   every parameter with requires_grad=True (never the frozen base model)
     optimizer.pt, scheduler.pt         their state_dicts
     rng_state.pt                       python / numpy / torch / cuda RNG states, one entry per process
+    scaler.pt                          the fp16 gradient scaler's state (fp16 runs only)
     trainer_state.json                 step, epoch, data-order position, best metric, log history
 
 It is written under `checkpoint-<step>.tmp-<pid>`, every file fsync'd, and renamed to `checkpoint-<step>` only
@@ -36,6 +37,7 @@ TRAINABLE_PARAMETERS_NAME = "trainable_parameters.safetensors"
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 RNG_STATE_NAME = "rng_state.pt"
+SCALER_NAME = "scaler.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
 CHECKPOINT_FILES = (TRAINABLE_PARAMETERS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, RNG_STATE_NAME, TRAINER_STATE_NAME)
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -55,6 +57,7 @@ class Checkpoint:
     scheduler: dict
     rng_states: list[dict]
     trainer_state: dict
+    scaler: dict | None = None
 
 
 # ----------------------------------------------------------------------------------------------- parameters
@@ -182,6 +185,7 @@ def write_checkpoint(
     scheduler: dict,
     rng_states: list[dict],
     trainer_state: dict,
+    scaler: dict | None = None,
 ) -> Path:
     """Write `checkpoint-<step>` into `output_dir` atomically and return its path.
 
@@ -197,6 +201,7 @@ def write_checkpoint(
         (OPTIMIZER_NAME, lambda p: _write_torch(optimizer, p)),
         (SCHEDULER_NAME, lambda p: _write_torch(scheduler, p)),
         (RNG_STATE_NAME, lambda p: _write_torch(rng_states, p)),
+        *([(SCALER_NAME, lambda p: _write_torch(scaler, p))] if scaler is not None else []),
         # Last, so that any directory holding trainer_state.json got every other file first.
         (TRAINER_STATE_NAME, lambda p: _write_text(json.dumps(trainer_state, indent=2) + "\n", p)),
     ]
@@ -263,19 +268,20 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = []
-    for path in output_dir.iterdir():
-        if not path.name.startswith(CHECKPOINT_PREFIX):
-            continue
-        if is_complete_checkpoint(path):
-            found.append(path)
-        else:
-            logger.warning("Ignoring %s: it is not a complete checkpoint (interrupted or foreign write).", path)
+    found = [path for path in output_dir.iterdir() if is_complete_checkpoint(path)]
     return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None; logs the directories it had to skip."""
     checkpoints = complete_checkpoints(output_dir)
+    skipped = sorted(
+        path.name
+        for path in (Path(output_dir).iterdir() if Path(output_dir).is_dir() else ())
+        if path.name.startswith(CHECKPOINT_PREFIX) and path not in checkpoints
+    )
+    if skipped:
+        logger.warning("Skipping incomplete checkpoints (interrupted or foreign writes): %s", ", ".join(skipped))
     return checkpoints[-1] if checkpoints else None
 
 
@@ -299,6 +305,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         scheduler=load(SCHEDULER_NAME),
         rng_states=load(RNG_STATE_NAME),
         trainer_state=json.loads((path / TRAINER_STATE_NAME).read_text()),
+        scaler=load(SCALER_NAME) if (path / SCALER_NAME).is_file() else None,
     )
 
 

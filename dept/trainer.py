@@ -258,7 +258,7 @@ class Trainer:
         scheduler = build_scheduler(optimizer.optimizer, args, total_steps)  # stepped by hand, once per step
 
         self.state = TrainerState(max_steps=total_steps, data_order=self._data_order())
-        rng_state = self.maybe_resume(resume_from, optimizer, scheduler) if resume_from else None
+        rng_state = self.maybe_resume(resume_from, optimizer, scheduler)
         if args.report_to != "none":
             accelerator.init_trackers("runs", config=_hparams(args))
         self._log_run_start(total_steps, batches_per_epoch)
@@ -345,11 +345,14 @@ class Trainer:
         batches.set_epoch(epoch)
         return batches
 
-    def maybe_resume(self, checkpoint: Path, optimizer, scheduler) -> dict:
+    def maybe_resume(self, checkpoint: Path | None, optimizer, scheduler) -> dict | None:
         """Load parameters, optimizer, schedule and progress from `checkpoint`; return this process's RNG state.
 
         The RNG state is restored by the caller right before the first step, where the interrupted run saved it.
+        Without a checkpoint, nothing happens and None is returned.
         """
+        if checkpoint is None:
+            return None
         logger.info(f"Resuming from {checkpoint}.", main_process_only=True)
         saved = read_checkpoint(checkpoint)
         state = TrainerState(**saved.trainer_state)
@@ -363,6 +366,8 @@ class Trainer:
         load_trainable_state_dict(self.model, saved.trainable_parameters)
         optimizer.load_state_dict(saved.optimizer)
         scheduler.load_state_dict(saved.scheduler)
+        if saved.scaler is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(saved.scaler)
         state.max_steps = self.state.max_steps
         self.state = state
         process = self.accelerator.process_index
@@ -390,6 +395,7 @@ class Trainer:
                 scheduler=scheduler.state_dict(),
                 rng_states=rng_states,
                 trainer_state=dataclasses.asdict(state),
+                scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             )
             for old in rotate_checkpoints(self.output_dir, self.args.save_total_limit, state.best_model_checkpoint):
                 logger.info(f"Deleted {old} (save_total_limit={self.args.save_total_limit}).")
@@ -399,7 +405,6 @@ class Trainer:
         except CheckpointWriteError:
             state.best_metric, state.best_model_checkpoint = previous_best
             raise
-        accelerator.wait_for_everyone()
         return path
 
     # ------------------------------------------------------------------------------------------- evaluation
@@ -447,10 +452,10 @@ class Trainer:
         start_time = time.perf_counter()
         for batch in tqdm(dataloader, desc=prefix, leave=False, disable=not accelerator.is_local_main_process):
             inputs, extras = split_batch(batch)
-            if "labels" in inputs:
-                loss = unwrapped(**inputs).loss.detach().float()
-                rows = len(next(iter(inputs.values())))
-                losses.append(accelerator.gather_for_metrics(loss.repeat(rows)).cpu())
+            loss = unwrapped(**inputs).loss if "labels" in inputs else None
+            if loss is not None:
+                rows = len(inputs["labels"])
+                losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(rows)).cpu())
             if self.evaluator is not None:
                 predictions += accelerator.gather_for_metrics(
                     self.evaluator.predict_step(unwrapped, inputs), use_gather_object=True
@@ -513,7 +518,7 @@ class Trainer:
 
     def _update_best(self, metrics: dict[str, float], checkpoint: Path) -> None:
         if self.metric_for_best_model not in metrics:
-            raise KeyError(
+            raise ValueError(
                 f"metric_for_best_model={self.metric_for_best_model!r} is not among the evaluation metrics "
                 f"{sorted(metrics)}. Set metric_for_best_model to one of them."
             )

@@ -257,3 +257,33 @@ def test_gradient_accumulation_of_two_half_batches_equals_one_full_batch(tmp_pat
                          **common), accumulated).train()  # fmt: skip
     for name, tensor in trainable_tensors(full).items():
         torch.testing.assert_close(trainable_tensors(accumulated)[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_dept_t5_trains_through_the_loop_and_checkpoints_only_its_adapter(tmp_path, tokenizer, t5_model):
+    from dept import DePTConfig, get_dept_model
+
+    model = get_dept_model(t5_model, DePTConfig(num_virtual_tokens=4, r=2, max_length=16, prompt_init="vocab"),
+                           tokenizer=tokenizer)  # fmt: skip
+    base_before = {name: p.clone() for name, p in model.base_model.named_parameters()}
+    texts = ["the movie was great", "a dull and boring film", "the actors were wonderful", "terrible acting"]
+    examples = [{"text": text, "target": str(i % 2)} for i, text in enumerate(texts * 4)]
+
+    def collate_text(batch):
+        inputs = tokenizer([ex["text"] for ex in batch], padding=True, return_tensors="pt")
+        labels = tokenizer([ex["target"] for ex in batch], padding=True, return_tensors="pt").input_ids
+        labels[labels == tokenizer.pad_token_id] = -100
+        return {**inputs, "labels": labels, "references": [ex["target"] for ex in batch]}
+
+    args = toy_args(tmp_path, learning_rate=0.3, lora_embedding_lr=0.01, max_steps=12, save_steps=6, eval_steps=6,
+                    metric_for_best_model="loss")  # fmt: skip
+    trainer = Trainer(model, args, collate_fn=collate_text, train_dataset=examples, eval_dataset=examples[:5])
+    metrics = trainer.train()
+
+    assert metrics["train_loss"] < json.loads((tmp_path / "trainer_state.json").read_text())["log_history"][0]["loss"]
+    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+    saved = read_checkpoint(tmp_path / "checkpoint-12").trainable_parameters
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert saved.keys() == trainable.keys()
+    assert sum(t.numel() for t in saved.values()) == model.num_trainable_parameters()["total"] == 4 * 32 + 16 * 2 + 2 * 32
+    for name, tensor in model.base_model.named_parameters():
+        assert torch.equal(tensor, base_before[name]), name
