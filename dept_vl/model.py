@@ -9,8 +9,9 @@ T5's own. DePT touches the text only: `DePTModelForSeq2SeqLM` puts P in front of
 A @ B at the text positions, and the visual inputs pass through it as keyword arguments.
 
     >>> from transformers import T5Config
-    >>> config = VLT5Config.from_t5_config(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-    ...                                             vocab_size=100), feat_dim=16)
+    >>> t5_config = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+    ...                      decoder_start_token_id=0)
+    >>> config = VLT5Config.from_t5_config(t5_config, feat_dim=16)
     >>> model = VLT5ForConditionalGeneration(config)
     >>> out = model(input_ids=torch.tensor([[5, 6, 1]]), vis_feats=torch.randn(1, 4, 16),
     ...             vis_boxes=torch.tensor([[[0.0, 0.0, 0.5, 0.5]] * 4]), labels=torch.tensor([[7, 1]]))
@@ -94,6 +95,9 @@ class VisualEmbedding(nn.Module):
         vis_boxes: the same leading shape with 4 last: (x1, y1, x2, y2), normalised to [0, 1].
         image_ids: optional (batch, regions) or (regions,) image index of each region; 0 by default.
         returns (batch, regions, d).
+
+    VL-T5 also adds region-order embeddings (rows of the word embeddings); they are left out, so the regions are
+    a set: their order changes nothing.
     """
 
     def __init__(self, config: VLT5Config):
@@ -297,7 +301,7 @@ class VLT5ForConditionalGeneration(T5ForConditionalGeneration):
             )
         if attention_mask is not None:  # the decoder attends to the regions too
             n_regions = encoder_outputs[0].shape[1] - attention_mask.shape[1]
-            if n_regions:
+            if n_regions > 0:
                 attention_mask = joint_attention_mask(attention_mask, n_regions, vis_attention_mask)
         return super().forward(attention_mask=attention_mask, encoder_outputs=encoder_outputs, **kwargs)
 
@@ -374,4 +378,3 @@ def build_vl_model_for_method(
         return get_peft_model(base_model, lora_config)
     base_model.requires_grad_(True)
     return base_model
-
