@@ -299,8 +299,12 @@ class VLT5ForConditionalGeneration(T5ForConditionalGeneration):
                 image_ids=image_ids,
                 **{k: kwargs[k] for k in ("output_attentions", "output_hidden_states") if k in kwargs},
             )
+        hidden_states = encoder_outputs[0]
+        if attention_mask is None and vis_attention_mask is not None:  # all text is real
+            text_length = hidden_states.shape[1] - vis_attention_mask.flatten(1).shape[1]
+            attention_mask = torch.ones(hidden_states.shape[0], text_length, dtype=torch.long, device=hidden_states.device)
         if attention_mask is not None:  # the decoder attends to the regions too
-            n_regions = encoder_outputs[0].shape[1] - attention_mask.shape[1]
+            n_regions = hidden_states.shape[1] - attention_mask.shape[1]
             if n_regions > 0:
                 attention_mask = joint_attention_mask(attention_mask, n_regions, vis_attention_mask)
         return super().forward(attention_mask=attention_mask, encoder_outputs=encoder_outputs, **kwargs)

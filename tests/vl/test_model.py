@@ -187,6 +187,9 @@ def test_masked_regions_are_ignored(vl_model, tokenizer):
     vis_attention_mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
     masked = decoder_logits(vl_model, batch, {**regions, "vis_attention_mask": vis_attention_mask})
     torch.testing.assert_close(masked, decoder_logits(vl_model, batch, first_four), atol=LOGITS_ATOL, rtol=0)
+    without_text_mask = {"input_ids": batch["input_ids"]}  # one unpadded example: its text mask is all ones
+    masked = decoder_logits(vl_model, without_text_mask, {**regions, "vis_attention_mask": vis_attention_mask})
+    torch.testing.assert_close(masked, decoder_logits(vl_model, batch, first_four), atol=LOGITS_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("with_dept", [False, True])
