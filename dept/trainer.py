@@ -326,7 +326,7 @@ class Trainer:
 
         if args.load_best_model_at_end and self.state.best_model_checkpoint:
             self._load_best_model()
-        metrics = self._train_metrics(runtime, self.state.global_step - start_step, batches_per_epoch)
+        metrics = self._train_metrics(runtime, self.state.global_step - start_step)
         self._save_final(metrics)
         if args.report_to != "none":
             self._finish_trackers()
@@ -673,7 +673,7 @@ class Trainer:
         logger.info(f"Loading the best checkpoint {best} ({self.metric_for_best_model}={self.state.best_metric}).")
         load_trainable_state_dict(self.model, read_checkpoint(best).trainable_parameters)
 
-    def _train_metrics(self, runtime: float, steps_run: int, batches_per_epoch: int) -> dict[str, float]:
+    def _train_metrics(self, runtime: float, steps_run: int) -> dict[str, float]:
         args, state = self.args, self.state
         samples_run = steps_run * args.gradient_accumulation_steps * args.per_device_train_batch_size
         samples_run *= self.accelerator.num_processes

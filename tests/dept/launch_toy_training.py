@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,11 +34,13 @@ def main() -> None:
     options = parser.parse_args()
 
     torch.set_num_threads(1)  # the same arithmetic as the single-threaded test process
-    trainer = toy_trainer(toy_args(options.output_dir, **json.loads(options.args)), ToyAdapterModel(step_delay=options.step_delay))
+    args = toy_args(options.output_dir, **json.loads(options.args))
+    trainer = toy_trainer(args, ToyAdapterModel(step_delay=options.step_delay))
+    accelerator = trainer.accelerator
+    assert accelerator.num_processes == int(os.environ.get("WORLD_SIZE", "1")), "accelerate missed the launcher"
     train_metrics = trainer.train()
     eval_metrics = trainer.evaluate()
 
-    accelerator = trainer.accelerator
     if options.report:
         report = Path(options.report)
         report.mkdir(parents=True, exist_ok=True)
@@ -51,7 +54,6 @@ def main() -> None:
                 }
             )
         )
-    assert accelerator.num_processes == int(__import__("os").environ.get("WORLD_SIZE", "1")), "process count"
 
 
 if __name__ == "__main__":
