@@ -610,6 +610,8 @@ TARGETS = [
     ("train time vs HF PEFT PT, inputs of s=256", "fixed", "dept_padded", "train_step_s", "pt_peft", "<=", 0.85),
     ("train peak memory vs HF PEFT PT, inputs of s=256", "fixed", "dept_padded", "train_peak_memory_mb", "pt_peft",
      "<=", 0.85),
+    ("train memory above weights + data vs HF PEFT PT, inputs of s=256", "fixed", "dept_padded",
+     "train_added_memory_mb", "pt_peft", "<=", 0.85),
     ("train time vs PT, short text, dynamic padding for both", "short", "dept", "train_step_s", "pt", "<=", 0.75),
     ("train time vs HF PEFT PT, short text, dynamic padding for both", "short", "dept", "train_step_s", "pt_peft",
      "<=", 0.75),
@@ -782,42 +784,50 @@ def to_markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str | Path) -> None:
-    """Train step time, train peak memory and eval forward time against model size; one line per method,
-    solid for T5, dashed for LLaMA; one row per workload."""
+    """Train step time, train peak and added memory, and eval forward time against model size; one line per
+    method (solid: T5, dashed: LLaMA); one row per workload."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
 
     figures = [("train_step_s", "train step (s)"), ("train_peak_memory_mb", "train peak memory (MiB)"),
+               ("train_added_memory_mb", "train memory above weights + data (MiB)"),
                ("eval_forward_s", "eval forward (s)")]
     workloads = list(results["workloads"])
-    fig, axes = plt.subplots(len(workloads), len(figures), figsize=(5 * len(figures), 3.6 * len(workloads)),
-                             squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {method: colors[index % len(colors)] for index, method in enumerate(results["methods"])}
+    fig, axes = plt.subplots(len(workloads), len(figures), figsize=(4.6 * len(figures), 3.4 * len(workloads)),
+                             squeeze=False)
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
     for row, workload in enumerate(workloads):
         for col, (figure, title) in enumerate(figures):
             axis = axes[row][col]
-            for index, (method, spec) in enumerate(results["methods"].items()):
-                label = spec["label"]
+            for method in results["methods"]:
                 for family, style in (("t5", "-o"), ("llama", "--s")):
                     points = sorted(
                         (r["base_parameters"] / 1e6, r[figure]) for r in results["results"]
-                        if r["workload"] == workload and r["method"] == method and figure in r
+                        if r["workload"] == workload and r["method"] == method and r.get(figure, 0) > 0
                         and results["models"][r["model"]]["family"] == family
                     )
                     if points:
-                        axis.plot(*zip(*points), style, color=colors[index % len(colors)], label=label)
-                        label = None  # one legend entry per method
+                        axis.plot(*zip(*points), style, color=color[method], markersize=5)
             axis.set_xscale("log")
             axis.set_yscale("log")
-            axis.set_xlabel("model parameters (millions)")
-            axis.set_title(f"{workload}: {title}", fontsize=10)
+            for scale in (axis.xaxis, axis.yaxis):
+                scale.set_major_formatter(plain)
+                scale.set_minor_formatter(plain)
+            axis.tick_params(which="minor", labelsize=6)
+            axis.set_xlabel("model parameters (millions)", fontsize=8)
+            axis.set_title(f"{workload}: {title}", fontsize=9)
             axis.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
-    fig.text(0.99, 0.005, "solid: T5 · dashed: LLaMA", ha="right", fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    handles = [Line2D([], [], color=color[m], marker="o", label=spec["label"]) for m, spec in results["methods"].items()]
+    handles += [Line2D([], [], color="gray", linestyle=style, marker=marker, label=family)
+                for family, style, marker in (("T5", "-", "o"), ("LLaMA", "--", "s"))]
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
