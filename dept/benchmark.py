@@ -456,7 +456,8 @@ def run_job(job: Job, settings: Settings) -> dict:
         extra_leading_tokens=DEPT_NUM_VIRTUAL_TOKENS if method.name == "frozen" else 0,
     )
     batches = [{key: value.to(device) for key, value in batch.items()} for batch in batches]
-    runnable = torch.compile(model) if settings.compile else model
+    # dynamic=True: one graph for every padded length, rather than a recompile inside the timed steps
+    runnable = torch.compile(model, dynamic=True) if settings.compile else model
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if settings.bf16 else nullcontext
     measured = batches[settings.warmup:]
     result = {
@@ -740,7 +741,8 @@ def to_markdown(results: dict) -> str:
         f"Batch size {settings['batch_size']}, median of {settings['steps']} steps after {settings['warmup']} "
         f"warm-up, bf16 {settings['bf16']}, compile {settings['compile']}, gradient checkpointing "
         f"{settings['gradient_checkpointing']}. Random weights at each architecture's dims. Memory: "
-        + ("CUDA allocator peak." if settings["device"].startswith("cuda") else "peak RSS of a fresh process.")
+        + ("CUDA allocator peak." if settings["device"].startswith("cuda") else "peak RSS of a fresh process."
+           if settings["isolation"] == "process" else "peak RSS of one shared process (approximate).")
         + " ×PT / ×PEFT: the figure over PT l=100 (ours) / HF PEFT PT l=100, same model and workload.",
         "",
         "## Targets",
