@@ -300,7 +300,7 @@ class Settings:
     gradient_checkpointing: bool = False
     batch_size: int = 2
     warmup: int = 1
-    steps: int = 3
+    steps: int = 5
     seed: int = 0
     threads: int | None = None
     isolation: str = "process"

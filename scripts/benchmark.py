@@ -1,6 +1,6 @@
 """Measure DePT's train and inference cost against prompt tuning (ours and HF PEFT), LoRA and full fine-tuning.
 
-    python scripts/benchmark.py --sizes small --output_dir bench_output                  # CPU, ~10 minutes
+    python scripts/benchmark.py --sizes small --output_dir bench_output                  # CPU: ~6 min on 2 cores
     python scripts/benchmark.py --sizes all --device cuda --bf16 --output_dir bench_gpu  # one GPU
     python scripts/benchmark.py --sizes tiny --steps 2 --output_dir /tmp/smoke           # seconds
 
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile each model before measuring")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--batch_size", type=int, default=None, help="default: 16 on CUDA, 2 on CPU")
-    parser.add_argument("--steps", type=int, default=None, help="measured steps per figure; default: 10 CUDA, 3 CPU")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per figure; default: 10 CUDA, 5 CPU")
     parser.add_argument("--warmup", type=int, default=None, help="unmeasured steps first; default: 3 CUDA, 1 CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_dir(args.output_dir, args.overwrite)
         settings = Settings(
             device=args.device, bf16=args.bf16, compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
-            batch_size=args.batch_size or (16 if on_gpu else 2), steps=args.steps or (10 if on_gpu else 3),
+            batch_size=args.batch_size or (16 if on_gpu else 2), steps=args.steps or (10 if on_gpu else 5),
             warmup=args.warmup if args.warmup is not None else (3 if on_gpu else 1), seed=args.seed,
             threads=args.threads, isolation=args.isolation or ("inline" if on_gpu else "process"),
         )
