@@ -11,9 +11,11 @@ Each figure is the median over `steps` steps after `warmup` steps. Models have r
 architectures' dims. Every method sees the same seeded batches. On CPU each (method, phase) runs in a fresh
 process, forked from a server that has already imported torch, so peak RSS belongs to that method alone.
 
-    >>> from dept.benchmark import Settings, run_benchmark, write_results
-    >>> results = run_benchmark(Settings(device="cpu", batch_size=2, steps=2, warmup=1), ["t5-tiny"], ["short"])
-    >>> write_results(results, "bench_output")  # results.json, results.md, results.png
+    from dept.benchmark import Settings, run_benchmark, write_results
+
+    if __name__ == "__main__":  # fresh processes re-import the main module
+        results = run_benchmark(Settings(device="cpu", steps=2), ["t5-tiny"], ["short"])
+        write_results(results, "bench_output")  # results.json, results.md, results.png
 """
 
 from __future__ import annotations
