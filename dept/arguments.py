@@ -1,0 +1,91 @@
+"""Command-line arguments shared by every pipeline: the method, and a parser that also reads YAML configs.
+
+The text and vision-language CLIs add their own model and data arguments on top; flags that mean the same
+thing are spelled the same in both (`--peft_type`, `--prefix_length`, `--r`, `--learning_rate`, ...).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from .config import OFFICIAL_INIT_TEXT, DePTConfig
+from .methods import PEFT_TYPES
+
+
+@dataclass
+class MethodArguments:
+    """Which method trains the model, and its sizes (the official DePT flag names)."""
+
+    peft_type: str = field(
+        default="PROMPT_TUNING_LORA",
+        metadata={"help": "PROMPT_TUNING_LORA (DePT), PROMPT_TUNING, LORA or FULL.", "choices": list(PEFT_TYPES)},
+    )
+    prefix_length: int = field(default=60, metadata={"help": "m: number of prompt vectors."})
+    r: int = field(default=30, metadata={"help": "Rank of DePT's embedding update (or of LoRA with --peft_type LORA)."})
+    lora_alpha: float = field(default=8.0, metadata={"help": "DePT scales A @ B by lora_alpha / sqrt(r)."})
+    prompt_init: str = field(default="text", metadata={"help": "P starts from 'text', 'vocab' or 'random'."})
+    prompt_init_text: str = field(default=OFFICIAL_INIT_TEXT, metadata={"help": "Text for --prompt_init text."})
+    peft_model_id: str | None = field(
+        default=None, metadata={"help": "Start from this saved adapter (ours or an official DePT checkpoint)."}
+    )
+    lora_r: int = field(default=8, metadata={"help": "Rank of the LoRA baseline (q and v)."})
+
+    def dept_config(self, max_length: int, task_type: str, base_model_name_or_path: str | None = None,
+                    seed: int = 0) -> DePTConfig:
+        return DePTConfig(
+            num_virtual_tokens=self.prefix_length,
+            r=self.r if self.peft_type == "PROMPT_TUNING_LORA" else 0,
+            max_length=max_length,
+            lora_alpha=self.lora_alpha,
+            prompt_init=self.prompt_init,
+            prompt_init_text=self.prompt_init_text,
+            task_type=task_type,
+            base_model_name_or_path=base_model_name_or_path,
+            init_seed=seed,
+        )
+
+
+def yaml_to_argv(path: str | Path) -> list[str]:
+    """A YAML mapping of flag -> value, as command-line words (later flags on the real command line win)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must be a YAML mapping of flag names to values.")
+    argv = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv += [f"--{key}", str(value).lower()]
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *map(str, value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_arguments(dataclass_types, argv: list[str] | None = None, aliases: dict[str, str] | None = None):
+    """Parse flags into the given dataclasses; `--config FILE.yaml` supplies defaults the flags override.
+
+    `aliases` maps old flag spellings to current ones (e.g. `--evaluation_strategy` -> `--eval_strategy`).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise SystemExit("--config needs a YAML file path.")
+        argv = yaml_to_argv(argv[index + 1]) + argv[:index] + argv[index + 2:]
+    argv = [_rename_flag(word, aliases or {}) for word in argv]
+    parser = HfArgumentParser(dataclass_types)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _rename_flag(word: str, aliases: dict[str, str]) -> str:
+    if not word.startswith("--"):
+        return word
+    name, equals, value = word.partition("=")
+    return aliases.get(name, name) + equals + value

@@ -1,0 +1,60 @@
+"""Arguments of the text pipeline: the model and the data. The method and training arguments come from the core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Flags of the official DePT README or older transformers, accepted as spelled there.
+FLAG_ALIASES = {"--evaluation_strategy": "--eval_strategy", "--k_shot_example": "--k_shot_examples"}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Base model: a hub id (t5-base) or a local directory."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
+    model_family: str | None = field(
+        default=None,
+        metadata={"help": "seq2seq, causal or cls; detected from the model config when unset.",
+                  "choices": ["seq2seq", "causal", "cls"]},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the hub. Off unless you ask for it."}
+    )
+
+
+@dataclass
+class DataArguments:
+    task_name: str = field(metadata={"help": "A task of dept_nlp.tasks.TASKS, e.g. sst2, superglue-cb, nq."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Accepted for the official CLI."})
+    train_file: str | None = field(default=None, metadata={"help": "Local training data (json/jsonl/csv/parquet)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation data."})
+    test_file: str | None = field(default=None, metadata={"help": "Local test data (labels optional)."})
+    max_seq_length: int = field(default=256, metadata={"help": "s: inputs are truncated here; DePT's A has s rows."})
+    max_target_length: int = field(default=128, metadata={"help": "Longest target in tokens."})
+    generation_max_length: int = field(default=32, metadata={"help": "New tokens generated when predicting."})
+    num_beams: int = field(default=1, metadata={"help": "Beam size when predicting."})
+    k_shot_examples: int | None = field(
+        default=None, metadata={"help": "Train on K examples, balanced by class, drawn with --seed."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cut the training set (debugging)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cut validation and test (debugging)."})
+    data_seed: int = field(default=42, metadata={"help": "Seed of the official split shuffles (42 in the paper)."})
+    do_train: bool = field(default=False, metadata={"help": "Train."})
+    do_eval: bool = field(default=False, metadata={"help": "Evaluate on the validation split."})
+    do_predict: bool = field(default=False, metadata={"help": "Predict and score the test split."})
+
+    def __post_init__(self):
+        if not (self.do_train or self.do_eval or self.do_predict):
+            raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
+        local = [self.train_file, self.validation_file, self.test_file]
+        if any(local) and self.do_predict and not self.test_file and not self.validation_file:
+            raise ValueError(
+                "--do_predict with local data needs --test_file (or --validation_file to split from): "
+                "no test split can be built from a training file alone."
+            )
+        if self.do_train and any(local) and not self.train_file:
+            raise ValueError("--do_train with local data needs --train_file.")
+        if self.k_shot_examples is not None and self.k_shot_examples < 1:
+            raise ValueError(f"--k_shot_examples must be >= 1, got {self.k_shot_examples}.")
+        if self.max_seq_length < 1:
+            raise ValueError(f"--max_seq_length must be >= 1, got {self.max_seq_length}.")
