@@ -72,7 +72,8 @@ class Evaluator(Protocol):
     greater_is_better: bool
 
     def predict_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list:
-        """One decoded prediction per row of `batch` (the collated tensors, non-tensor entries removed).
+        """One decoded prediction per row of `batch` (the collated tensors and non-tensor extras, without
+        `references`).
 
         `model` is the unwrapped model: call `generate` or take an argmax on it.
         """
@@ -457,8 +458,11 @@ class Trainer:
                 rows = len(inputs["labels"])
                 losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(rows)).cpu())
             if self.evaluator is not None:
+                # Non-tensor extras (e.g. left-padded generation inputs of decoder-only models) reach the
+                # evaluator, never the forward; the gold references stay out of its reach.
+                prediction_batch = {**inputs, **{k: v for k, v in extras.items() if k != "references"}}
                 predictions += accelerator.gather_for_metrics(
-                    self.evaluator.predict_step(unwrapped, inputs), use_gather_object=True
+                    self.evaluator.predict_step(unwrapped, prediction_batch), use_gather_object=True
                 )
             if "references" in extras:
                 references += accelerator.gather_for_metrics(list(extras["references"]), use_gather_object=True)
