@@ -25,7 +25,6 @@ the visual layers start fresh from `visual_init_seed`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -41,12 +40,12 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.t5.modeling_t5 import T5LayerNorm, T5Stack
 from transformers.utils.output_capturing import capture_outputs
 
-from dept import ConfigError, DePTConfig, DePTModelForSeq2SeqLM, get_dept_model
+from dept import DePTConfig, DePTModelForSeq2SeqLM, get_dept_model
 from dept.checkpoint import WEIGHTS_NAME
+from dept.methods import LoraSettings, prepare_model
 
 logger = logging.getLogger(__name__)
 
-PEFT_TYPES = ("PROMPT_TUNING_LORA", "PROMPT_TUNING", "LORA", "FULL")  # DePT, vanilla PT, LoRA, full fine-tuning
 VISUAL_MODULE = "visual_embedding"
 BOX_DIM = 5  # x1, y1, x2, y2, area
 
@@ -340,45 +339,28 @@ def load_dept_vl_model(
     return DePTModelForSeq2SeqLM.from_pretrained(model, adapter_dir, is_trainable=is_trainable, modules_to_save=modules)
 
 
-def build_vl_model_for_method(
-    peft_type: str,
+def prepare_vl_model(
     base_model: VLT5ForConditionalGeneration,
-    tokenizer=None,
+    peft_type: str,
+    *,
     dept_config: DePTConfig | None = None,
+    tokenizer=None,
+    peft_model_id: str | None = None,
     lora_r: int = 8,
-    lora_alpha: float = 8.0,
-    lora_dropout: float = 0.0,
     train_visual_embedding: bool = True,
 ) -> nn.Module:
-    """The model to train for `--peft_type`; every one takes the same batches (text + visual inputs).
+    """The model to train for `--peft_type`, through the shared `dept.methods.prepare_model`; every method
+    takes the same batches (text + visual inputs).
 
-    - PROMPT_TUNING_LORA: DePT as configured by `dept_config`.
+    - PROMPT_TUNING_LORA: DePT as configured by `dept_config` (or loaded from `peft_model_id`).
     - PROMPT_TUNING: vanilla prompt tuning, i.e. DePT with r = 0 (`dept_config.num_virtual_tokens` is l).
-    - LORA: PEFT LoRA on the attention q and v projections.
+    - LORA: PEFT LoRA of rank `lora_r` on the attention q and v projections.
     - FULL: every parameter trains.
 
     The visual embedding trains in every method unless `train_visual_embedding=False` (FULL trains everything).
     """
-    if peft_type not in PEFT_TYPES:
-        raise ConfigError(f"Unknown peft_type {peft_type!r}: choose one of {PEFT_TYPES}.")
-    if peft_type in ("PROMPT_TUNING_LORA", "PROMPT_TUNING"):
-        if dept_config is None:
-            raise ConfigError(f"peft_type {peft_type} needs dept_config=DePTConfig(...).")
-        if peft_type == "PROMPT_TUNING" and dept_config.r != 0:
-            logger.info("PROMPT_TUNING is DePT with r=0: ignoring r=%d.", dept_config.r)
-            dept_config = dataclasses.replace(dept_config, r=0)
-        return get_dept_vl_model(base_model, dept_config, tokenizer, train_visual_embedding)
-    if peft_type == "LORA":
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        lora_config = LoraConfig(
-            task_type=TaskType.SEQ_2_SEQ_LM,
-            r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            target_modules=["q", "v"],
-            modules_to_save=[VISUAL_MODULE] if train_visual_embedding else None,
-        )
-        return get_peft_model(base_model, lora_config)
-    base_model.requires_grad_(True)
-    return base_model
+    modules = (VISUAL_MODULE,) if train_visual_embedding else ()
+    # PEFT has no default LoRA targets for the "vlt5" model type: name T5's q and v.
+    lora = LoraSettings(r=lora_r, target_modules=["q", "v"])
+    return prepare_model(base_model, peft_type, dept_config=dept_config, tokenizer=tokenizer,
+                         peft_model_id=peft_model_id, lora=lora, modules_to_save=modules)

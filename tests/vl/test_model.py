@@ -10,15 +10,15 @@ from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
 from transformers.masking_utils import create_bidirectional_mask
 
 from dept import DePTConfig
+from dept.methods import PEFT_TYPES
 from dept.testing import tiny_t5_config
 from dept_vl.model import (
-    PEFT_TYPES,
     VisualEmbedding,
     VLT5Config,
     VLT5ForConditionalGeneration,
-    build_vl_model_for_method,
     get_dept_vl_model,
     load_dept_vl_model,
+    prepare_vl_model,
 )
 from tests.vl.conftest import FEAT_DIM, N_REGIONS, make_regions
 
@@ -358,7 +358,7 @@ def _expected_trainable(peft_type: str, name: str) -> bool:
 @pytest.mark.parametrize("peft_type", PEFT_TYPES)
 def test_each_method_trains_its_own_parameters_and_the_loss_falls(vl_model, tokenizer, peft_type):
     dept_config = DePTConfig(num_virtual_tokens=3, r=2, max_length=24, prompt_init="vocab")
-    model = build_vl_model_for_method(peft_type, vl_model, tokenizer, dept_config=dept_config, lora_r=4)
+    model = prepare_vl_model(vl_model, peft_type, tokenizer=tokenizer, dept_config=dept_config, lora_r=4)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {name for name, _ in model.named_parameters() if _expected_trainable(peft_type, name)}
     if peft_type == "PROMPT_TUNING":
@@ -388,4 +388,4 @@ def test_each_method_trains_its_own_parameters_and_the_loss_falls(vl_model, toke
 
 def test_unknown_method_is_refused(vl_model):
     with pytest.raises(ValueError, match="PROMPT_TUNING_LORA"):
-        build_vl_model_for_method("ADAPTER", vl_model)
+        prepare_vl_model(vl_model, "ADAPTER")
