@@ -373,7 +373,8 @@ def find_images(image_dir: str | Path) -> dict[str, Path]:
         raise FileNotFoundError(f"image directory {image_dir} does not exist")
     images: dict[str, Path] = {}
     for path in sorted(image_dir.rglob("*")):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+        # A dangling symlink is kept, so that loading it fails and it is counted, not silently skipped.
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not (path.is_file() or path.is_symlink()):
             continue
         if path.stem in images:
             raise ValueError(f"two images share the id {path.stem!r}: {images[path.stem]} and {path}; rename one")
