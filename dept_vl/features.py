@@ -257,8 +257,15 @@ class _NpzDirectoryReader:
         return self._file(image_id).is_file()
 
     def read(self, image_id: str) -> dict[str, np.ndarray]:
-        with np.load(self._file(image_id), allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
+        path = self._file(image_id)
+        with np.load(path, allow_pickle=False) as data:
+            try:
+                return {key: data[key] for key in data.files}
+            except ValueError as error:  # an object array, which only pickle could load
+                raise FeatureStoreError(
+                    f"image {image_id!r} in {path} holds Python objects, which are not loaded (no pickles); "
+                    "save plain numeric arrays features and boxes"
+                ) from error
 
     def attrs(self) -> dict:
         return {}
