@@ -46,6 +46,7 @@ def prepare_model(
         peft_type: one of `PEFT_TYPES`.
         dept_config: m, r, max_length, ... for DePT and prompt tuning (r is forced to 0 for PROMPT_TUNING).
         peft_model_id: a saved DePT adapter (ours or official) to start from instead of a fresh one (transfer).
+            With `dept_config` too, the adapter must cover `dept_config.max_length` (see `check_max_length`).
         modules_to_save: extra modules trained with the prompt (a classifier head, a visual projection);
             None keeps each model kind's default.
     """
@@ -54,6 +55,8 @@ def prepare_model(
     extra = {} if modules_to_save is None else {"modules_to_save": tuple(modules_to_save)}
     if peft_type in ("PROMPT_TUNING_LORA", "PROMPT_TUNING"):
         if peft_model_id:
+            if dept_config is not None:  # before loading anything onto the model
+                check_max_length(DePTConfig.from_pretrained(peft_model_id), dept_config.max_length, peft_model_id)
             loaded = DePTModel.from_pretrained(model, peft_model_id, is_trainable=True, **extra)
             if peft_type == "PROMPT_TUNING" and loaded.config.r > 0:
                 raise ConfigError(f"{peft_model_id} is a DePT adapter with r={loaded.config.r}; use PROMPT_TUNING_LORA.")
@@ -69,6 +72,20 @@ def prepare_model(
         return _lora(model, lora or LoraSettings(), modules_to_save)
     model.requires_grad_(True)
     return model
+
+
+def check_max_length(config: DePTConfig, requested: int, source: str = "the adapter") -> None:
+    """Refuse an adapter whose A covers fewer positions than the inputs will have.
+
+    The pipelines truncate inputs at `requested` (`--max_seq_length`). An adapter with a larger `max_length`
+    is fine (A is sliced to each batch's length); a smaller one would meet positions it has no row of A for.
+    """
+    if requested > config.max_length:
+        raise ConfigError(
+            f"{source} has max_length={config.max_length}, but inputs are truncated at {requested} tokens "
+            f"(--max_seq_length): its A has no rows past position {config.max_length}. "
+            f"Pass --max_seq_length {config.max_length} or lower."
+        )
 
 
 def _lora(model: nn.Module, settings: LoraSettings, modules_to_save) -> nn.Module:
