@@ -47,10 +47,12 @@ class DataArguments:
         if not (self.do_train or self.do_eval or self.do_predict):
             raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
         local = [self.train_file, self.validation_file, self.test_file]
-        if any(local) and self.do_predict and not self.test_file and not self.validation_file:
+        if any(local) and self.do_predict and not self.test_file:
+            # A validation file is used whole (never split), so without --test_file the test split would silently
+            # come from the hub instead of the user's data.
             raise ValueError(
-                "--do_predict with local data needs --test_file (or --validation_file to split from): "
-                "no test split can be built from a training file alone."
+                "--do_predict with local data needs --test_file: a local training or validation file is never "
+                "split into a test set. Pass --test_file (labels optional), or drop --do_predict."
             )
         if self.do_train and any(local) and not self.train_file:
             raise ValueError("--do_train with local data needs --train_file.")
