@@ -1,0 +1,36 @@
+"""`dept-train-vl` / `scripts/train_vl.py`: train, evaluate and predict VQA, GQA, NLVR2 and COCO captions.
+
+The flags are the text CLI's where they mean the same thing, and `--config FILE.yaml` supplies defaults that
+flags on the command line override:
+
+    accelerate launch scripts/train_vl.py --config configs/vl/vqa.yaml --max_steps 2000
+    accelerate launch scripts/train_vl.py --tasks vqa,gqa,nlvr,caption --model_name_or_path t5-base \\
+        --vqa_dir data/vqa --gqa_dir data/gqa --nlvr_dir data/nlvr2 --caption_file data/dataset_coco.json \\
+        --feature_file data/features.h5 --peft_type PROMPT_TUNING_LORA --prefix_length 40 --r 45 \\
+        --do_train --do_eval --do_predict --output_dir outputs/vl-multitask
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from dept.arguments import MethodArguments, parse_arguments
+from dept.training_args import TrainingArguments
+from dept_vl.pipeline import VLDataArguments, VLModelArguments, run
+
+FLAG_ALIASES = {"--evaluation_strategy": "--eval_strategy", "--task_name": "--tasks"}
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    model_args, data_args, method_args, training_args = parse_arguments(
+        (VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments), argv, FLAG_ALIASES
+    )
+    results = run(model_args, data_args, method_args, training_args)
+    print(json.dumps(results, indent=2, sort_keys=True))
+    return results
+
+
+if __name__ == "__main__":
+    main()

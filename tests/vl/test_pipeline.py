@@ -1,0 +1,229 @@
+"""The vision-language pipeline end to end on a tiny VL-T5: every task trains, evaluates, predicts, saves and reloads.
+
+The data are `dept_vl.synthetic` images with annotations in each official schema (VQAv2, GQA, NLVR2, Karpathy
+COCO); the features come from a random-weight resnet18 at 64 px (a 2 x 2 grid of 512-d regions).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import T5ForConditionalGeneration
+
+from dept.testing import build_word_tokenizer, tiny_t5_config
+from dept_vl.cli import main
+from dept_vl.data import task_file_paths
+from dept_vl.evaluation import VLEvaluator
+from dept_vl.features import GridFeatureExtractor, MissingFeaturesError, extract_to_h5
+from dept_vl.synthetic import make_synthetic_vl_dataset
+from dept_vl.tasks import SPLITS, TASKS, TaskSources, load_task_splits, read_vqa
+
+TASK_METRICS = {name: [f"{name}_{metric}" for metric in spec.metrics] for name, spec in TASKS.items()}
+
+
+@dataclass
+class VLFixture:
+    """A synthetic dataset, its stored features, and a tiny T5 checkpoint with a tokenizer of its words."""
+
+    root: Path
+    feature_file: Path
+    model_dir: Path
+
+    def argv(self, tasks: str, output_dir: str | Path, *extra: str) -> list[str]:
+        """A full training command line for a short run (flags in `extra` come last and win)."""
+        data = [f"--{flag}={path}" for flag, path in task_file_paths(self.root).items()]
+        return [
+            "--tasks", tasks, *data, "--feature_file", str(self.feature_file),
+            "--model_name_or_path", str(self.model_dir), "--output_dir", str(output_dir),
+            "--peft_type", "PROMPT_TUNING_LORA", "--prefix_length", "4", "--r", "4", "--prompt_init", "vocab",
+            "--max_seq_length", "24", "--max_target_length", "24", "--generation_max_length", "12",
+            "--learning_rate", "0.3", "--lora_embedding_lr", "0.01",
+            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+            "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1",
+            "--report_to", "none", "--seed", "0", "--do_train", "--do_eval", "--do_predict", *extra,
+        ]
+
+
+def build_vl_fixture(directory: Path, n_images: int = 20) -> VLFixture:
+    root = directory / "data"
+    make_synthetic_vl_dataset(root, n_images=n_images, seed=0, image_size=64)
+    torch.manual_seed(0)
+    feature_file = directory / "features.h5"
+    extract_to_h5(root, feature_file, GridFeatureExtractor("resnet18", pretrained=False, image_size=64),
+                  progress=False)
+
+    sources = TaskSources(**task_file_paths(root))
+    texts = ["true false"]
+    for split_rows in (load_task_splits([task], sources, SPLITS) for task in TASKS):
+        for rows in split_rows.values():
+            texts += list(rows["source"]) + list(rows["target"])
+            texts += [answer for reference in rows["references"] for answer in reference["answers"]]
+    model_dir = directory / "t5"
+    tokenizer = build_word_tokenizer(texts, model_dir)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(tiny_t5_config(len(tokenizer))).save_pretrained(model_dir)
+    return VLFixture(root, feature_file, model_dir)
+
+
+@pytest.fixture(scope="session")
+def vl_fixture(tmp_path_factory) -> VLFixture:
+    return build_vl_fixture(tmp_path_factory.mktemp("vl"))
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def predictions(output_dir: Path, split: str = "test") -> list[str]:
+    return [json.loads(line)["prediction"] for line in (output_dir / f"predictions_{split}.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_each_task_trains_evaluates_predicts_and_its_saved_adapter_predicts_the_same(vl_fixture, tmp_path, task):
+    output_dir = tmp_path / "run"
+    results = main(vl_fixture.argv(task, output_dir))
+
+    for split in ("eval", "test"):
+        for metric in TASK_METRICS[task]:
+            assert 0.0 <= results[f"{split}_{metric}"] <= (1000.0 if metric.endswith("cider") else 100.0)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "all_results.json", "train_results.json",
+                 "eval_results.json", "test_results.json", "predictions_test.jsonl", "training_task.json"):
+        assert (output_dir / name).is_file(), name
+    record = read_json(output_dir / "training_task.json")
+    assert record["task_names"] == [task] and record["modality"] == "vl" and record["feat_dim"] == 512
+    assert record["trainable_parameters"]["visual_embedding"] > 0
+
+    reloaded_dir = tmp_path / "reloaded"
+    reloaded = main(vl_fixture.argv(task, reloaded_dir, "--peft_model_id", str(output_dir), "--do_train", "false",
+                                    "--do_eval", "false"))
+    assert predictions(reloaded_dir) == predictions(output_dir)
+    assert reloaded["test_loss"] == pytest.approx(results["test_loss"], abs=1e-6)  # sensitive to every parameter
+    for metric in TASK_METRICS[task]:
+        assert reloaded[f"test_{metric}"] == pytest.approx(results[f"test_{metric}"])
+
+
+def test_multitask_mixture_scores_each_task_and_averages_their_main_metrics(vl_fixture, tmp_path):
+    results = main(vl_fixture.argv("vqa,gqa,nlvr,caption", tmp_path / "run", "--max_steps", "2",
+                                   "--do_predict", "false"))
+    for metric in (metric for metrics in TASK_METRICS.values() for metric in metrics):
+        assert f"eval_{metric}" in results
+    mains = [results[f"eval_{task}_{spec.main_metric}"] for task, spec in TASKS.items()]
+    assert results["eval_average"] == pytest.approx(sum(mains) / 4)
+    train_rows = sum(len(load_task_splits([task], TaskSources(**task_file_paths(vl_fixture.root)), ["train"])["train"])
+                     for task in TASKS)
+    assert results["train_samples"] == train_rows
+
+
+def test_dept_training_lowers_the_vqa_loss(vl_fixture, tmp_path):
+    output_dir = tmp_path / "run"
+    main(vl_fixture.argv("vqa", output_dir, "--max_steps", "12", "--eval_steps", "12", "--save_steps", "12",
+                         "--do_predict", "false", "--lora_embedding_lr", "0.05"))
+    losses = [entry["loss"] for entry in read_json(output_dir / "trainer_state.json")["log_history"] if "loss" in entry]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+@pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "LORA", "FULL"])
+def test_baselines_run_through_the_same_pipeline(vl_fixture, tmp_path, peft_type):
+    output_dir = tmp_path / "run"
+    results = main(vl_fixture.argv("gqa", output_dir, "--peft_type", peft_type, "--max_steps", "2",
+                                   "--learning_rate", "0.001", "--do_predict", "false"))
+    assert "eval_gqa_accuracy" in results
+    trainable = read_json(output_dir / "training_task.json")["trainable_parameters"]
+    assert trainable["visual_embedding"] > 0
+    if peft_type == "PROMPT_TUNING":
+        assert trainable["lora_embedding"] == 0 and trainable["prompt"] == 4 * 32
+    if peft_type == "FULL":  # a whole model, loadable with its tokenizer
+        assert (output_dir / "config.json").is_file() and (output_dir / "tokenizer.json").is_file()
+
+
+def test_visual_embedding_can_stay_frozen_and_is_then_not_saved(vl_fixture, tmp_path):
+    output_dir = tmp_path / "run"
+    main(vl_fixture.argv("gqa", output_dir, "--train_visual_embedding", "false", "--max_steps", "2",
+                         "--do_predict", "false"))
+    trainable = read_json(output_dir / "training_task.json")["trainable_parameters"]
+    assert trainable["visual_embedding"] == 0 and trainable["total"] == trainable["prompt"] + trainable["lora_embedding"]
+    with safe_open(str(output_dir / "adapter_model.safetensors"), framework="pt") as handle:
+        assert not any("visual_embedding" in key for key in handle.keys())
+
+
+def test_visual_lr_sets_the_visual_projection_learning_rate(vl_fixture, tmp_path):
+    output_dir = tmp_path / "run"
+    main(vl_fixture.argv("gqa", output_dir, "--visual_lr", "0.0025", "--lr_scheduler_type", "constant",
+                         "--max_steps", "2", "--do_eval", "false", "--do_predict", "false", "--eval_strategy", "no",
+                         "--save_strategy", "no", "--load_best_model_at_end", "false"))
+    logged = [e for e in read_json(output_dir / "trainer_state.json")["log_history"] if "loss" in e]
+    assert logged[0]["learning_rate_modules_to_save"] == 0.0025
+    assert logged[0]["learning_rate_prompt"] == 0.3 and logged[0]["learning_rate_lora_embedding"] == 0.01
+
+
+def test_features_computed_on_the_fly_from_raw_images(vl_fixture, tmp_path):
+    results = main(vl_fixture.argv("vqa", tmp_path / "run", "--feature_file", "", "--image_dir",
+                                   str(vl_fixture.root / "coco" / "images"), "--backbone", "resnet18",
+                                   "--pretrained", "false", "--image_size", "64", "--max_steps", "2",
+                                   "--do_predict", "false"))
+    assert "eval_vqa_accuracy" in results
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_a_missing_image_is_named_before_training(vl_fixture, tmp_path):
+    partial = tmp_path / "partial.h5"
+    with h5py.File(vl_fixture.feature_file) as source, h5py.File(partial, "w") as target:
+        for image_id in source:
+            if image_id != "COCO_train2014_000000000100":
+                source.copy(source[image_id], target, name=image_id)
+    with pytest.raises(MissingFeaturesError, match="COCO_train2014_000000000100"):
+        main(vl_fixture.argv("vqa", tmp_path / "run", "--feature_file", str(partial)))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_task_without_its_data_flag_is_refused(vl_fixture, tmp_path):
+    with pytest.raises(ValueError, match="--nlvr_dir"):
+        main(vl_fixture.argv("nlvr", tmp_path / "run", "--nlvr_dir", ""))
+
+
+# ------------------------------------------------------------------------------------------------ formats and metrics
+
+
+def test_vqa_target_is_the_most_common_normalised_answer_without_multiple_choice_answer(tmp_path):
+    questions = {"data_subtype": "val2014", "questions": [{"image_id": 7, "question": "How many?", "question_id": 70}]}
+    human = ["two", "2", "2", "3", "Two", "two.", "3", "3", "4", "3"]  # "2" normalises 5 times, "3" 4 times
+    annotations = {"annotations": [{"question_id": 70, "image_id": 7, "answers": [
+        {"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(human)]}]}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    (tmp_path / "a.json").write_text(json.dumps(annotations))
+    [row] = read_vqa(tmp_path / "q.json", tmp_path / "a.json")
+    assert row["target"] == "2"
+    assert row["image_ids"] == ["COCO_val2014_000000000007"]
+    assert row["references"]["answers"] == human
+
+
+def test_evaluator_scores_each_task_by_hand():
+    evaluator = VLEvaluator(["vqa", "nlvr"], tokenizer=None)
+    ten = ["red"] * 2 + ["blue"] * 8
+    references = [
+        {"task": "vqa", "answers": ten, "example_id": "1"},  # "red": 2 humans -> 0.6 over the 10 leave-one-outs
+        {"task": "vqa", "answers": ten, "example_id": "2"},  # "blue": 1.0
+        {"task": "nlvr", "answers": ["true"], "example_id": "dev-1-0-0"},
+        {"task": "nlvr", "answers": ["false"], "example_id": "dev-1-1-0"},  # same sentence as the one above
+        {"task": "nlvr", "answers": ["true"], "example_id": "dev-1-0-1"},
+    ]
+    predictions = ["red", "blue", "true", "true", "true"]
+    metrics = evaluator.compute_metrics(predictions, references)
+    # red: 8 of the 10 leave-one-out subsets keep both "red" answers (2/3), 2 keep one (1/3) -> (8*2/3 + 2/3)/10 = 0.6
+    assert metrics["vqa_accuracy"] == pytest.approx(100 * (0.6 + 1.0) / 2)
+    assert metrics["nlvr_accuracy"] == pytest.approx(100 * 2 / 3)
+    assert metrics["nlvr_consistency"] == pytest.approx(50.0)  # sentence 0 has a wrong pair, sentence 1 does not
+    assert metrics["average"] == pytest.approx((metrics["vqa_accuracy"] + metrics["nlvr_accuracy"]) / 2)
+    assert evaluator.main_metric == "average"
