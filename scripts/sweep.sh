@@ -17,7 +17,7 @@
 #   LAUNCHER         what starts one run; default "accelerate launch". E.g. "python", or
 #                    "accelerate launch --config_file configs/accelerate/single_gpu.yaml"
 #   ROOT             where the runs go; default saved_${MODEL##*/}
-#   PYTHON           interpreter for the summary; default python
+#   PYTHON           interpreter for the summary; default the first python (or python3) on PATH
 #   DRY_RUN=1        print the commands instead of running them
 # Arguments are handed to every run, e.g.:  scripts/sweep.sh --mixed_precision bf16
 #
@@ -33,7 +33,7 @@ LORA_LRS="${LORA_LRS:-5e-3 3e-1 5e-4}"
 LRS="${LRS:-3e-1 4e-1}"
 LAUNCHER="${LAUNCHER:-accelerate launch}"
 ROOT="${ROOT:-saved_${MODEL##*/}}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
 DRY_RUN="${DRY_RUN:-0}"
 read -r -a launcher <<< "${LAUNCHER}"
 
