@@ -88,6 +88,9 @@ class DePTModel(nn.Module):
         for name in self.modules_to_save:
             getattr(base_model, name).requires_grad_(True)
         self.prompt_encoder = DePTEmbedding(config, token_dim).to(base_model.get_input_embeddings().weight.device)
+        if config.r == 0:  # vanilla prompt tuning: A and B are empty, nothing to train
+            self.prompt_encoder.lora_embedding_A.requires_grad_(False)
+            self.prompt_encoder.lora_embedding_B.requires_grad_(False)
         if initialize:
             self._initialize_prompt(tokenizer)
 

@@ -103,3 +103,22 @@ def tiny_bert_config(vocab_size: int, hidden_size: int = 32, num_labels: int = 2
     )
     kwargs.update(overrides)
     return BertConfig(**kwargs)
+
+
+def save_tiny_model(family: str, save_dir: str | Path, texts: Iterable[str], seed: int = 0, **config_overrides) -> Path:
+    """Build a tiny model of a family ("seq2seq", "causal", "cls") with a word tokenizer over `texts`, and save
+    both to `save_dir`, so `from_pretrained(save_dir)` loads them as it would a hub checkpoint."""
+    import torch
+    from transformers import BertForSequenceClassification, LlamaForCausalLM, T5ForConditionalGeneration
+
+    save_dir = Path(save_dir)
+    # Label words and the decoder-only separator must be in the vocabulary, not <unk>.
+    tokenizer = build_word_tokenizer(list(texts) + ["answer : 0 1 2 3 4 5 6 7 8 9 . true false yes no"], save_dir)
+    builders = {
+        "seq2seq": lambda: T5ForConditionalGeneration(tiny_t5_config(len(tokenizer), **config_overrides)),
+        "causal": lambda: LlamaForCausalLM(tiny_llama_config(len(tokenizer), **config_overrides)),
+        "cls": lambda: BertForSequenceClassification(tiny_bert_config(len(tokenizer), **config_overrides)),
+    }
+    torch.manual_seed(seed)
+    builders[family]().save_pretrained(save_dir)
+    return save_dir

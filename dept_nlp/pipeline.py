@@ -1,0 +1,113 @@
+"""One text run, top to bottom: data, model, method, the shared trainer, result files.
+
+    >>> from dept_nlp.pipeline import run
+    >>> results = run(model_args, data_args, method_args, training_args)   # the CLI fills these from flags
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from dept.arguments import MethodArguments
+from dept.config import ConfigError
+from dept.methods import LoraSettings, count_trainable_parameters, prepare_model
+from dept.model import DePTModel
+from dept.trainer import Trainer
+from dept.training_args import TrainingArguments
+from dept_nlp.arguments import DataArguments, ModelArguments
+from dept_nlp.data_files import load_task_datasets
+from dept_nlp.evaluation import TextEvaluator
+from dept_nlp.modeling import detect_family, load_model, load_tokenizer
+from dept_nlp.preprocess import TextCollator, tokenize_rows
+from dept_nlp.sampling import k_shot_sample
+from dept_nlp.tasks import get_task
+
+logger = logging.getLogger(__name__)
+
+TASK_FILE = "training_task.json"  # what the adapter was trained on, for dept-eval's checks
+
+
+def needed_splits(data_args: DataArguments) -> tuple[str, ...]:
+    wanted = {"train": data_args.do_train, "validation": data_args.do_train or data_args.do_eval,
+              "test": data_args.do_predict}
+    return tuple(split for split, needed in wanted.items() if needed)
+
+
+def load_splits(data_args: DataArguments, seed: int):
+    """The task's formatted splits, with the k-shot and debugging cuts applied."""
+    data = load_task_datasets(
+        data_args.task_name, dataset_config_name=data_args.dataset_config_name,
+        train_file=data_args.train_file, validation_file=data_args.validation_file, test_file=data_args.test_file,
+        seed=data_args.data_seed, splits=needed_splits(data_args),
+    )
+    if "train" in data and data_args.k_shot_examples:
+        data["train"] = k_shot_sample(data["train"], data_args.k_shot_examples, seed)
+    if "train" in data and data_args.max_train_samples:
+        data["train"] = data["train"].select(range(min(data_args.max_train_samples, len(data["train"]))))
+    for split in ("validation", "test"):
+        if split in data and data_args.max_eval_samples:
+            data[split] = data[split].select(range(min(data_args.max_eval_samples, len(data[split]))))
+    return data
+
+
+def build_model(model_args: ModelArguments, method_args: MethodArguments, task, max_length: int, seed: int):
+    """(tokenizer, family, model ready to train with the chosen method)."""
+    family = model_args.model_family or detect_family(
+        AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    )
+    if family == "cls" and task.is_extractive_qa:
+        raise ConfigError(f"{task.name} needs a generated answer: use an encoder-decoder or decoder-only model.")
+    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, family,
+                               model_args.trust_remote_code)
+    base = load_model(model_args.model_name_or_path, family, num_labels=max(task.num_labels, 1),
+                      trust_remote_code=model_args.trust_remote_code)
+    dept_config = method_args.dept_config(max_length, family, model_args.model_name_or_path, seed)
+    model = prepare_model(base, method_args.peft_type, dept_config=dept_config, tokenizer=tokenizer,
+                          peft_model_id=method_args.peft_model_id, lora=LoraSettings(r=method_args.lora_r))
+    if isinstance(model, DePTModel) and model.config.max_length < max_length:
+        raise ConfigError(
+            f"The adapter from {method_args.peft_model_id} covers max_length={model.config.max_length} tokens, "
+            f"fewer than --max_seq_length {max_length}: lower --max_seq_length to {model.config.max_length}."
+        )
+    return tokenizer, family, model
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
+        training_args: TrainingArguments) -> dict[str, float]:
+    task = get_task(data_args.task_name)
+    data = load_splits(data_args, training_args.seed)
+    tokenizer, family, model = build_model(model_args, method_args, task, data_args.max_seq_length,
+                                           training_args.seed)
+    logger.info("Trainable parameters: %s", count_trainable_parameters(model))
+    tokenized = {
+        split: tokenize_rows(rows, tokenizer, family, data_args.max_seq_length, data_args.max_target_length, split)
+        for split, rows in data.items()
+    }
+    evaluator = TextEvaluator(task, tokenizer, family, data_args.generation_max_length, data_args.num_beams)
+    trainer = Trainer(
+        model, training_args, collate_fn=TextCollator(tokenizer, family), evaluator=evaluator,
+        train_dataset=tokenized.get("train"), eval_dataset=tokenized.get("validation"),
+        test_dataset=tokenized.get("test"),
+    )
+    logger.info("Running %s with %s on %d process(es).", task.name, method_args.peft_type,
+                trainer.accelerator.num_processes)
+    results: dict[str, float] = {}
+    if data_args.do_train:
+        results.update(trainer.train())
+        if trainer.accelerator.is_main_process:
+            write_task_file(training_args.output_dir, task, model_args, family)
+    if data_args.do_eval:
+        results.update(trainer.evaluate(tokenized["validation"], split="eval"))
+    if data_args.do_predict:
+        results.update(trainer.predict(tokenized["test"], split="test")[1])
+    return results
+
+
+def write_task_file(output_dir: str, task, model_args: ModelArguments, family: str) -> None:
+    record = {"task_names": [task.name], "modality": "text", "label_words": task.label_words,
+              "model_name_or_path": model_args.model_name_or_path, "model_family": family}
+    Path(output_dir, TASK_FILE).write_text(json.dumps(record, indent=2) + "\n")

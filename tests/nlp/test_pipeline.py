@@ -1,0 +1,185 @@
+"""The text pipeline end to end, through the official CLI flags, on tiny models and local files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dept.testing import save_tiny_model
+from dept_nlp.cli import main
+from dept_nlp.data_files import sample_sst2_files
+from tests.conftest import REPO_ROOT
+from tests.nlp.fixtures import hub_rows, write_task_fixture
+
+FAMILIES = {"t5": "seq2seq", "llama": "causal", "bert": "cls"}
+
+
+def _vocabulary(task_name: str) -> list[str]:
+    rows = hub_rows(task_name, 20)
+    return [" ".join(str(v) for v in row.values() if isinstance(v, (str, int, float))) for row in rows] + [
+        " ".join(a for row in rows for a in row.get("answers", []))
+    ]
+
+
+def _model(tmp_path, kind: str, task_name: str) -> str:
+    from dept_nlp.tasks import get_task
+    from tests.nlp.fixtures import hub_row
+
+    texts = _vocabulary(task_name) + [get_task(task_name).format_example(hub_row(task_name, i))[0] for i in range(20)]
+    return str(save_tiny_model(FAMILIES[kind], tmp_path / f"{kind}-model", texts))
+
+
+def _flags(model_dir, output_dir, task_name, files, steps=4, **extra):
+    flags = {
+        "model_name_or_path": model_dir, "task_name": task_name, "output_dir": str(output_dir),
+        "peft_type": "PROMPT_TUNING_LORA", "prefix_length": 4, "r": 2, "max_seq_length": 64,
+        "learning_rate": 0.3, "lora_embedding_lr": 0.01, "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4, "max_steps": steps, "eval_steps": steps, "save_steps": steps,
+        "warmup_steps": 0, "weight_decay": 1e-5, "save_total_limit": 1, "report_to": "none", "seed": 7,
+        "generation_max_length": 6, **{k: str(v) for k, v in files.items()}, **extra,
+    }
+    argv = ["--do_train", "--do_eval", "--do_predict", "--load_best_model_at_end", "--save_strategy", "steps",
+            "--evaluation_strategy", "steps"]
+    for key, value in flags.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+@pytest.mark.parametrize(
+    ("task_name", "metric"),
+    [("sst2", "accuracy"), ("rte", "accuracy"), ("stsb", "pearson"), ("superglue-multirc", "f1"),
+     ("superglue-wsc.fixed", "accuracy"), ("nq", "f1")],
+)
+def test_each_input_format_runs_end_to_end_on_t5(tmp_path, task_name, metric):
+    files = write_task_fixture(task_name, tmp_path / "data", n_train=8, n_val=4, n_test=4)
+    results = main(_flags(_model(tmp_path, "t5", task_name), tmp_path / "out", task_name, files))
+    assert f"eval_{metric}" in results and f"test_{metric}" in results
+    out = tmp_path / "out"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "all_results.json", "eval_results.json",
+                 "test_results.json", "predictions_test.jsonl", "training_task.json"):
+        assert (out / name).is_file(), name
+    lines = (out / "predictions_test.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and {"prediction", "reference"} <= json.loads(lines[0]).keys()
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_classification_runs_on_decoder_only_and_encoder_classifier(tmp_path, kind):
+    files = write_task_fixture("rte", tmp_path / "data", n_train=8, n_val=4, n_test=4)
+    results = main(_flags(_model(tmp_path, kind, "rte"), tmp_path / "out", "rte", files))
+    assert 0.0 <= results["test_accuracy"] <= 100.0
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["task_type"] == FAMILIES[kind]
+    if kind == "bert":  # the head is saved with the adapter
+        assert any(key.startswith("modules.classifier") for key in load_file(tmp_path / "out" / "adapter_model.safetensors"))
+
+
+def test_training_loss_clearly_falls(tmp_path):
+    files = sample_sst2_files()
+    texts = [json.loads(line)["sentence"] for path in files.values() for line in open(path)]
+    model_dir = save_tiny_model("seq2seq", tmp_path / "model", texts)
+    main(_flags(str(model_dir), tmp_path / "out", "sst2", files, steps=60, logging_steps=10, prefix_length=8, r=4,
+                max_eval_samples=8, per_device_train_batch_size=16, learning_rate=1.0, lora_embedding_lr=0.05,
+                warmup_steps=5))
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == 6
+    # ln(vocabulary) ~ 6.4 is the loss of a uniform guess; the frozen random base starts far above it.
+    assert losses[-1] < 0.4 * losses[0] and losses[-1] < 4.0, losses
+
+
+@pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "LORA", "FULL"])
+def test_baselines_run_through_the_same_trainer(tmp_path, peft_type):
+    files = write_task_fixture("sst2", tmp_path / "data", n_train=8, n_val=4, n_test=4)
+    results = main(_flags(_model(tmp_path, "t5", "sst2"), tmp_path / "out", "sst2", files, peft_type=peft_type))
+    assert "test_accuracy" in results
+
+
+def test_transfer_from_a_saved_adapter(tmp_path):
+    files = write_task_fixture("sst2", tmp_path / "data", n_train=8, n_val=4, n_test=4)
+    model_dir = _model(tmp_path, "t5", "sst2")
+    main(_flags(model_dir, tmp_path / "source", "sst2", files))
+    main(_flags(model_dir, tmp_path / "target", "sst2", files, steps=1, peft_model_id=tmp_path / "source",
+                learning_rate=0.0, lora_embedding_lr=0.0))
+    source = load_file(tmp_path / "source" / "adapter_model.safetensors")
+    target = load_file(tmp_path / "target" / "adapter_model.safetensors")
+    for key in source:  # learning rates 0: the transferred adapter comes out unchanged
+        assert torch.equal(source[key], target[key]), key
+
+
+def test_k_shot_flag_accepts_the_readme_spelling(tmp_path):
+    files = write_task_fixture("sst2", tmp_path / "data", n_train=12, n_val=4, n_test=4)
+    results = main(_flags(_model(tmp_path, "t5", "sst2"), tmp_path / "out", "sst2", files, k_shot_example=4))
+    assert results["train_samples"] == 4
+
+
+def test_yaml_config_with_flag_overrides(tmp_path):
+    files = write_task_fixture("sst2", tmp_path / "data", n_train=8, n_val=4, n_test=4)
+    argv = _flags(_model(tmp_path, "t5", "sst2"), tmp_path / "out", "sst2", files)
+    for flag in ("--prefix_length", "--r", "--max_steps"):  # these come from the file below
+        index = argv.index(flag)
+        del argv[index:index + 2]
+    config = tmp_path / "recipe.yaml"
+    config.write_text("prefix_length: 9\nr: 3\nmax_steps: 2\n")
+    main(["--config", str(config), *argv, "--max_steps", "4"])  # the flag overrides the file's max_steps
+    adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert (adapter["num_virtual_tokens"], adapter["r"], state["global_step"]) == (9, 3, 4)
+
+
+def test_resumed_run_ends_with_the_same_adapter(tmp_path):
+    files = write_task_fixture("sst2", tmp_path / "data", n_train=16, n_val=4, n_test=4)
+    model_dir = _model(tmp_path, "t5", "sst2")
+    extra = dict(save_total_limit=5, eval_steps=4, save_steps=4)
+    main(_flags(model_dir, tmp_path / "straight", "sst2", files, steps=8, **extra))
+    interrupted = tmp_path / "interrupted"
+    main(_flags(model_dir, interrupted, "sst2", files, steps=8, **extra))
+    # Keep only checkpoint-4, as if the run had been killed right after writing it.
+    shutil.rmtree(interrupted / "checkpoint-8", ignore_errors=True)
+    for path in interrupted.iterdir():
+        if path.is_file():
+            path.unlink()
+    assert [p.name for p in interrupted.iterdir()] == ["checkpoint-4"]
+    argv = _flags(model_dir, interrupted, "sst2", files, steps=8, **extra)
+    main(argv[:] + ["--resume_from_checkpoint", "auto"])
+    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    resumed = load_file(interrupted / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+@pytest.mark.multiprocess
+def test_two_processes_give_the_same_eval_metric(tmp_path):
+    files = sample_sst2_files()
+    texts = [json.loads(line)["sentence"] for path in files.values() for line in open(path)]
+    model_dir = save_tiny_model("seq2seq", tmp_path / "model", texts)
+    main(_flags(str(model_dir), tmp_path / "adapter", "sst2", files, steps=20, max_eval_samples=10))
+
+    def evaluate(output_dir, launcher):
+        argv = _flags(str(model_dir), output_dir, "sst2", files, peft_model_id=tmp_path / "adapter",
+                      max_eval_samples=30)
+        argv = [a for a in argv if a not in ("--do_train", "--do_predict", "--load_best_model_at_end")]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+        run = subprocess.run([*launcher, str(REPO_ROOT / "scripts" / "train_nlp.py"), *argv,
+                              "--load_best_model_at_end", "false"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run.stderr + run.stdout, json.loads((output_dir / "eval_results.json").read_text())
+
+    log_one, one = evaluate(tmp_path / "one", [sys.executable])
+    # `accelerate launch --cpu --num_processes 2` starts one process; --multi_gpu starts two, and the trainer
+    # makes them CPU processes (gloo) when CUDA is absent.
+    log_two, two = evaluate(tmp_path / "two", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                                               "--num_processes", "2", "--num_machines", "1",
+                                               "--mixed_precision", "no", "--dynamo_backend", "no",
+                                               "--main_process_port", "29533"])
+    assert "on 1 process(es)" in log_one and "on 2 process(es)" in log_two
+    assert one["eval_samples"] == two["eval_samples"] == 30
+    assert one["eval_accuracy"] == two["eval_accuracy"]
