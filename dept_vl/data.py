@@ -37,7 +37,10 @@ class FeatureSource(Protocol):
 
 
 def parse_per_task(value: str | None, task_names: list[str], flag: str) -> dict[str, str]:
-    """'path' (for every task) or 'vqa=path1,caption=path2' -> {task: path} for the tasks that have one."""
+    """'path' (for every task) or 'vqa=path1,caption=path2' -> {task: path} for the tasks that have one.
+
+    A path may join several feature files with '+'; each is searched in turn.
+    """
     if not value:
         return {}
     if "=" not in value:
@@ -52,6 +55,29 @@ def parse_per_task(value: str | None, task_names: list[str], flag: str) -> dict[
     if unknown:
         raise ValueError(f"--{flag} names task(s) {unknown} that are not in --tasks {task_names}.")
     return mapping
+
+
+class ChainedFeatures:
+    """Several feature stores read as one (VL-T5 ships COCO as `train2014_obj36.h5` and `val2014_obj36.h5`)."""
+
+    def __init__(self, stores: list[FeatureStore]):
+        self.stores = stores
+        self.path = " + ".join(str(store.path) for store in stores)
+
+    def __contains__(self, image_id: object) -> bool:
+        return any(image_id in store for store in self.stores)
+
+    def __getitem__(self, image_id: object) -> tuple[np.ndarray, np.ndarray]:
+        for store in self.stores:
+            if image_id in store:
+                return store[image_id]
+        raise MissingFeaturesError(f"no features for image id {image_id!r} in {self.path}")
+
+
+def open_feature_files(paths: str) -> FeatureSource:
+    """'a.h5' or 'train2014_obj36.h5+val2014_obj36.h5' -> one source."""
+    stores = [FeatureStore(path.strip()) for path in paths.split("+")]
+    return stores[0] if len(stores) == 1 else ChainedFeatures(stores)
 
 
 def build_feature_sources(
@@ -77,7 +103,8 @@ def build_feature_sources(
     for task in task_names:
         if task in files:
             path = files[task]
-            opened.setdefault(path, FeatureStore(path))
+            if path not in opened:
+                opened[path] = open_feature_files(path)
             sources[task] = opened[path]
         else:
             path = image_dirs[task]
@@ -93,6 +120,8 @@ def feature_dim(source: FeatureSource, example_id: str | None = None) -> int:
     """The feature size of a source: from its extractor, its file attributes, or one stored image."""
     if isinstance(source, OnTheFlyFeatures):
         return source.extractor.feat_dim
+    if isinstance(source, ChainedFeatures):
+        return feature_dim(source.stores[0])
     if isinstance(source, FeatureStore):
         if source.attrs.get("feat_dim"):
             return int(source.attrs["feat_dim"])

@@ -61,7 +61,7 @@ class VLDataArguments:
     nlvr_dir: str | None = field(default=None, metadata={"help": "Directory of NLVR2's train/dev/test1.json."})
     caption_file: str | None = field(default=None, metadata={"help": "Karpathy's dataset_coco.json."})
     feature_file: str | None = field(
-        default=None, metadata={"help": "Region features (.h5/.npy/npz dir) for every task, or task=path,..."}
+        default=None, metadata={"help": "Region features (.h5/.npy/npz dir) for every task, or task=path,...; join files with +."}
     )
     image_dir: str | None = field(
         default=None, metadata={"help": "Raw images (features on the fly with --backbone), or task=dir,..."}

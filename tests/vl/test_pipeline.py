@@ -37,7 +37,7 @@ class VLFixture:
 
     def argv(self, tasks: str, output_dir: str | Path, *extra: str) -> list[str]:
         """A full training command line for a short run (flags in `extra` come last and win)."""
-        data = [f"--{flag}={path}" for flag, path in task_file_paths(self.root).items()]
+        data = [word for flag, path in task_file_paths(self.root).items() for word in (f"--{flag}", path)]
         return [
             "--tasks", tasks, *data, "--feature_file", str(self.feature_file),
             "--model_name_or_path", str(self.model_dir), "--output_dir", str(output_dir),
