@@ -14,13 +14,17 @@ import h5py
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import T5ForConditionalGeneration
+from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from dept.testing import build_word_tokenizer, tiny_t5_config
+from dept.trainer import Trainer
+from dept.training_args import TrainingArguments
 from dept_vl.cli import main
 from dept_vl.data import task_file_paths
 from dept_vl.evaluation import VLEvaluator
 from dept_vl.features import GridFeatureExtractor, MissingFeaturesError, extract_to_h5
+from dept_vl.model import load_dept_vl_model
+from dept_vl.pipeline import VLDataArguments, build_vl_eval_components, load_vl_base_model
 from dept_vl.synthetic import make_synthetic_vl_dataset
 from dept_vl.tasks import SPLITS, TASKS, TaskSources, load_task_splits, read_vqa
 
@@ -172,6 +176,23 @@ def test_features_computed_on_the_fly_from_raw_images(vl_fixture, tmp_path):
                                    "--pretrained", "false", "--image_size", "64", "--max_steps", "2",
                                    "--do_predict", "false"))
     assert "eval_vqa_accuracy" in results
+
+
+def test_eval_components_reproduce_the_pipeline_evaluation_of_a_saved_adapter(vl_fixture, tmp_path):
+    output_dir = tmp_path / "run"
+    results = main(vl_fixture.argv("nlvr", output_dir, "--max_steps", "2", "--do_predict", "false"))
+
+    data_args = VLDataArguments(tasks="nlvr", **task_file_paths(vl_fixture.root), feature_file=str(vl_fixture.feature_file),
+                                max_target_length=24, generation_max_length=12, do_eval=True)
+    tokenizer = AutoTokenizer.from_pretrained(vl_fixture.model_dir)
+    model = load_dept_vl_model(load_vl_base_model(str(vl_fixture.model_dir), feat_dim=512), output_dir)
+    dataset, collate_fn, evaluator = build_vl_eval_components("nlvr", tokenizer, model, max_length=24,
+                                                              split="validation", data_args=data_args)
+    args = TrainingArguments(output_dir=str(tmp_path / "eval"), per_device_eval_batch_size=16, report_to="none",
+                             load_best_model_at_end=False)
+    metrics = Trainer(model, args, collate_fn=collate_fn, evaluator=evaluator).evaluate(dataset, split="eval")
+    for name in ("eval_nlvr_accuracy", "eval_nlvr_consistency", "eval_loss"):
+        assert metrics[name] == pytest.approx(results[name], abs=1e-6), name
 
 
 # ------------------------------------------------------------------------------------------------ bad input
