@@ -15,7 +15,6 @@ from transformers import AutoConfig
 from dept.arguments import MethodArguments
 from dept.config import ConfigError
 from dept.methods import LoraSettings, count_trainable_parameters, prepare_model
-from dept.model import DePTModel
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
 from dept_nlp.arguments import DataArguments, ModelArguments
@@ -68,11 +67,6 @@ def build_model(model_args: ModelArguments, method_args: MethodArguments, task, 
     dept_config = method_args.dept_config(max_length, family, model_args.model_name_or_path, seed)
     model = prepare_model(base, method_args.peft_type, dept_config=dept_config, tokenizer=tokenizer,
                           peft_model_id=method_args.peft_model_id, lora=LoraSettings(r=method_args.lora_r))
-    if isinstance(model, DePTModel) and model.config.max_length < max_length:
-        raise ConfigError(
-            f"The adapter from {method_args.peft_model_id} covers max_length={model.config.max_length} tokens, "
-            f"fewer than --max_seq_length {max_length}: lower --max_seq_length to {model.config.max_length}."
-        )
     return tokenizer, family, model
 
 
