@@ -75,8 +75,11 @@ class DePTEmbedding(nn.Module):
             self._cache_key = key
         return self._cached_update[:length]
 
-    def real_token_positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Index of each token among its row's real tokens (pads get 0). Raises if a row exceeds max_length."""
+    def real_token_positions(self, attention_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Index of each token among its row's real tokens (pads get 0), and the longest row's length.
+
+        Raises if a row exceeds max_length. The length is the forward's one device-to-host sync.
+        """
         lengths = attention_mask.sum(dim=1)
         longest = int(lengths.max()) if lengths.numel() else 0
         if longest > self.max_length:
@@ -85,7 +88,7 @@ class DePTEmbedding(nn.Module):
                 f"to max_length (the pipelines set the tokenizer's max_length from the adapter config), or train an "
                 f"adapter with a larger max_length."
             )
-        return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        return (attention_mask.cumsum(dim=1) - 1).clamp(min=0), longest
 
     def prompt_layout(self, attention_mask: torch.Tensor, prompt_first: bool = False) -> torch.Tensor | None:
         """Gather index (batch, m + seq) from `[P ; tokens]` to the output order, or None when they agree.
@@ -119,10 +122,9 @@ class DePTEmbedding(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(batch, seq, dtype=torch.long, device=inputs_embeds.device)
         mask = attention_mask.to(torch.long)
-        positions = self.real_token_positions(mask)
+        positions, longest = self.real_token_positions(mask)
         if self.r > 0:
-            longest = int(positions.max()) + 1 if seq else 0
-            update = self.embedding_update(longest).to(inputs_embeds.dtype)
+            update = self.embedding_update(max(longest, 1)).to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds + update[positions] * mask.unsqueeze(-1).to(inputs_embeds.dtype)
         prompt = self.prompt_embeddings.to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         layout = self.prompt_layout(mask, prompt_first)

@@ -243,6 +243,12 @@ class DePTModel(nn.Module):
                 )
             target.copy_(state[key])
         module_state = {k[len("modules."):]: v for k, v in state.items() if k.startswith("modules.")}
+        unknown = sorted({key.split(".")[0] for key in module_state} - set(self.modules_to_save))
+        if unknown:
+            raise AdapterMismatchError(
+                f"{source} holds trained modules {unknown} that this model does not train "
+                f"(modules_to_save={list(self.modules_to_save)}): pass modules_to_save to keep them."
+            )
         for name in self.modules_to_save:
             own = {k[len(name) + 1:]: v for k, v in module_state.items() if k.startswith(name + ".")}
             if own:
@@ -263,6 +269,9 @@ class DePTModel(nn.Module):
         config, state, source = load_adapter(adapter_dir)
         _check_saved_base(config, model, source)
         kind = _MODEL_CLASSES[infer_task_type(model)] if cls is DePTModel else cls
+        saved_modules = tuple(dict.fromkeys(key.split(".")[1] for key in state if key.startswith("modules.")))
+        if saved_modules and "modules_to_save" not in kwargs:
+            kwargs["modules_to_save"] = saved_modules  # a saved head or visual projection comes back with it
         dept_model = kind(model, config, initialize=False, **kwargs)
         if "lora_embedding_B" not in state and config.r > 0:
             warnings.warn(

@@ -352,6 +352,8 @@ def _expected_trainable(peft_type: str, name: str) -> bool:
         return "lora_" in name or "visual_embedding.modules_to_save." in name
     if "visual_embedding" in name:
         return True
+    if peft_type == "PROMPT_TUNING" and "lora_embedding" in name:  # r = 0: A and B are empty and frozen
+        return False
     return name.startswith("prompt_encoder.")
 
 
