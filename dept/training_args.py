@@ -47,7 +47,8 @@ class TrainingArguments:
         greater_is_better: whether a larger `metric_for_best_model` is better; None means the evaluator's own
             answer for its main metric, False for metrics named like a loss, True otherwise.
         seed: seed of the data order, of dropout and of anything else random in the run.
-        mixed_precision: "no", "fp16" or "bf16", handed to accelerate.
+        mixed_precision: "no", "fp16" or "bf16", handed to accelerate; None (the default) takes the accelerate
+            config's setting (`accelerate launch --config_file ...`), which is "no" without one.
         resume_from_checkpoint: a checkpoint directory to resume from, or "auto" for the latest complete
             checkpoint in `output_dir` (a fresh start when there is none).
         skip_nan_steps: on a NaN/inf loss, skip that optimizer step (and count it) instead of stopping the run.
@@ -99,8 +100,10 @@ class TrainingArguments:
         default=None, metadata={"help": "Whether a larger metric_for_best_model is better; default: inferred."}
     )
     seed: int = field(default=42, metadata={"help": "Seed of data order, dropout and initialisation."})
-    mixed_precision: str = field(
-        default="no", metadata={"help": "Mixed precision through accelerate.", "choices": list(MIXED_PRECISIONS)}
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={"help": "Mixed precision through accelerate; default: the accelerate config's.",
+                  "choices": list(MIXED_PRECISIONS)},
     )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "Checkpoint directory to resume from, or 'auto' for the latest one."}
@@ -118,12 +121,14 @@ class TrainingArguments:
         self.validate()
 
     def validate(self) -> None:
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"TrainingArguments.mixed_precision must be one of {MIXED_PRECISIONS} or None, "
+                             f"got {self.mixed_precision!r}.")
         if not self.output_dir:
             raise ValueError("TrainingArguments.output_dir is required: pass the directory the run writes to.")
         for name, allowed in (
             ("eval_strategy", EVAL_STRATEGIES),
             ("save_strategy", EVAL_STRATEGIES),
-            ("mixed_precision", MIXED_PRECISIONS),
             ("report_to", REPORT_TO),
             ("lr_scheduler_type", LR_SCHEDULER_TYPES),
         ):
