@@ -16,6 +16,9 @@ overrides both).
 Nothing is evaluated until every pair has passed its checks: an adapter made for another base model
 (`AdapterMismatchError`), a task whose labels differ from the adapter's training task (`TaskMismatchError`), or
 result files that already exist stop the run first, with a message that names the pair.
+
+Written to `--output_dir` (never overwritten): `dept_eval_<split>[_mixed].json` (metrics, examples, examples/s,
+trainable parameters per pair), the same table as `.md`, and each pair's predictions as `..._predictions.jsonl`.
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ class EvaluationPlugin(Protocol):
         ...
 
     def load_tokenizer(self, args: argparse.Namespace, training_task: dict | None): ...
+
+    def adapter_model_kwargs(self) -> dict:
+        """Optional: extra `DePTModel.from_pretrained` arguments, e.g. `modules_to_save` for a visual projection."""
+        ...
 
     def load_base_model(self, args: argparse.Namespace, task_name: str, training_task: dict | None) -> nn.Module: ...
 
@@ -191,12 +198,17 @@ def check_pairs(pairs: list[EvaluationPair], plugins: dict[str, EvaluationPlugin
         try:
             plugin.check_task(pair.task_name, pair.training_task, str(pair.adapter_dir))
             base, _ = bases.get(pair, plugin, device)
-            model = DePTModel.from_pretrained(base, pair.adapter_dir)
+            model = DePTModel.from_pretrained(base, pair.adapter_dir, **_adapter_model_kwargs(plugin))
         except (AdapterMismatchError, TaskMismatchError, ConfigError) as err:
             raise type(err)(f"{where}: {err} Nothing was evaluated.") from None
         counts = model.num_trainable_parameters()
         pair.trainable_parameters = counts["dept"] + sum(counts[name] for name in model.modules_to_save)
         pair.max_length = model.config.max_length
+
+
+def _adapter_model_kwargs(plugin: EvaluationPlugin) -> dict:
+    method = getattr(plugin, "adapter_model_kwargs", None)
+    return method() if method is not None else {}
 
 
 @torch.no_grad()
@@ -278,7 +290,8 @@ def _record(pair: EvaluationPair, predictions: list, metrics: dict, num_examples
 def evaluate_one_at_a_time(pairs, plugins, bases, components, args, device) -> None:
     for pair in pairs:
         base, _ = bases.get(pair, plugins[pair.modality], device)
-        model = DePTModel.from_pretrained(base, pair.adapter_dir)  # reloads any head into the shared base
+        # Built again right before its evaluation: it reloads the adapter's own head into the shared base.
+        model = DePTModel.from_pretrained(base, pair.adapter_dir, **_adapter_model_kwargs(plugins[pair.modality]))
         dataset, collate_fn, evaluator = components[pair.name]
         loader = DataLoader(dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
         start = time.perf_counter()

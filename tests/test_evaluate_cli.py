@@ -182,7 +182,7 @@ def test_adapter_for_another_width_stops_before_evaluating_any_pair(trained, tmp
     assert not (tmp_path / "eval").exists()
 
 
-@pytest.mark.parametrize(("task_name", "needs"), [("mnli", r"\['0', '1', '2'\]"), ("nq", "extracted answers")])
+@pytest.mark.parametrize(("task_name", "needs"), [("mnli", r"the labels \['0', '1', '2'\]"), ("nq", "extracted answers")])
 def test_task_with_other_labels_stops_before_evaluating_any_pair(trained, tmp_path, no_evaluation, task_name, needs):
     argv = ["--model_name_or_path", str(trained["model"]), "--adapter", f"{trained['adapters']['sst2']}:sst2",
             "--adapter", f"{trained['adapters']['sst2']}:{task_name}", "--output_dir", str(tmp_path / "eval"),
