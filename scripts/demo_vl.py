@@ -26,7 +26,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TQDM_DISABLE", "1")  # the demo prints one line per stage instead of progress bars
 
 import torch  # noqa: E402
 from transformers import T5ForConditionalGeneration  # noqa: E402
@@ -69,9 +68,14 @@ def build_base_model(root: Path, model_dir: Path) -> int:
 
 
 def train_vl(argv: list[str]) -> dict[str, float]:
-    """The `dept-train-vl` command line, without its printout of every metric."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return cli_main(argv)
+    """The `dept-train-vl` command line, quiet: the demo prints one line per stage (the log shows on failure)."""
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            return cli_main(argv)
+    except BaseException:
+        print(log.getvalue()[-5000:])
+        raise
 
 
 def data_flags(root: Path, feature_file: Path) -> list[str]:
