@@ -94,3 +94,12 @@ def t5_base_dims_model():
     """A T5 with t5-base's d and vocabulary (random weights, one thin layer): what official adapters need."""
     config = tiny_t5_config(32128, d_model=768, d_kv=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2)
     return _seeded(lambda: T5ForConditionalGeneration(config))
+
+
+def free_port() -> int:
+    """A free TCP port for a multi-process launch, so concurrent test workers never share a rendezvous port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from dept.testing import save_tiny_model
 from dept_nlp.cli import main
 from dept_nlp.data_files import sample_sst2_files
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 from tests.nlp.fixtures import hub_rows, write_task_fixture
 
 FAMILIES = {"t5": "seq2seq", "llama": "causal", "bert": "cls"}
@@ -179,7 +179,7 @@ def test_two_processes_give_the_same_eval_metric(tmp_path):
     log_two, two = evaluate(tmp_path / "two", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                                                "--num_processes", "2", "--num_machines", "1",
                                                "--mixed_precision", "no", "--dynamo_backend", "no",
-                                               "--main_process_port", "29533"])
+                                               "--main_process_port", str(free_port())])
     assert "on 1 process(es)" in log_one and "on 2 process(es)" in log_two
     assert one["eval_samples"] == two["eval_samples"] == 30
     assert one["eval_accuracy"] == two["eval_accuracy"]

@@ -76,7 +76,7 @@ def test_padding_invariance_holds_for_random_lengths_batches_and_sides(kind, dat
         batched = _real_logits(kind, model, sequences, side)
         for sequence, in_batch in zip(sequences, batched):
             alone = _real_logits(kind, model, [sequence], "right")[0]
-            torch.testing.assert_close(in_batch, alone, atol=1e-5, rtol=0)
+            torch.testing.assert_close(in_batch, alone, atol=1e-5, rtol=1e-5)  # logits reach ~15
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dept.arguments import MethodArguments, parse_arguments
 from dept.training_args import TrainingArguments
 from dept_vl.cli import FLAG_ALIASES, main
 from dept_vl.pipeline import VLDataArguments, VLModelArguments
+from tests.conftest import free_port
 from tests.vl.test_pipeline import VLFixture, build_vl_fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +80,7 @@ def test_two_processes_under_accelerate_launch_train_and_match_the_one_process_e
                            "--do_predict", "false")
     # --multi_gpu: accelerate's --cpu starts one process here; on CPU the trainer joins the gloo group itself.
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(LAUNCHER), str(report), "--", *argv]
+               "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", str(LAUNCHER), str(report), "--", *argv]
     finished = subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
