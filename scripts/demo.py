@@ -97,7 +97,7 @@ def main() -> None:
 
     vl_demo = REPO_ROOT / "scripts" / "demo_vl.py"
     if not args.skip_vl and vl_demo.is_file():
-        subprocess.run([sys.executable, str(vl_demo), "--output_dir", str(root / "vl")], check=True)
+        subprocess.run([sys.executable, str(vl_demo), "--work_dir", str(root / "vl")], check=True)
 
 
 if __name__ == "__main__":
