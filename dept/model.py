@@ -190,15 +190,18 @@ class DePTModel(nn.Module):
         return counts
 
     def print_trainable_parameters(self) -> None:
+        """A table of the adapter's parts; `trainable now` is 0 for an adapter loaded for inference."""
         counts = self.num_trainable_parameters()
         base = sum(p.numel() for p in self.base_model.parameters())
         m, r, s, d = (self.config.num_virtual_tokens, self.config.r, self.config.max_length, self.config.token_dim)
-        print(f"DePT prompt P ({m} x {d}):             {counts['prompt']:>12,}")
-        print(f"DePT A ({s} x {r}) + B ({r} x {d}):      {counts['lora_embedding']:>12,}")
-        for name in self.modules_to_save:
-            print(f"trainable module {name!r}:         {counts[name]:>12,}")
-        print(f"trainable total: {counts['total']:,} || base model: {base:,} || "
-              f"trainable%: {100 * counts['total'] / max(base, 1):.4f}")
+        rows = [(f"prompt P ({m} x {d})", counts["prompt"]),
+                (f"A ({s} x {r}) + B ({r} x {d})", counts["lora_embedding"])]
+        rows += [(f"module {name!r}", counts[name]) for name in self.modules_to_save]
+        adapter = sum(count for _, count in rows)
+        for label, count in rows:
+            print(f"{label:<36}{count:>14,}")
+        print(f"{'adapter total':<36}{adapter:>14,}   ({100 * adapter / max(base, 1):.4f}% of the base's {base:,})")
+        print(f"{'trainable now':<36}{counts['total']:>14,}")
 
     # ----------------------------------------------------------------------------------------------------------
     # Save and load
