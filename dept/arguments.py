@@ -6,7 +6,10 @@ thing are spelled the same in both (`--peft_type`, `--prefix_length`, `--r`, `--
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,3 +92,12 @@ def _rename_flag(word: str, aliases: dict[str, str]) -> str:
         return word
     name, equals, value = word.partition("=")
     return aliases.get(name, name) + equals + value
+
+
+def run_command_line(dataclass_types, run: Callable[..., dict], argv: list[str] | None = None,
+                     aliases: dict[str, str] | None = None) -> dict:
+    """Parse the flags into the dataclasses, call `run(*parsed)`, print its results as JSON and return them."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    results = run(*parse_arguments(dataclass_types, argv, aliases))
+    print(json.dumps(results, indent=2, sort_keys=True))
+    return results

@@ -54,6 +54,17 @@ def infer_task_type(model: nn.Module) -> str:
     )
 
 
+def embed_inputs(word_embeddings: nn.Module, input_ids, attention_mask, inputs_embeds):
+    """(inputs_embeds, attention_mask) from whichever of input_ids / inputs_embeds was given; mask of ones if none."""
+    if inputs_embeds is None:
+        if input_ids is None:
+            raise ValueError("Pass input_ids or inputs_embeds.")
+        inputs_embeds = word_embeddings(input_ids)
+    if attention_mask is None:
+        attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+    return inputs_embeds, attention_mask
+
+
 class DePTModel(nn.Module):
     """A frozen Hugging Face model plus a DePT adapter (P, A, B, and any trainable modules such as a head).
 
@@ -136,12 +147,7 @@ class DePTModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Word embeddings with DePT applied: (batch, m + seq, d) and the (batch, m + seq) mask."""
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("Pass input_ids or inputs_embeds.")
-            inputs_embeds = self.word_embeddings(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        inputs_embeds, attention_mask = embed_inputs(self.word_embeddings, input_ids, attention_mask, inputs_embeds)
         return self.prompt_encoder(inputs_embeds, attention_mask, self.prompt_first)
 
     def insert_prompt(self, per_token: torch.Tensor, attention_mask: torch.Tensor | None, fill_value) -> torch.Tensor:

@@ -38,6 +38,7 @@ from .model import (
     DePTModel,
     _check_compatible,
     _check_saved_base,
+    embed_inputs,
     infer_task_type,
     real_token_position_ids,
 )
@@ -282,12 +283,7 @@ class MultiAdapterModel(nn.Module):
 
         Returns (batch, width + seq, d) embeddings, the (batch, width + seq) mask, and the routing.
         """
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("Pass input_ids or inputs_embeds.")
-            inputs_embeds = self.word_embeddings(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        inputs_embeds, attention_mask = embed_inputs(self.word_embeddings, input_ids, attention_mask, inputs_embeds)
         routing = self.route(adapter_names, attention_mask)
         mask = attention_mask.long()
         self._check_lengths(mask, routing.adapter_index)

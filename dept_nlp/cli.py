@@ -7,23 +7,15 @@
 
 from __future__ import annotations
 
-import json
-import logging
-
-from dept.arguments import MethodArguments, parse_arguments
+from dept.arguments import MethodArguments, run_command_line
 from dept.training_args import TrainingArguments
 from dept_nlp.arguments import FLAG_ALIASES, DataArguments, ModelArguments
 from dept_nlp.pipeline import run
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    model_args, data_args, method_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, MethodArguments, TrainingArguments), argv, FLAG_ALIASES
-    )
-    results = run(model_args, data_args, method_args, training_args)
-    print(json.dumps(results, indent=2, sort_keys=True))
-    return results
+    return run_command_line((ModelArguments, DataArguments, MethodArguments, TrainingArguments), run, argv,
+                            FLAG_ALIASES)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,7 @@ flags on the command line override:
 
 from __future__ import annotations
 
-import json
-import logging
-
-from dept.arguments import MethodArguments, parse_arguments
+from dept.arguments import MethodArguments, run_command_line
 from dept.training_args import TrainingArguments
 from dept_vl.pipeline import VLDataArguments, VLModelArguments, run
 
@@ -23,13 +20,8 @@ FLAG_ALIASES = {"--evaluation_strategy": "--eval_strategy", "--task_name": "--ta
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    model_args, data_args, method_args, training_args = parse_arguments(
-        (VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments), argv, FLAG_ALIASES
-    )
-    results = run(model_args, data_args, method_args, training_args)
-    print(json.dumps(results, indent=2, sort_keys=True))
-    return results
+    return run_command_line((VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments), run, argv,
+                            FLAG_ALIASES)
 
 
 if __name__ == "__main__":
