@@ -17,9 +17,13 @@ from dept.testing import save_tiny_model, tiny_t5_config
 from dept_nlp.cli import main as dept_train
 from dept_nlp.evaluation import TextEvaluator
 from dept_nlp.tasks import get_task
+from dept_vl.cli import main as vl_train
+from dept_vl.data import task_file_paths
+from dept_vl.evaluation import VLEvaluator
 from tests.conftest import OFFICIAL_CHECKPOINTS, T5_TOKENIZER_DIR
 from tests.nlp.fixtures import hub_row, write_task_fixture
 from tests.nlp.test_pipeline import _flags
+from tests.vl.test_pipeline import build_vl_fixture
 
 TASKS = ("sst2", "rte")
 FAMILIES = {"t5": "seq2seq", "llama": "causal", "bert": "cls"}
@@ -214,6 +218,55 @@ def test_official_checkpoint_evaluates_on_a_model_with_t5_base_dims(tmp_path):
     assert result["num_examples"] == 5 and 0.0 <= result["metrics"]["accuracy"] <= 100.0
 
 
-def test_vl_adapter_evaluates_through_its_plugin():
-    pytest.importorskip("dept_vl.eval_components", reason="the VL evaluation plugin (dept_vl.eval_components, "
-                        "exposing PLUGIN) has not landed; dept_vl.pipeline.build_vl_eval_components exists")
+@pytest.fixture(scope="module")
+def trained_vl(tmp_path_factory):
+    """The synthetic VL data and features, a tiny T5, and a DePT adapter trained on vqa for 4 steps."""
+    root = tmp_path_factory.mktemp("dept_eval_vl")
+    fixture = build_vl_fixture(root)
+    vl_train(fixture.argv("vqa", root / "vqa", "--do_predict", "false"))
+    return fixture, root / "vqa"
+
+
+def _vl_eval_argv(fixture, pairs: list[str], output_dir) -> list[str]:
+    data = [word for flag, path in task_file_paths(fixture.root).items() for word in (f"--{flag}", path)]
+    argv = ["--model_name_or_path", str(fixture.model_dir), "--split", "validation", "--output_dir", str(output_dir),
+            "--per_device_eval_batch_size", "16", "--feature_file", str(fixture.feature_file),
+            "--max_target_length", "24", "--generation_max_length", "12", *data]
+    return argv + [word for pair in pairs for word in ("--adapter", pair)]
+
+
+def test_vl_adapter_reproduces_the_training_runs_metrics_through_its_plugin(trained_vl, tmp_path):
+    fixture, adapter = trained_vl
+    report = dept_eval(_vl_eval_argv(fixture, [f"{adapter}:vqa"], tmp_path / "eval"))
+    expected = json.loads((adapter / "eval_results.json").read_text())
+    (result,) = report["results"]
+    assert result["modality"] == "vl" and result["max_length"] == 24
+    assert result["metrics"] == {"vqa_accuracy": expected["eval_vqa_accuracy"]}
+    assert result["num_examples"] == expected["eval_samples"] > 0
+    trained = json.loads((adapter / "training_task.json").read_text())["trainable_parameters"]
+    assert trained["visual_embedding"] > 0  # the saved projection is part of the adapter and counted
+    assert result["trainable_parameters"] == trained["total"]
+
+    assert json.loads((tmp_path / "eval" / "dept_eval_validation.json").read_text()) == report
+    table = (tmp_path / "eval" / "dept_eval_validation.md").read_text()
+    row = (f"| {result['name']} | vqa | vqa_accuracy {expected['eval_vqa_accuracy']:.2f} | "
+           f"{expected['eval_samples']} |")
+    assert row in table
+    # At this size the accuracy is 0 either way; the generated answers tell a wrong prompt or projection apart.
+    training_predictions = [json.loads(line)["prediction"]
+                            for line in (adapter / "predictions_eval.jsonl").read_text().splitlines()]
+    predictions = [json.loads(line)["prediction"]
+                   for line in (tmp_path / "eval" / "dept_eval_validation_predictions.jsonl").read_text().splitlines()]
+    assert predictions == training_predictions and len(set(predictions)) > 1
+
+
+def test_vl_adapter_on_a_task_it_was_not_trained_on_stops_before_evaluating(trained_vl, tmp_path, monkeypatch):
+    fixture, adapter = trained_vl
+    calls = []
+    original = VLEvaluator.predict_step
+    monkeypatch.setattr(VLEvaluator, "predict_step", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    argv = _vl_eval_argv(fixture, [f"{adapter}:vqa", f"{adapter}:gqa"], tmp_path / "eval")
+    with pytest.raises(SystemExit, match=r"trained on \['vqa'\], not on gqa.*Nothing was evaluated"):
+        dept_eval(argv)
+    assert calls == []
+    assert not (tmp_path / "eval").exists()
