@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser
 
@@ -100,4 +101,7 @@ def run_command_line(dataclass_types, run: Callable[..., dict], argv: list[str] 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     results = run(*parse_arguments(dataclass_types, argv, aliases))
     print(json.dumps(results, indent=2, sort_keys=True))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # leave no process group behind for a clean exit
     return results

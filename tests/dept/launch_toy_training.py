@@ -54,6 +54,9 @@ def main() -> None:
                 }
             )
         )
+    if torch.distributed.is_initialized():  # a clean exit; gloo may abort at teardown otherwise
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

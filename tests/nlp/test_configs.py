@@ -99,6 +99,8 @@ def test_cpu_2proc_config_starts_two_cooperating_processes(tmp_path):
         "accelerator = Accelerator(cpu=not torch.cuda.is_available())\n"
         "ranks = accelerator.gather(torch.tensor([accelerator.process_index])).tolist()\n"
         "print(f'rank {accelerator.process_index} of {accelerator.num_processes} gathered {ranks}', flush=True)\n"
+        "accelerator.wait_for_everyone()\n"
+        "torch.distributed.destroy_process_group()  # a clean exit; gloo may abort at teardown otherwise\n"
     )
     accelerate = Path(sys.executable).with_name("accelerate")
     result = subprocess.run(
