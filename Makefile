@@ -26,7 +26,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
-	$(OFFLINE) $(PY) scripts/benchmark.py --sizes small --output_dir bench_output
+	$(OFFLINE) $(PY) scripts/benchmark.py --sizes small --output_dir bench_output --overwrite
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
