@@ -178,6 +178,19 @@ def split_batch(batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict
     return inputs, extras
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on Hugging Face gradient checkpointing in the (possibly wrapped) base model.
+
+    Non-reentrant checkpointing: the frozen base's inputs need not require grad (the prompt's gradient
+    reaches P, A and B anyway).
+    """
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing_enable") and getattr(module, "supports_gradient_checkpointing", False):
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return
+    raise ValueError(f"{type(model).__name__} holds no Hugging Face model that supports gradient checkpointing.")
+
+
 class Trainer:
     """Train, evaluate and predict with one accelerate loop.
 
@@ -250,6 +263,8 @@ class Trainer:
         set_seed(args.seed)
 
         train_dataloader, sampler = self._train_dataloader()
+        if args.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         optimizer = build_optimizer(self.model, args)
         model, optimizer, train_dataloader = accelerator.prepare(self.model, optimizer, train_dataloader)
         self._prepared_model = model

@@ -53,6 +53,8 @@ class TrainingArguments:
             checkpoint in `output_dir` (a fresh start when there is none).
         skip_nan_steps: on a NaN/inf loss, skip that optimizer step (and count it) instead of stopping the run.
         group_by_length: draw training batches of similar length (seeded, deterministic, resumable).
+        gradient_checkpointing: recompute the frozen base's activations in the backward pass instead of storing
+            them: less memory for more compute (for large bases; the gradients are the same).
         dataloader_num_workers: worker processes of each DataLoader; 0 loads in the main process.
         report_to: "tensorboard" to log through accelerate's TensorBoard tracker, or "none".
     """
@@ -112,6 +114,9 @@ class TrainingArguments:
         default=False, metadata={"help": "Skip optimizer steps with a NaN/inf loss instead of stopping."}
     )
     group_by_length: bool = field(default=False, metadata={"help": "Batch training examples of similar length."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, more compute."}
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     report_to: str = field(
         default="tensorboard", metadata={"help": "Where to log metrics.", "choices": list(REPORT_TO)}

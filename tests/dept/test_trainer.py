@@ -287,3 +287,24 @@ def test_dept_t5_trains_through_the_loop_and_checkpoints_only_its_adapter(tmp_pa
     assert sum(t.numel() for t in saved.values()) == model.num_trainable_parameters()["total"] == 4 * 32 + 16 * 2 + 2 * 32
     for name, tensor in model.base_model.named_parameters():
         assert torch.equal(tensor, base_before[name]), name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(t5_model, tokenizer):
+    from dept.trainer import enable_gradient_checkpointing
+    from tests.dept.helpers import attach
+
+    dept_model = attach("t5", t5_model, tokenizer)
+    dept_model.train()
+    batch = tokenizer(["the movie was great", "a dull film"], return_tensors="pt", padding=True)
+    labels = tokenizer(["1", "0"], return_tensors="pt").input_ids
+
+    def gradients():
+        dept_model.zero_grad()
+        dept_model(**batch, labels=labels).loss.backward()
+        return [p.grad.clone() for p in dept_model.prompt_encoder.parameters()]
+
+    plain = gradients()
+    enable_gradient_checkpointing(dept_model)
+    assert t5_model.is_gradient_checkpointing
+    for with_checkpointing, without in zip(gradients(), plain):
+        torch.testing.assert_close(with_checkpointing, without, atol=1e-6, rtol=0)
