@@ -7,14 +7,12 @@ loading paths are exercised.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from transformers import BertConfig, LlamaConfig, PreTrainedTokenizerFast, T5Config
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<s>"]  # T5's ids: pad 0, eos 1, unk 2
-_WORD = re.compile(r"\w+|[^\w\s]")
 
 
 def build_word_tokenizer(texts: Iterable[str], save_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
@@ -24,13 +22,17 @@ def build_word_tokenizer(texts: Iterable[str], save_dir: str | Path | None = Non
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    words = sorted({w for text in texts for w in _WORD.findall(text.lower())})
+    normalizer = normalizers.Lowercase()
+    pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    # The vocabulary is split exactly as the tokenizer will split text, so no word of `texts` becomes <unk>.
+    words = sorted({word for text in texts
+                    for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))})
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for word in words:
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    backend.normalizer = normalizer
+    backend.pre_tokenizer = pre_tokenizer
     backend.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", vocab["</s>"])]
     )
