@@ -236,9 +236,10 @@ def predict(model, dataloader: DataLoader, evaluator: Evaluator, device: torch.d
 class _RoutedModel:
     """A `MultiAdapterModel` seen by an `Evaluator` as one plain Hugging Face model, each row on its adapter.
 
-    Its `generate` keeps Hugging Face's contract for `input_ids` (decoder-only models return the prompt ids
-    followed by the new tokens), which the evaluators expect from any model that is not a `DePTModel`.
+    Like the model it routes, its `generate` returns only the new tokens.
     """
+
+    generate_returns_new_tokens_only = True
 
     def __init__(self, model: MultiAdapterModel, adapter_names: list[str]):
         self.model, self.adapter_names = model, adapter_names
@@ -247,11 +248,8 @@ class _RoutedModel:
         return self.model(**inputs, adapter_names=self.adapter_names)
 
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
-        new_tokens = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                         adapter_names=self.adapter_names, **kwargs)
-        if self.model.task_type == "causal":
-            return torch.cat([input_ids, new_tokens], dim=1)
-        return new_tokens
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                   adapter_names=self.adapter_names, **kwargs)
 
 
 @dataclass

@@ -73,6 +73,8 @@ class DePTModel(nn.Module):
 
     task_type: str = ""
     prompt_first: bool = False  # True keeps `[P ; pads ; E']` under left padding (see DePTEmbedding)
+    # A decoder-only `generate` fed embeddings returns only the new tokens (Hugging Face returns input + new).
+    generate_returns_new_tokens_only: bool = True
 
     def __init__(
         self,
@@ -85,7 +87,7 @@ class DePTModel(nn.Module):
         super().__init__()
         base_config = base_model.config
         token_dim = base_model.get_input_embeddings().weight.shape[1]
-        _check_compatible(config, base_config, token_dim, self.task_type)
+        check_compatible(config, base_config, token_dim, self.task_type)
         config.token_dim = token_dim
         config.vocab_size = getattr(base_config, "vocab_size", None)
         config.base_model_type = getattr(base_config, "model_type", None)
@@ -276,7 +278,7 @@ class DePTModel(nn.Module):
         (the default) every parameter is frozen and the model is put in eval mode.
         """
         config, state, source = load_adapter(adapter_dir)
-        _check_saved_base(config, model, source)
+        check_saved_base(config, model, source)
         kind = _MODEL_CLASSES[infer_task_type(model)] if cls is DePTModel else cls
         saved_modules = tuple(dict.fromkeys(key.split(".")[1] for key in state if key.startswith("modules.")))
         if saved_modules and "modules_to_save" not in kwargs:
@@ -432,7 +434,7 @@ def real_token_position_ids(attention_mask: torch.Tensor, base_config) -> torch.
     return positions
 
 
-def _check_compatible(config: DePTConfig, base_config, token_dim: int, task_type: str) -> None:
+def check_compatible(config: DePTConfig, base_config, token_dim: int, task_type: str) -> None:
     if task_type and config.task_type != task_type:
         raise ConfigError(f"The adapter's task_type is {config.task_type!r}, but this is a {task_type!r} model.")
     if config.token_dim is not None and config.token_dim != token_dim:
@@ -451,7 +453,7 @@ def _check_compatible(config: DePTConfig, base_config, token_dim: int, task_type
             )
 
 
-def _check_saved_base(config: DePTConfig, model: nn.Module, source: str) -> None:
+def check_saved_base(config: DePTConfig, model: nn.Module, source: str) -> None:
     """Refuse, before any compute, an adapter saved for another base (d, vocabulary or model type)."""
     base_config = model.config
     token_dim = model.get_input_embeddings().weight.shape[1]

@@ -36,8 +36,8 @@ from .embedding import DePTEmbedding, InputTooLongError, prompt_layout
 from .model import (
     AdapterMismatchError,
     DePTModel,
-    _check_compatible,
-    _check_saved_base,
+    check_compatible,
+    check_saved_base,
     embed_inputs,
     infer_task_type,
     real_token_position_ids,
@@ -109,6 +109,7 @@ class MultiAdapterModel(nn.Module):
     """
 
     task_type: str = ""
+    generate_returns_new_tokens_only: bool = True  # as DePTModel: no input ids in front of the new tokens
     prompt_first: bool = False  # True keeps P at position 0 for classifiers, as DePTModel does
 
     def __new__(cls, *args, **kwargs):
@@ -171,9 +172,9 @@ class MultiAdapterModel(nn.Module):
         if name in self.adapters:
             raise ValueError(f"An adapter named {name!r} is already loaded: remove_adapter({name!r}) first, "
                              "or load this one under another name.")
-        _check_saved_base(config, self.base_model, source)
+        check_saved_base(config, self.base_model, source)
         token_dim = self.word_embeddings.weight.shape[1]
-        _check_compatible(config, self.base_model.config, token_dim, self.task_type)
+        check_compatible(config, self.base_model.config, token_dim, self.task_type)
         prompt_encoder = DePTEmbedding(config, token_dim)
         if config.num_virtual_tokens > 0 and "prompt_embeddings" not in state:
             raise AdapterMismatchError(f"{source} has no prompt_embeddings, but its config says "

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from dept import DePTModel
 from dept_nlp import metrics
 from dept_nlp.tasks import TaskSpec
 
@@ -39,7 +38,7 @@ class TextEvaluator:
             max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        if self.family == "causal" and not isinstance(model, DePTModel):
+        if self.family == "causal" and not getattr(model, "generate_returns_new_tokens_only", False):
             generated = generated[:, inputs["input_ids"].shape[1]:]  # HF returns the input, then the new tokens
         return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
