@@ -28,6 +28,7 @@ class LoraSettings:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: list[str] | None = None  # None: PEFT's default (q and v) for the architecture
+    custom_model: bool = False  # a non-Hugging Face base (e.g. timm): PEFT's plain PeftModel, no task type
 
 
 def prepare_model(
@@ -39,6 +40,7 @@ def prepare_model(
     peft_model_id: str | None = None,
     lora: LoraSettings | None = None,
     modules_to_save: tuple[str, ...] | None = None,
+    model_class: type[DePTModel] | None = None,
 ) -> nn.Module:
     """Make `model` ready to train with one method.
 
@@ -49,6 +51,8 @@ def prepare_model(
             With `dept_config` too, the adapter must cover `dept_config.max_length` (see `check_max_length`).
         modules_to_save: extra modules trained with the prompt (a classifier head, a visual projection);
             None keeps each model kind's default.
+        model_class: the DePT model kind for a base that `infer_task_type` does not know (e.g. a timm ViT);
+            None picks it from the model.
     """
     if peft_type not in PEFT_TYPES:
         raise ConfigError(f"Unknown peft_type {peft_type!r}: choose one of {PEFT_TYPES}.")
@@ -57,7 +61,7 @@ def prepare_model(
         if peft_model_id:
             if dept_config is not None:  # before loading anything onto the model
                 check_max_length(DePTConfig.from_pretrained(peft_model_id), dept_config.max_length, peft_model_id)
-            loaded = DePTModel.from_pretrained(model, peft_model_id, is_trainable=True, **extra)
+            loaded = (model_class or DePTModel).from_pretrained(model, peft_model_id, is_trainable=True, **extra)
             if peft_type == "PROMPT_TUNING" and loaded.config.r > 0:
                 raise ConfigError(f"{peft_model_id} is a DePT adapter with r={loaded.config.r}; use PROMPT_TUNING_LORA.")
             return loaded
@@ -65,6 +69,8 @@ def prepare_model(
             raise ConfigError(f"peft_type {peft_type} needs a DePTConfig.")
         if peft_type == "PROMPT_TUNING":
             dept_config = dataclasses.replace(dept_config, r=0)
+        if model_class is not None:
+            return model_class(model, dept_config, tokenizer=tokenizer, **extra)
         return get_dept_model(model, dept_config, tokenizer=tokenizer, **extra)
     if peft_model_id:
         raise ConfigError(f"peft_model_id initialises DePT adapters; it does not apply to peft_type {peft_type}.")
@@ -94,7 +100,7 @@ def _lora(model: nn.Module, settings: LoraSettings, modules_to_save) -> nn.Modul
     except ImportError:
         raise ImportError("The LoRA baseline needs HF PEFT: pip install 'dept[peers]'.") from None
     config = peft.LoraConfig(
-        task_type=_PEFT_TASK_TYPES[infer_task_type(model)],
+        task_type=None if settings.custom_model else _PEFT_TASK_TYPES[infer_task_type(model)],
         r=settings.r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,

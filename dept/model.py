@@ -85,14 +85,14 @@ class DePTModel(nn.Module):
         initialize: bool = True,
     ):
         super().__init__()
-        base_config = base_model.config
-        token_dim = base_model.get_input_embeddings().weight.shape[1]
-        check_compatible(config, base_config, token_dim, self.task_type)
+        base = self.describe_base(base_model)
+        token_dim = base["token_dim"]
+        check_compatible(config, getattr(base_model, "config", None), token_dim, self.task_type)
         config.token_dim = token_dim
-        config.vocab_size = getattr(base_config, "vocab_size", None)
-        config.base_model_type = getattr(base_config, "model_type", None)
+        config.vocab_size = base["vocab_size"]
+        config.base_model_type = base["base_model_type"]
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(base_config, "_name_or_path", None) or None
+            config.base_model_name_or_path = base["base_model_name_or_path"]
         self.config = config
         self.base_model = base_model
         self.modules_to_save = tuple(name for name in modules_to_save if hasattr(base_model, name))
@@ -100,12 +100,24 @@ class DePTModel(nn.Module):
             param.requires_grad_(False)
         for name in self.modules_to_save:
             getattr(base_model, name).requires_grad_(True)
-        self.prompt_encoder = DePTEmbedding(config, token_dim).to(base_model.get_input_embeddings().weight.device)
+        self.prompt_encoder = DePTEmbedding(config, token_dim).to(self.input_device())
         if config.r == 0:  # vanilla prompt tuning: A and B are empty, nothing to train
             self.prompt_encoder.lora_embedding_A.requires_grad_(False)
             self.prompt_encoder.lora_embedding_B.requires_grad_(False)
         if initialize:
             self._initialize_prompt(tokenizer)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The base model (a model kind for a non-Hugging Face base overrides these)
+    @classmethod
+    def describe_base(cls, base_model: nn.Module) -> dict:
+        """What an adapter records about its base and checks at load: token_dim (d), vocab_size,
+        base_model_type and base_model_name_or_path (None where the base has no such notion)."""
+        return describe_hf_base(base_model)
+
+    def input_device(self) -> torch.device:
+        """Where the inputs are embedded, so P, A and B live next to them."""
+        return self.word_embeddings.weight.device
 
     # ----------------------------------------------------------------------------------------------------------
     # Initialisation
@@ -278,8 +290,8 @@ class DePTModel(nn.Module):
         (the default) every parameter is frozen and the model is put in eval mode.
         """
         config, state, source = load_adapter(adapter_dir)
-        check_saved_base(config, model, source)
         kind = _MODEL_CLASSES[infer_task_type(model)] if cls is DePTModel else cls
+        check_saved_base(config, model, source, kind.describe_base(model))
         saved_modules = tuple(dict.fromkeys(key.split(".")[1] for key in state if key.startswith("modules.")))
         if saved_modules and "modules_to_save" not in kwargs:
             kwargs["modules_to_save"] = saved_modules  # a saved head or visual projection comes back with it
@@ -453,15 +465,24 @@ def check_compatible(config: DePTConfig, base_config, token_dim: int, task_type:
             )
 
 
-def check_saved_base(config: DePTConfig, model: nn.Module, source: str) -> None:
-    """Refuse, before any compute, an adapter saved for another base (d, vocabulary or model type)."""
+def describe_hf_base(model: nn.Module) -> dict:
+    """`DePTModel.describe_base` for a Hugging Face model: d of its input embeddings and its config's fields."""
     base_config = model.config
-    token_dim = model.get_input_embeddings().weight.shape[1]
-    checks = [
-        ("token_dim", config.token_dim, token_dim),
-        ("vocab_size", config.vocab_size, getattr(base_config, "vocab_size", None)),
-        ("base_model_type", config.base_model_type, getattr(base_config, "model_type", None)),
-    ]
+    return {
+        "token_dim": model.get_input_embeddings().weight.shape[1],
+        "vocab_size": getattr(base_config, "vocab_size", None),
+        "base_model_type": getattr(base_config, "model_type", None),
+        "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
+    }
+
+
+def check_saved_base(config: DePTConfig, model: nn.Module, source: str, base: dict | None = None) -> None:
+    """Refuse, before any compute, an adapter saved for another base (d, vocabulary or model type).
+
+    `base` describes the model as `DePTModel.describe_base` does (default: a Hugging Face model).
+    """
+    base = describe_hf_base(model) if base is None else base
+    checks = [(name, getattr(config, name), base[name]) for name in ("token_dim", "vocab_size", "base_model_type")]
     for name, saved, actual in checks:
         if saved is not None and actual is not None and saved != actual:
             raise AdapterMismatchError(
