@@ -1,0 +1,231 @@
+"""Visual DePT against VPT-shallow with l = 100, at the same parameter budget: train step time and memory.
+
+For each ViT shape (random weights; ViT-B/16 and ViT-L/16 at 224 px, so s = 196 patches):
+
+- VPT: l = 100 prompt tokens, so every block sees 1 + 100 + 196 tokens;
+- visual DePT: m = 60 and the largest r with m*d + s*r + r*d <= 100*d, so blocks see 1 + 60 + 196 tokens.
+
+The token-count limit is their ratio, (1 + m + s) / (1 + l + s): what DePT's step time would be, relative to
+VPT's, if cost were linear in tokens (attention's quadratic part makes it a little lower). The target is
+DePT's time ratio within 1.03x of that limit.
+
+Time is the median train step (forward, backward, AdamW step) after warm-up. Both methods wrap the same frozen
+ViT in one process and alternate step by step on the same batch, so a load change on a shared machine affects
+both alike. On CPU the ratio is taken on the process's CPU time (one thread by default), which waiting for a
+busy core does not inflate; wall time is reported beside it. Peak memory is measured apart, each method in a
+fresh process over one train step (`dept.benchmark.PeakMemory`: the CUDA allocator's peak on GPU, the peak RSS
+on CPU).
+
+    python scripts/benchmark_vit.py --models vit-b16,vit-l16 --output_dir bench_results/vit
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import multiprocessing
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+
+from dept.benchmark import PeakMemory, check_output_dir
+from dept_vl.vit import DePTModelForImageClassification, num_patches, vit_dept_config
+
+VPT_LENGTH = 100
+DEPT_NUM_VIRTUAL_TOKENS = 60
+MODELS = {"vit-b16": "vit_base_patch16_224", "vit-l16": "vit_large_patch16_224", "vit-tiny": "vit_tiny_patch16_224"}
+METHODS = ("vpt", "dept")
+TARGET = 1.03
+NUM_CLASSES = 100
+
+
+@dataclass
+class Settings:
+    device: str = "cpu"
+    batch_size: int = 1
+    steps: int = 3
+    warmup: int = 1
+    threads: int | None = 1
+    seed: int = 0
+
+    @property
+    def timer(self) -> str:
+        """The figure the time ratio uses: CPU time on CPU (robust to a shared machine), wall time on GPU."""
+        return "train_step_cpu_s" if self.device == "cpu" else "train_step_s"
+
+
+def budget_matched_rank(token_dim: int, s: int, prompt_length: int = VPT_LENGTH,
+                        m: int = DEPT_NUM_VIRTUAL_TOKENS) -> int:
+    """The largest r with m*d + s*r + r*d <= l*d (l = prompt_length): DePT at (at most) VPT's budget."""
+    return (prompt_length - m) * token_dim // (s + token_dim)
+
+
+def build(model: str, method: str, vit=None):
+    vit = vit if vit is not None else timm.create_model(MODELS[model], pretrained=False, num_classes=NUM_CLASSES)
+    d, s = vit.embed_dim, num_patches(vit)
+    m, r = (VPT_LENGTH, 0) if method == "vpt" else (DEPT_NUM_VIRTUAL_TOKENS, budget_matched_rank(d, s))
+    return vit, DePTModelForImageClassification(vit, vit_dept_config(vit, num_virtual_tokens=m, r=r))
+
+
+def _batch(settings: Settings, device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(settings.seed)
+    pixel_values = torch.randn(settings.batch_size, 3, 224, 224, generator=generator)
+    labels = torch.randint(0, NUM_CLASSES, (settings.batch_size,), generator=generator)
+    return {"pixel_values": pixel_values.to(device), "labels": labels.to(device)}
+
+
+def _train_step(model, optimizer, batch, device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one forward, backward and AdamW step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def _optimizer(model):
+    return torch.optim.AdamW(model.optimizer_param_groups(learning_rate=1e-3, lora_embedding_lr=1e-4))
+
+
+def time_methods(model: str, settings: Settings) -> dict:
+    """Both methods on one frozen ViT, alternating steps; {method: {step times, parameters, tokens}}."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    device = torch.device(settings.device)
+    vit = None
+    runs = {}
+    for method in METHODS:
+        vit, wrapped = build(model, method, vit)
+        wrapped.to(device).train()
+        runs[method] = (wrapped, _optimizer(wrapped))
+    batch = _batch(settings, device)
+    times = {method: [] for method in METHODS}
+    for step in range(settings.warmup + settings.steps):
+        for method in (METHODS if step % 2 == 0 else METHODS[::-1]):
+            wall_and_cpu = _train_step(*runs[method], batch, device)
+            if step >= settings.warmup:
+                times[method].append(wall_and_cpu)
+    result = {}
+    for method, (wrapped, _) in runs.items():
+        counts = wrapped.num_trainable_parameters()
+        result[method] = {
+            "num_virtual_tokens": wrapped.config.num_virtual_tokens, "r": wrapped.config.r,
+            "dept_parameters": counts["dept"], "head_parameters": counts["head"],
+            "tokens_per_image": vit.num_prefix_tokens + wrapped.config.num_virtual_tokens + num_patches(vit),
+            "train_step_s": statistics.median(wall for wall, _ in times[method]),
+            "train_step_cpu_s": statistics.median(cpu for _, cpu in times[method]),
+            "train_step_times_s": [wall for wall, _ in times[method]],
+            "train_step_cpu_times_s": [cpu for _, cpu in times[method]],
+        }
+    return result
+
+
+def measure_memory(model: str, method: str, settings: Settings) -> dict:
+    """Peak memory of the training steps of one method, in this (fresh) process."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    device = torch.device(settings.device)
+    _, wrapped = build(model, method)
+    wrapped.to(device).train()
+    optimizer, batch = _optimizer(wrapped), _batch(settings, device)
+    memory = PeakMemory(device)
+    memory.start()
+    _train_step(wrapped, optimizer, batch, device)
+    peak, added = memory.stop()
+    return {"train_peak_memory_mb": peak, "train_added_memory_mb": added, "memory_source": memory.source}
+
+
+def _in_fresh_process(function, *args) -> dict:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(function, args)
+
+
+def run_benchmark(models: list[str], settings: Settings, log=lambda line: print(line, file=sys.stderr, flush=True)):
+    started = time.perf_counter()
+    records = []
+    for model in models:
+        if model not in MODELS:
+            raise ValueError(f"Unknown model {model!r}: choose from {sorted(MODELS)}.")
+        log(f"{model}: timing {', '.join(METHODS)} (alternating steps)")
+        timing = _in_fresh_process(time_methods, model, settings)
+        for method in METHODS:
+            log(f"{model}: peak memory of {method}")
+            timing[method].update(_in_fresh_process(measure_memory, model, method, settings))
+        vpt, dept = timing["vpt"], timing["dept"]
+        limit = dept["tokens_per_image"] / vpt["tokens_per_image"]
+        time_ratio = dept[settings.timer] / vpt[settings.timer]
+        records.append({
+            "model": model, "timm_name": MODELS[model], "methods": timing, "token_limit": limit,
+            "time_ratio": time_ratio, "time_ratio_over_limit": time_ratio / limit,
+            "memory_ratio": dept["train_peak_memory_mb"] / vpt["train_peak_memory_mb"],
+            "added_memory_ratio": dept["train_added_memory_mb"] / vpt["train_added_memory_mb"],
+            "wall_time_ratio": dept["train_step_s"] / vpt["train_step_s"], "time_figure": settings.timer,
+            "meets_target": time_ratio <= TARGET * limit,
+        })
+        log(f"{model}: time ratio {time_ratio:.3f}, token limit {limit:.3f}, ratio/limit {time_ratio / limit:.3f}")
+    environment = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": settings.device, "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "timm": timm.__version__, "threads": settings.threads or torch.get_num_threads(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return {"settings": dataclasses.asdict(settings), "environment": environment, "records": records}
+
+
+def to_markdown(results: dict) -> str:
+    settings, env = results["settings"], results["environment"]
+    lines = [
+        "# Visual DePT vs VPT-shallow (l = 100), same budget",
+        "",
+        f"{env['date']}, {env['device']}, {env['threads']} threads, torch {env['torch']}, timm {env['timm']}; "
+        f"random weights, 224 px, batch {settings['batch_size']}, median of {settings['steps']} train steps after "
+        f"{settings['warmup']} warm-up; {env['seconds']} s in all.",
+        "",
+        "| model | method | m | r | P + A·B params | head | tokens | train step CPU (s) | train step wall (s) | "
+        "peak memory (MiB) | memory above the model (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for record in results["records"]:
+        for method, row in record["methods"].items():
+            lines.append(
+                f"| {record['model']} | {method} | {row['num_virtual_tokens']} | {row['r']} | "
+                f"{row['dept_parameters']:,} | {row['head_parameters']:,} | {row['tokens_per_image']} | "
+                f"{row['train_step_cpu_s']:.3f} | {row['train_step_s']:.3f} | {row['train_peak_memory_mb']:.0f} | "
+                f"{row['train_added_memory_mb']:.0f} |"
+            )
+    figure = "CPU" if settings["device"] == "cpu" else "wall"
+    lines += ["", f"| model | token-count limit | time DePT / VPT ({figure}) | time / limit (target <= {TARGET}) | "
+                  "wall time DePT / VPT | peak memory DePT / VPT | memory above the model DePT / VPT |",
+              "|---|---|---|---|---|---|---|"]
+    for record in results["records"]:
+        verdict = "met" if record["meets_target"] else "missed"
+        lines.append(
+            f"| {record['model']} | {record['token_limit']:.3f} | {record['time_ratio']:.3f} | "
+            f"{record['time_ratio_over_limit']:.3f} ({verdict}) | {record['wall_time_ratio']:.3f} | "
+            f"{record['memory_ratio']:.3f} | "
+            f"{record['added_memory_ratio']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, output_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    path = check_output_dir(output_dir, overwrite)
+    path.mkdir(parents=True, exist_ok=True)
+    files = {"json": path / "results.json", "md": path / "results.md"}
+    files["json"].write_text(json.dumps(results, indent=2) + "\n")
+    files["md"].write_text(to_markdown(results))
+    return files
