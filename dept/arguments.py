@@ -21,6 +21,19 @@ from .config import OFFICIAL_INIT_TEXT, DePTConfig
 from .methods import PEFT_TYPES
 
 
+@dataclass(kw_only=True)
+class RunStages:
+    """`--do_train`, `--do_eval`, `--do_predict`, shared by every pipeline's data arguments; one is required."""
+
+    do_train: bool = field(default=False, metadata={"help": "Train."})
+    do_eval: bool = field(default=False, metadata={"help": "Evaluate on the validation split."})
+    do_predict: bool = field(default=False, metadata={"help": "Predict and score the test split."})
+
+    def __post_init__(self):
+        if not (self.do_train or self.do_eval or self.do_predict):
+            raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
+
+
 @dataclass
 class MethodArguments:
     """Which method trains the model, and its sizes (the official DePT flag names)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dept.arguments import RunStages
+
 # Flags of the official DePT README or older transformers, accepted as spelled there.
 FLAG_ALIASES = {"--evaluation_strategy": "--eval_strategy", "--k_shot_example": "--k_shot_examples"}
 
@@ -23,7 +25,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(RunStages):
     task_name: str = field(metadata={"help": "A task of dept_nlp.tasks.TASKS, e.g. sst2, superglue-cb, nq."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Accepted for the official CLI."})
     train_file: str | None = field(default=None, metadata={"help": "Local training data (json/jsonl/csv/parquet)."})
@@ -39,13 +41,9 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Cut the training set (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cut validation and test (debugging)."})
     data_seed: int = field(default=42, metadata={"help": "Seed of the official split shuffles (42 in the paper)."})
-    do_train: bool = field(default=False, metadata={"help": "Train."})
-    do_eval: bool = field(default=False, metadata={"help": "Evaluate on the validation split."})
-    do_predict: bool = field(default=False, metadata={"help": "Predict and score the test split."})
 
     def __post_init__(self):
-        if not (self.do_train or self.do_eval or self.do_predict):
-            raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
+        super().__post_init__()
         local = [self.train_file, self.validation_file, self.test_file]
         if any(local) and self.do_predict and not self.test_file:
             # A validation file is used whole (never split), so without --test_file the test split would silently

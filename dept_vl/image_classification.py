@@ -29,7 +29,7 @@ from datasets import ClassLabel, DatasetDict, load_dataset
 from PIL import ImageOps
 from timm.data import create_transform, resolve_data_config
 
-from dept.arguments import MethodArguments, run_command_line
+from dept.arguments import MethodArguments, RunStages, run_command_line
 from dept.config import ConfigError
 from dept.model import DePTModel
 from dept.trainer import Trainer
@@ -75,7 +75,7 @@ class ImageModelArguments:
 
 
 @dataclass
-class ImageDataArguments:
+class ImageDataArguments(RunStages):
     dataset_name: str | None = field(
         default=None, metadata={"help": "A Hugging Face dataset with image and label columns (or 'imagefolder')."}
     )
@@ -94,13 +94,9 @@ class ImageDataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Cut the training set."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cut the validation and test sets."})
     data_seed: int = field(default=42, metadata={"help": "Seed of the validation hold-out."})
-    do_train: bool = field(default=False, metadata={"help": "Train."})
-    do_eval: bool = field(default=False, metadata={"help": "Evaluate on the validation split."})
-    do_predict: bool = field(default=False, metadata={"help": "Predict and score the test split."})
 
     def __post_init__(self):
-        if not (self.do_train or self.do_eval or self.do_predict):
-            raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
+        super().__post_init__()
         folders = [self.train_dir, self.validation_dir, self.test_dir]
         given = [bool(self.dataset_name), bool(self.data_dir) and not self.dataset_name, any(folders)]
         if sum(given) != 1:

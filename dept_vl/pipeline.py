@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from dept.arguments import MethodArguments
+from dept.arguments import MethodArguments, RunStages
 from dept.config import ConfigError
 from dept.model import DePTModel
 from dept.trainer import Trainer
@@ -54,7 +54,7 @@ class VLModelArguments:
 
 
 @dataclass
-class VLDataArguments:
+class VLDataArguments(RunStages):
     tasks: str = field(metadata={"help": "vqa, gqa, nlvr, caption, or several comma-separated (one multitask adapter)."})
     vqa_dir: str | None = field(default=None, metadata={"help": "Directory of the VQAv2 question/annotation JSONs."})
     gqa_dir: str | None = field(default=None, metadata={"help": "Directory of GQA's *_balanced_questions.json."})
@@ -76,13 +76,9 @@ class VLDataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Cut each task's training set."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cut each task's validation and test."})
     data_seed: int = field(default=42, metadata={"help": "Seed of the VQA val2014 validation/test split."})
-    do_train: bool = field(default=False, metadata={"help": "Train."})
-    do_eval: bool = field(default=False, metadata={"help": "Evaluate on the validation split."})
-    do_predict: bool = field(default=False, metadata={"help": "Predict and score the test split."})
 
     def __post_init__(self):
-        if not (self.do_train or self.do_eval or self.do_predict):
-            raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
+        super().__post_init__()
         if self.max_seq_length < 1:
             raise ValueError(f"--max_seq_length must be >= 1, got {self.max_seq_length}.")
         self.task_names = parse_task_names(self.tasks)
