@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,10 @@ from dept_vl.image_classification import (
     main,
     select_splits,
 )
+from tests.conftest import free_port
 from tests.vl.test_vit import tiny_vit
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 CLASSES = ("blue", "green", "red")  # imagefolder sorts class folders by name
 MODEL_FLAGS = ["--model_name_or_path", "vit_tiny_patch16_224", "--pretrained", "false",
@@ -161,3 +168,30 @@ def test_an_adapter_for_other_classes_is_refused_before_any_compute(image_folder
         {"model_name_or_path": "vit_tiny_patch16_224", "class_names": ["cat", "dog"]}))
     with pytest.raises(ConfigError, match=r"trained on the classes \['cat', 'dog'\]"):
         main(run_flags(image_folder, tmp_path / "out", "--do_eval", "--peft_model_id", str(adapter)))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_under_accelerate_launch_train_and_match_the_one_process_evaluation(image_folder, tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate, "accelerate's launcher is not installed next to this Python"
+    output_dir = tmp_path / "two"
+    flags = run_flags(image_folder, output_dir, "--do_train", "--do_eval", "--prefix_length", "4", "--r", "4",
+                      "--max_steps", "3", "--per_device_train_batch_size", "4",
+                      "--per_device_eval_batch_size", "6")  # 12 images: one batch per process, none repeated
+    # --multi_gpu: accelerate's --cpu starts one process here; on CPU the trainer joins the gloo group itself.
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(REPO_ROOT / "scripts" / "train_vision.py"), *flags]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT)}
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["data_order"]["num_processes"] == 2 and state["global_step"] == 3
+    two_process = json.loads((output_dir / "all_results.json").read_text())
+    one_process = main(run_flags(image_folder, tmp_path / "one", "--do_eval", "--peft_model_id", str(output_dir)))
+    assert one_process["eval_samples"] == two_process["eval_samples"] == 12
+    assert one_process["eval_accuracy"] == pytest.approx(two_process["eval_accuracy"])
+    assert one_process["eval_loss"] == pytest.approx(two_process["eval_loss"], abs=1e-5)
