@@ -63,7 +63,7 @@ class PromptCacheSettings:
     batch_size: int = 4
     new_tokens: int = 8
     warmup: int = 1
-    steps: int = 5
+    steps: int = 10
     seed: int = 0
     threads: int | None = 1
     prompt_lengths: tuple[int, ...] = (20, 60, 100, 200)

@@ -4,7 +4,8 @@ Each model kind gets one small class that knows where the prompt goes:
 
 - `DePTModelForSeq2SeqLM` (T5, VL-T5): the encoder input only; decoder and labels untouched.
 - `DePTModelForCausalLM` (LLaMA, GPT-2): in front of the input; labels get -100 over the prompt; at `generate`
-  the prompt goes in at prefill and the KV cache carries it afterwards.
+  the prompt goes in at prefill and the KV cache carries it afterwards. In eval mode the prompt's own keys and
+  values are computed once and reused (`dept.prompt_cache`), so each call runs the base on its input alone.
 - `DePTModelForSequenceClassification` (BERT, RoBERTa): in front of the input, with a trainable head.
 
 The math itself lives once, in `DePTEmbedding`.
@@ -351,9 +352,10 @@ class DePTModelForCausalLM(DePTModel):
         prompt = self.prompt_encoder.prompt_embeddings
         return self._prompt_cache.get(self.base_model, prompt, lambda: compute_prompt_states(self.base_model, prompt))
 
-    def _cached_prompt(self, use_prompt_cache: bool | None, kwargs: dict) -> PromptStates | None:
+    def _cached_prompt(self, use_prompt_cache: bool | None, kwargs: dict,
+                       generating: bool = False) -> PromptStates | None:
         enabled = self.use_prompt_cache if use_prompt_cache is None else use_prompt_cache
-        if self.config.num_virtual_tokens == 0 or not prompt_cache_applies(self, enabled, kwargs):
+        if self.config.num_virtual_tokens == 0 or not prompt_cache_applies(self, enabled, kwargs, generating):
             return None
         return self.prompt_states()
 
@@ -393,7 +395,7 @@ class DePTModelForCausalLM(DePTModel):
         if not use_cache:
             embeds, mask = self.embed(input_ids, attention_mask, inputs_embeds)
             return self._greedy_without_cache(embeds, mask, **kwargs)
-        if (states := self._cached_prompt(use_prompt_cache, {})) is not None:
+        if (states := self._cached_prompt(use_prompt_cache, kwargs, generating=True)) is not None:
             tokens, mask = self.embed_tokens(input_ids, attention_mask, inputs_embeds)
             rows = tokens.shape[0] * generation_expand_size(self.base_model, kwargs)
             prompt_mask = mask.new_ones(tokens.shape[0], self.config.num_virtual_tokens)

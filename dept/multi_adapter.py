@@ -468,10 +468,10 @@ class MultiAdapterModelForCausalLM(MultiAdapterModel):
             self._stacked_prompt_states = key, stack_prompt_states(states, width)
         return self._stacked_prompt_states[1]
 
-    def _cached_prompts(self, use_prompt_cache: bool | None, routing: AdapterRouting,
-                        kwargs: dict) -> PromptStates | None:
+    def _cached_prompts(self, use_prompt_cache: bool | None, routing: AdapterRouting, kwargs: dict,
+                        generating: bool = False) -> PromptStates | None:
         enabled = self.use_prompt_cache if use_prompt_cache is None else use_prompt_cache
-        if routing.width == 0 or not prompt_cache_applies(self, enabled, kwargs):
+        if routing.width == 0 or not prompt_cache_applies(self, enabled, kwargs, generating):
             return None
         return self.prompt_states()
 
@@ -504,7 +504,7 @@ class MultiAdapterModelForCausalLM(MultiAdapterModel):
             raise ValueError("MultiAdapterModel.generate needs the KV cache for decoder-only models (the prompt "
                              "goes in at prefill only): drop use_cache=False.")
         tokens, attention_mask, routing = self.embed_tokens(adapter_names, input_ids, attention_mask, inputs_embeds)
-        if (states := self._cached_prompts(use_prompt_cache, routing, {})) is not None:
+        if (states := self._cached_prompts(use_prompt_cache, routing, kwargs, generating=True)) is not None:
             expand = generation_expand_size(self.base_model, kwargs)
             rows = states.select(routing.adapter_index.repeat_interleave(expand), routing.width)
             with self.per_row_modules(routing):

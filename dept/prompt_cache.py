@@ -27,6 +27,8 @@ from .embedding import real_token_position_ids
 # logits_to_keep, ...) takes the uncached path, whose outputs cover the prompt positions too.
 PROMPT_CACHE_FORWARD_ARGUMENTS = frozenset({"use_cache", "num_items_in_batch", "return_dict"})
 
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # a cache of the caller's own: it already holds the prompt
+
 _CACHE_ARGUMENT: dict[type, str] = {}
 
 
@@ -148,9 +150,12 @@ class PromptKVCache:
         return self._states
 
 
-def prompt_cache_applies(module: nn.Module, enabled: bool, kwargs: dict) -> bool:
+def prompt_cache_applies(module: nn.Module, enabled: bool, kwargs: dict, generating: bool = False) -> bool:
     """The cached path runs when the base model is in eval mode (the cached states are dropout-free), nothing
-    needs gradients through P, and only the plain outputs are asked for."""
+    needs gradients through P, no cache of the caller's own is given, and (for a forward) only the plain
+    outputs are asked for."""
+    if generating:
+        kwargs = {key: value for key, value in kwargs.items() if key in CACHE_ARGUMENTS}
     if not enabled or module.base_model.training or not set(kwargs) <= PROMPT_CACHE_FORWARD_ARGUMENTS:
         return False
     if kwargs.get("return_dict") is False:
