@@ -154,8 +154,9 @@ def prompt_cache_applies(module: nn.Module, enabled: bool, kwargs: dict, generat
     """The cached path runs when the base model is in eval mode (the cached states are dropout-free), nothing
     needs gradients through P, no cache of the caller's own is given, and (for a forward) only the plain
     outputs are asked for."""
-    if generating:
-        kwargs = {key: value for key, value in kwargs.items() if key in CACHE_ARGUMENTS}
+    if generating:  # generation options pass through; a cache of the caller's or per-layer outputs do not
+        kwargs = {key: value for key, value in kwargs.items()
+                  if key in CACHE_ARGUMENTS or (key in ("output_hidden_states", "output_attentions") and value)}
     if not enabled or module.base_model.training or not set(kwargs) <= PROMPT_CACHE_FORWARD_ARGUMENTS:
         return False
     if kwargs.get("return_dict") is False:

@@ -198,3 +198,11 @@ def test_hidden_states_asked_for_cover_the_prompt_too(llama_model, tokenizer):
         output = dept_model(**batch, output_hidden_states=True)
     m, seq = dept_model.config.num_virtual_tokens, batch["input_ids"].shape[1]
     assert all(hidden.shape[1] == m + seq for hidden in output.hidden_states)
+
+
+def test_generate_asked_for_hidden_states_runs_the_prompt_too(llama_model, tokenizer):
+    dept_model = attach("llama", llama_model, tokenizer).eval()
+    batch = tokenize(tokenizer, TEXTS, "left")
+    output = dept_model.generate(**batch, max_new_tokens=2, return_dict_in_generate=True, output_hidden_states=True)
+    m, seq = dept_model.config.num_virtual_tokens, batch["input_ids"].shape[1]
+    assert output.hidden_states[0][0].shape[1] == m + seq  # the prefill's embeddings cover P and the input
