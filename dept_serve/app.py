@@ -38,7 +38,11 @@ def _error(status: int, message: str, **extra) -> JSONResponse:
 
 
 class BodySizeLimit:
-    """ASGI middleware: a request body over `max_bytes` is answered 413 before the app reads it all."""
+    """ASGI middleware: a request body over `max_bytes` is answered 413, and the app never sees it.
+
+    The body is read here first (the app would read it whole anyway), so a streamed body without a
+    content-length is cut off as soon as it passes the limit.
+    """
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -46,35 +50,32 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        message = (f"The request body is larger than this server's limit of {self.max_bytes} bytes: send fewer or "
-                   "smaller inputs (or start dept-serve with a larger --max_body_bytes).")
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _error(413, message)(scope, receive, send)
-        received, started = 0, False
-
-        async def limited_receive():
-            nonlocal received
+        too_large = _error(413, f"The request body is larger than this server's limit of {self.max_bytes} bytes: "
+                                "send fewer or smaller inputs (or start dept-serve with a larger --max_body_bytes).")
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
             event = await receive()
-            received += len(event.get("body", b""))
-            if received > self.max_bytes:
-                raise _BodyTooLarge
-            return event
+            if event["type"] != "http.request":  # the client went away
+                return
+            chunks.append(event.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_large(scope, receive, send)
+            if not event.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
 
-        async def tracking_send(event):
-            nonlocal started
-            started = started or event["type"] == "http.response.start"
-            await send(event)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for the disconnect, as the server would report it
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await _error(413, message)(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def create_app(service: DePTService) -> FastAPI:
