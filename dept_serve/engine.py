@@ -219,8 +219,8 @@ class ServingEngine:
         except (FeatureStoreError, ValueError) as err:
             raise InvalidInputError(f"Cannot read the stored features: {err}") from None
 
-    def image_features_for(self, adapter: ServedAdapter, images: list[Image.Image]):
-        """(features, boxes) of each image through the adapter's backbone (as in its training, from raw images)."""
+    def extractor_for(self, adapter: ServedAdapter) -> GridFeatureExtractor:
+        """The backbone that turns an uploaded image into this adapter's features (built once per settings)."""
         settings = adapter.image_features
         if settings is None:
             raise InvalidInputError(
@@ -233,7 +233,11 @@ class ServingEngine:
                 raise InvalidInputError(f"The backbone {key[0]} gives {extractor.feat_dim}-dimensional features, "
                                         f"but this VL-T5 reads {self.base_model.config.feat_dim}-dimensional ones.")
             self._extractors[key] = extractor
-        return self._extractors[key](images)
+        return self._extractors[key]
+
+    def image_features_for(self, adapter: ServedAdapter, images: list[Image.Image]):
+        """(features, boxes) of each image through the adapter's backbone (as in its training, from raw images)."""
+        return self.extractor_for(adapter)(images)
 
     # ------------------------------------------------------------------------------------------------ batches
     def _batch(self, rows: list[EngineRow]) -> dict:
