@@ -32,10 +32,13 @@ class DePTServeClient:
             raise DePTServeError(response.status_code, body)
         return body
 
-    def generate(self, adapter: str, inputs: list[str], max_new_tokens: int = 20, num_beams: int = 1,
+    def generate(self, adapter: str, inputs: list[str], max_new_tokens: int | None = None, num_beams: int = 1,
                  images: list[str | Path | bytes] | None = None, feature_ids: list[str] | None = None) -> dict:
-        """Generate for each input; VL adapters take one image (a path or the file's bytes) or feature id each."""
-        body = {"adapter": adapter, "inputs": inputs, "max_new_tokens": max_new_tokens, "num_beams": num_beams}
+        """Generate for each input; VL adapters take one image (a path or the file's bytes) or feature id each.
+        `max_new_tokens=None` takes the server's default (20, or its limit if lower)."""
+        body = {"adapter": adapter, "inputs": inputs, "num_beams": num_beams}
+        if max_new_tokens is not None:
+            body["max_new_tokens"] = max_new_tokens
         if images is not None:
             body["images"] = [base64.b64encode(image if isinstance(image, bytes) else Path(image).read_bytes()).decode()
                               for image in images]

@@ -110,7 +110,7 @@ def request_models(limits: Limits) -> RequestModels:
         model_config = ConfigDict(extra="forbid")
         adapter: str = Field(description="A loaded adapter's name (GET /v1/adapters).")
         inputs: list[str] = inputs_field()
-        max_new_tokens: int = Field(20, ge=1, le=limits.max_new_tokens)
+        max_new_tokens: int = Field(min(20, limits.max_new_tokens), ge=1, le=limits.max_new_tokens)
         num_beams: int = Field(1, ge=1, le=limits.max_num_beams, description="1 is greedy decoding.")
         images: list[Base64Bytes] | None = Field(
             None, max_length=limits.max_inputs,

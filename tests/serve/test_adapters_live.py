@@ -33,7 +33,7 @@ def test_load_and_unload_during_concurrent_load_fail_no_request(t5_adapters, t5_
                           max_wait_ms=20) as (service, client):
             stop = asyncio.Event()
             background = asyncio.create_task(traffic(client, stop))
-            for round_ in range(2):  # load, use, unload while in flight, then the same name again
+            for _ in range(2):  # load, use, unload while in flight, then the same name again
                 loaded = await client.post("/v1/adapters", json={"name": "hot", "path": "update_only"})
                 assert loaded.status_code == 201, loaded.text
                 assert "hot" in [a["name"] for a in (await client.get("/v1/adapters")).json()["adapters"]]
