@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import base64
+import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -61,3 +63,19 @@ class DePTServeClient:
 
     def health(self) -> dict:
         return self._call("GET", "/healthz")
+
+
+def wait_until_healthy(url: str, timeout_s: float = 120, process: subprocess.Popen | None = None) -> None:
+    """Wait until the server at `url` answers /healthz; fail early if its `process` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"dept-serve exited with status {process.returncode} before answering at {url}.")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"dept-serve did not answer at {url} within {timeout_s:.0f} s.")
+        time.sleep(0.2)

@@ -250,11 +250,13 @@ class ServingEngine:
         return {key: value.to(self.device) for key, value in batch.items()}
 
     @torch.no_grad()
-    def generate(self, rows: list[EngineRow], max_new_tokens: int, num_beams: int) -> list[dict]:
-        """Greedy (or beam) generation for a mixed batch: each row's text and new token ids (through eos)."""
+    def generate(self, rows: list[EngineRow], max_new_tokens: int, num_beams: int, min_new_tokens: int = 0) -> list[dict]:
+        """Greedy (or beam) generation for a mixed batch: each row's text and new token ids (through eos).
+        `min_new_tokens` (benchmarks) holds the length fixed whatever the adapters answer."""
         generated = self.multi.generate(
             **self._batch(rows), adapter_names=[row.adapter for row in rows], max_new_tokens=max_new_tokens,
-            num_beams=num_beams, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+            min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id)
         return [{"text": self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
                  "token_ids": self.new_tokens(ids)} for ids in generated.tolist()]
 

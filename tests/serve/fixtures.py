@@ -11,6 +11,7 @@ from dept import DePTConfig, DePTModel, get_dept_model
 from dept.testing import save_tiny_model
 from dept_nlp.modeling import load_model, load_tokenizer
 from dept_nlp.preprocess import encode_source
+from tests.dept.test_multi_adapter import ADAPTERS as ADAPTER_SIZES  # different m and r, r = 0, m = 0
 
 WORDS = [
     "the movie was great and the actors were wonderful",
@@ -18,13 +19,6 @@ WORDS = [
     "sentence: premise: hypothesis: question: context: what color is the sky blue red green",
     "vqa: gqa: caption: what shape is on the left circle square triangle",
 ]
-# Different m and r, vanilla prompt tuning (r = 0), an update without a prompt (m = 0).
-ADAPTER_SIZES = {
-    "long_prompt": dict(num_virtual_tokens=6, r=2, max_length=24),
-    "short_prompt": dict(num_virtual_tokens=2, r=5, max_length=16),
-    "prompt_tuning": dict(num_virtual_tokens=4, r=0, max_length=24),
-    "update_only": dict(num_virtual_tokens=0, r=3, max_length=20),
-}
 TEXTS = [
     "sentence: the movie was great",
     "sentence: a dull and boring film with terrible acting",

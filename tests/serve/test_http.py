@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 
 from dept_serve import DePTServeClient, DePTServeError
+from dept_serve.client import wait_until_healthy
 from tests.conftest import free_port
 from tests.serve.fixtures import TEXTS
 
@@ -37,17 +37,11 @@ def server(t5_adapters):
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"dept-serve did not start:\n{process.communicate()[0][-3000:]}")
-            time.sleep(0.2)
+        try:
+            wait_until_healthy(url, timeout_s=120, process=process)
+        except (RuntimeError, TimeoutError) as err:
+            process.kill()
+            pytest.fail(f"{err}\n{process.communicate()[0][-3000:]}")
         yield url
     finally:
         process.terminate()
