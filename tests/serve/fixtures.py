@@ -56,7 +56,8 @@ def save_adapters(family: str, base_dir: Path, root: Path, sizes: dict | None = 
 
 
 class OfflineReference:
-    """The same adapters run the offline way: one DePTModel per adapter on its own base, one input at a time."""
+    """The same adapters run the offline way: one DePTModel per adapter on its own base, one input at a time
+    (decoder-only: without the prompt KV cache, the path the cached one must match)."""
 
     def __init__(self, family: str, base_dir: Path, adapters: dict[str, Path]):
         self.family = family
@@ -70,9 +71,10 @@ class OfflineReference:
 
     @torch.no_grad()
     def generate(self, adapter: str, text: str, max_new_tokens: int, num_beams: int = 1) -> list[int]:
+        uncached = {"use_prompt_cache": False} if self.family == "causal" else {}  # the reference path
         output = self.models[adapter].generate(**self.inputs(text), max_new_tokens=max_new_tokens,
                                                num_beams=num_beams, do_sample=False,
-                                               pad_token_id=self.tokenizer.pad_token_id)[0].tolist()
+                                               pad_token_id=self.tokenizer.pad_token_id, **uncached)[0].tolist()
         if self.family == "seq2seq":
             output = output[1:]  # the decoder's start token
         eos = self.tokenizer.eos_token_id

@@ -59,13 +59,15 @@ def test_mixed_batches_of_concurrent_requests_answer_as_offline_generate_on_t5(t
 
 
 @pytest.mark.slow
-def test_decoder_only_adapters_are_served_as_offline_generate(tmp_path):
+def test_decoder_only_adapters_are_served_with_the_prompt_cache_as_offline_uncached_generate(tmp_path):
     base = save_base("causal", tmp_path / "llama")
     adapters = save_adapters("causal", base, tmp_path / "adapters")
     engine = ServingEngine.load(str(base), adapters, device="cpu")
-    requests = [(name, TEXTS[i:i + 2]) for i, name in enumerate(ADAPTER_SIZES)]  # several inputs per request
-    responses, _ = asyncio.run(_generate_concurrently(engine, requests, max_batch_size=16, max_wait_ms=100))
+    requests = [(name, TEXTS[i:i + 2]) for i, name in enumerate(ADAPTER_SIZES)] * 2  # several inputs per request
+    responses, _ = asyncio.run(_generate_concurrently(engine, requests, max_batch_size=6, max_wait_ms=100))
     _assert_equal_to_offline(requests, responses, OfflineReference("causal", base, adapters))
+    for name, adapter in engine.multi.adapters.items():  # each prompt's KV cache was computed once, for all batches
+        assert adapter.prompt_cache.generation == (adapter.prompt_encoder.num_virtual_tokens > 0), name
 
 
 def test_classifier_scores_equal_offline_probabilities(tmp_path):
