@@ -30,8 +30,12 @@ class DataArguments:
     validation_file: str | None = field(default=None, metadata={"help": "Local validation data."})
     test_file: str | None = field(default=None, metadata={"help": "Local test data (labels optional)."})
     max_seq_length: int = field(default=256, metadata={"help": "s: inputs are truncated here; DePT's A has s rows."})
-    max_target_length: int = field(default=128, metadata={"help": "Longest target in tokens."})
-    generation_max_length: int = field(default=32, metadata={"help": "New tokens generated when predicting."})
+    max_target_length: int = field(
+        default=20, metadata={"help": "Targets are cut at this many tokens (official: 20; MRQA answers are cut)."}
+    )
+    generation_max_length: int = field(
+        default=20, metadata={"help": "New tokens generated when predicting (official: 20)."}
+    )
     num_beams: int = field(default=1, metadata={"help": "Beam size when predicting."})
     k_shot_examples: int | None = field(
         default=None, metadata={"help": "Train on K examples, balanced by class, drawn with --seed."}

@@ -85,7 +85,8 @@ def build_text_eval_components(task_name: str, tokenizer, model=None, *, max_len
         data = data.select(range(min(data_args.max_eval_samples, len(data))))
     family = data_args.family
     dataset = tokenize_rows(data, tokenizer, family, max_length, data_args.max_target_length, split)
-    evaluator = TextEvaluator(task, tokenizer, family, data_args.generation_max_length, data_args.num_beams)
+    evaluator = TextEvaluator(task, tokenizer, family, data_args.generation_max_length, data_args.num_beams,
+                              max_target_length=data_args.max_target_length)
     return dataset, TextCollator(tokenizer, family), evaluator
 
 
@@ -100,8 +101,10 @@ class TextEvaluationPlugin:
         group.add_argument("--dataset_config_name", help="Another hub config of the task's dataset.")
         group.add_argument("--data_seed", type=int, default=42, help="Seed of the official split shuffles.")
         group.add_argument("--max_eval_samples", type=int, help="Evaluate on the first N examples (debugging).")
-        group.add_argument("--max_target_length", type=int, default=128, help="Longest target in tokens.")
-        group.add_argument("--generation_max_length", type=int, default=32, help="New tokens generated.")
+        group.add_argument("--max_target_length", type=int, default=20,
+                           help="Targets are cut at this many tokens (official: 20).")
+        group.add_argument("--generation_max_length", type=int, default=20,
+                           help="New tokens generated (official: 20).")
         group.add_argument("--num_beams", type=int, default=1, help="Beam size when generating.")
         group.add_argument("--tokenizer_name", help="Tokenizer, if not the base model's own.")
         group.add_argument("--model_family", choices=FAMILIES, help="seq2seq, causal or cls (default: detected).")

@@ -81,7 +81,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
         split: tokenize_rows(rows, tokenizer, family, data_args.max_seq_length, data_args.max_target_length, split)
         for split, rows in data.items()
     }
-    evaluator = TextEvaluator(task, tokenizer, family, data_args.generation_max_length, data_args.num_beams)
+    evaluator = TextEvaluator(task, tokenizer, family, data_args.generation_max_length, data_args.num_beams,
+                              max_target_length=data_args.max_target_length)
     trainer = Trainer(
         model, training_args, collate_fn=TextCollator(tokenizer, family), evaluator=evaluator,
         train_dataset=tokenized.get("train"), eval_dataset=tokenized.get("validation"),

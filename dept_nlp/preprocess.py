@@ -30,12 +30,17 @@ def _cut(ids: list[int], limit: int, special_ids: set[int]) -> list[int]:
     return ids[:limit]
 
 
+def seq2seq_target_ids(tokenizer, target: str, max_target_length: int) -> list[int]:
+    """The label ids of an encoder-decoder target, cut at `max_target_length` keeping eos (the official labels)."""
+    return _cut(tokenizer(target)["input_ids"], max_target_length, set(tokenizer.all_special_ids))
+
+
 def tokenize_rows(
     dataset: datasets.Dataset,
     tokenizer,
     family: str,
     max_length: int,
-    max_target_length: int = 128,
+    max_target_length: int = 20,
     split_name: str = "",
 ) -> datasets.Dataset:
     """Token ids for one split. Keeps `references`; drops the text columns."""
@@ -64,7 +69,7 @@ def tokenize_rows(
             truncated += len(ids) > max_length
             out["input_ids"].append(_cut(ids, max_length, special_ids))
             if family == "seq2seq":
-                out["labels"].append(_cut(tokenizer(target)["input_ids"], max_target_length, special_ids))
+                out["labels"].append(seq2seq_target_ids(tokenizer, target, max_target_length))
             else:
                 out["labels"].append(label)
         return out
