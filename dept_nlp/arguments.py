@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dept_nlp.preprocess import CAUSAL_TEMPLATE, check_causal_template
+
 # Flags of the official DePT README or older transformers, accepted as spelled there.
 FLAG_ALIASES = {"--evaluation_strategy": "--eval_strategy", "--k_shot_example": "--k_shot_examples"}
 
@@ -37,6 +39,10 @@ class DataArguments:
         default=20, metadata={"help": "New tokens generated when predicting (official: 20)."}
     )
     num_beams: int = field(default=1, metadata={"help": "Beam size when predicting."})
+    causal_template: str = field(
+        default=CAUSAL_TEMPLATE,
+        metadata={"help": "Decoder-only models: the text before the target; {source} is the input (official)."},
+    )
     k_shot_examples: int | None = field(
         default=None, metadata={"help": "Train on K examples, balanced by class, drawn with --seed."}
     )
@@ -62,5 +68,6 @@ class DataArguments:
             raise ValueError("--do_train with local data needs --train_file.")
         if self.k_shot_examples is not None and self.k_shot_examples < 1:
             raise ValueError(f"--k_shot_examples must be >= 1, got {self.k_shot_examples}.")
+        check_causal_template(self.causal_template)
         if self.max_seq_length < 1:
             raise ValueError(f"--max_seq_length must be >= 1, got {self.max_seq_length}.")

@@ -18,7 +18,7 @@ from dept.evaluation_cli import TaskMismatchError
 from dept_nlp.data_files import load_task_datasets
 from dept_nlp.evaluation import TextEvaluator
 from dept_nlp.modeling import FAMILIES, detect_family, load_model, load_tokenizer
-from dept_nlp.preprocess import TextCollator, tokenize_rows
+from dept_nlp.preprocess import CAUSAL_TEMPLATE, TextCollator, tokenize_rows
 from dept_nlp.tasks import TASKS, TaskSpec, get_task
 
 
@@ -84,7 +84,9 @@ def build_text_eval_components(task_name: str, tokenizer, model=None, *, max_len
     if data_args.max_eval_samples:
         data = data.select(range(min(data_args.max_eval_samples, len(data))))
     family = data_args.family
-    dataset = tokenize_rows(data, tokenizer, family, max_length, data_args.max_target_length, split)
+    template = getattr(data_args, "causal_template", None) or CAUSAL_TEMPLATE
+    dataset = tokenize_rows(data, tokenizer, family, max_length, data_args.max_target_length, split,
+                            causal_template=template)
     evaluator = TextEvaluator(task, tokenizer, family, data_args.generation_max_length, data_args.num_beams,
                               max_target_length=data_args.max_target_length)
     return dataset, TextCollator(tokenizer, family), evaluator
@@ -106,6 +108,9 @@ class TextEvaluationPlugin:
         group.add_argument("--generation_max_length", type=int, default=20,
                            help="New tokens generated (official: 20).")
         group.add_argument("--num_beams", type=int, default=1, help="Beam size when generating.")
+        group.add_argument("--causal_template",
+                           help="Decoder-only models: the text before the target, with {source}; use the one "
+                                f"the adapter was trained with (default: the official {CAUSAL_TEMPLATE!r}).")
         group.add_argument("--tokenizer_name", help="Tokenizer, if not the base model's own.")
         group.add_argument("--model_family", choices=FAMILIES, help="seq2seq, causal or cls (default: detected).")
 

@@ -78,7 +78,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
                                            training_args.seed)
     logger.info("Trainable parameters: %s", count_trainable_parameters(model))
     tokenized = {
-        split: tokenize_rows(rows, tokenizer, family, data_args.max_seq_length, data_args.max_target_length, split)
+        split: tokenize_rows(rows, tokenizer, family, data_args.max_seq_length, data_args.max_target_length, split,
+                             causal_template=data_args.causal_template)
         for split, rows in data.items()
     }
     evaluator = TextEvaluator(task, tokenizer, family, data_args.generation_max_length, data_args.num_beams,
@@ -94,7 +95,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     if data_args.do_train:
         results.update(trainer.train())
         if trainer.accelerator.is_main_process:
-            write_task_file(training_args.output_dir, task, model_args, family)
+            write_task_file(training_args.output_dir, task, model_args, family,
+                            data_args.causal_template if family == "causal" else None)
     if data_args.do_eval:
         results.update(trainer.evaluate(tokenized["validation"], split="eval"))
     if data_args.do_predict:
@@ -102,7 +104,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     return results
 
 
-def write_task_file(output_dir: str, task, model_args: ModelArguments, family: str) -> None:
+def write_task_file(output_dir: str, task, model_args: ModelArguments, family: str,
+                    causal_template: str | None = None) -> None:
     record = {"task_names": [task.name], "modality": "text", "label_words": task.label_words,
-              "model_name_or_path": model_args.model_name_or_path, "model_family": family}
+              "model_name_or_path": model_args.model_name_or_path, "model_family": family,
+              "causal_template": causal_template}
     Path(output_dir, TASK_FILE).write_text(json.dumps(record, indent=2) + "\n")

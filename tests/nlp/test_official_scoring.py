@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datasets
 import pytest
 
+from dept.testing import build_word_tokenizer
 from dept_nlp.arguments import DataArguments
 from dept_nlp.evaluation import TextEvaluator
+from dept_nlp.preprocess import tokenize_rows
 from dept_nlp.tasks import get_task
 
 # Words of the test vocabulary, one token each, none an article (SQuAD normalisation drops a/an/the).
@@ -28,3 +31,31 @@ def test_mrqa_main_metric_scores_the_first_answer_cut_at_20_tokens_as_the_offici
 def test_targets_and_generation_are_cut_at_20_tokens_by_default():
     args = DataArguments(task_name="nq", do_eval=True)
     assert (args.max_target_length, args.generation_max_length) == (20, 20)
+
+
+def _causal_tokens(template: str | None = None):
+    tokenizer = build_word_tokenizer(["sentence: a good movie Label : 1 0 question answer"])
+    rows = datasets.Dataset.from_list([{"source": "sentence: a good movie", "target": "1", "label": 1,
+                                        "references": ["1"]}])
+    extra = {} if template is None else {"causal_template": template}
+    row = tokenize_rows(rows, tokenizer, "causal", 64, **extra)[0]
+    return tokenizer, row
+
+
+def test_decoder_only_inputs_use_the_official_label_template_by_default():
+    tokenizer, row = _causal_tokens()
+    # The official decoder_preprocess_function: f"{source} Label : " then the target (the word tokenizer lowers).
+    assert tokenizer.convert_ids_to_tokens(row["input_ids"]) == [
+        "<s>", "sentence", ":", "a", "good", "movie", "label", ":", "1", "</s>"]
+    assert row["labels"] == [-100] * 8 + row["input_ids"][8:]  # loss on the target and eos only
+    assert row["prompt_input_ids"] == row["input_ids"][:8]  # generation starts after "Label : "
+
+
+def test_decoder_only_template_can_be_set_and_a_bad_one_is_refused():
+    tokenizer, row = _causal_tokens("question {source} answer")
+    assert tokenizer.convert_ids_to_tokens(row["prompt_input_ids"]) == [
+        "<s>", "question", "sentence", ":", "a", "good", "movie", "answer"]
+    with pytest.raises(ValueError, match=r"must contain \{source\} exactly once"):
+        _causal_tokens("no placeholder")
+    with pytest.raises(ValueError, match="causal_template"):
+        DataArguments(task_name="rte", do_eval=True, causal_template="{input} Label : ")
