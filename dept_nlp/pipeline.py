@@ -22,7 +22,7 @@ from dept_nlp.data_files import load_task_datasets
 from dept_nlp.evaluation import TextEvaluator
 from dept_nlp.modeling import detect_family, load_model, load_tokenizer
 from dept_nlp.preprocess import TextCollator, tokenize_rows
-from dept_nlp.sampling import k_shot_sample
+from dept_nlp.sampling import STSB_K_SHOT_THRESHOLD, k_shot_sample
 from dept_nlp.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ def load_splits(data_args: DataArguments, seed: int):
         seed=data_args.data_seed, splits=needed_splits(data_args),
     )
     if "train" in data and data_args.k_shot_examples:
-        data["train"] = k_shot_sample(data["train"], data_args.k_shot_examples, seed)
+        threshold = STSB_K_SHOT_THRESHOLD if get_task(data_args.task_name).is_regression else None
+        data["train"] = k_shot_sample(data["train"], data_args.k_shot_examples, seed, score_threshold=threshold)
     if "train" in data and data_args.max_train_samples:
         data["train"] = data["train"].select(range(min(data_args.max_train_samples, len(data["train"]))))
     for split in ("validation", "test"):
