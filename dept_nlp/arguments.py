@@ -46,8 +46,15 @@ class DataArguments:
     k_shot_examples: int | None = field(
         default=None, metadata={"help": "Train on K examples, balanced by class, drawn with --seed."}
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cut the training set (debugging)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Cut validation and test (debugging)."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on a random subset of N examples (drawn with --data_seed, as official)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Validate on a random subset of N examples (drawn with --data_seed)."}
+    )
+    max_predict_samples: int | None = field(
+        default=None, metadata={"help": "Predict on a random subset of N test examples (drawn with --data_seed)."}
+    )
     data_seed: int = field(default=42, metadata={"help": "Seed of the official split shuffles (42 in the paper)."})
     do_train: bool = field(default=False, metadata={"help": "Train."})
     do_eval: bool = field(default=False, metadata={"help": "Evaluate on the validation split."})
@@ -66,6 +73,9 @@ class DataArguments:
             )
         if self.do_train and any(local) and not self.train_file:
             raise ValueError("--do_train with local data needs --train_file.")
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if self.k_shot_examples is not None and self.k_shot_examples < 1:
             raise ValueError(f"--k_shot_examples must be >= 1, got {self.k_shot_examples}.")
         check_causal_template(self.causal_template)

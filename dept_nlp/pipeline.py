@@ -18,7 +18,7 @@ from dept.methods import LoraSettings, count_trainable_parameters, prepare_model
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
 from dept_nlp.arguments import DataArguments, ModelArguments
-from dept_nlp.data_files import load_task_datasets
+from dept_nlp.data_files import load_task_datasets, split_is_shuffled, subsample
 from dept_nlp.evaluation import TextEvaluator
 from dept_nlp.modeling import detect_family, load_model, load_tokenizer
 from dept_nlp.preprocess import TextCollator, tokenize_rows
@@ -43,14 +43,16 @@ def load_splits(data_args: DataArguments, seed: int):
         train_file=data_args.train_file, validation_file=data_args.validation_file, test_file=data_args.test_file,
         seed=data_args.data_seed, splits=needed_splits(data_args),
     )
+    task = get_task(data_args.task_name)
+    files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
+    caps = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
+            "test": data_args.max_predict_samples}
+    for split in data:  # the official order: the debugging cut first, then the k-shot sample
+        data[split] = subsample(data[split], caps[split], data_args.data_seed,
+                                already_shuffled=split_is_shuffled(task, split, files[split] is not None))
     if "train" in data and data_args.k_shot_examples:
-        threshold = STSB_K_SHOT_THRESHOLD if get_task(data_args.task_name).is_regression else None
+        threshold = STSB_K_SHOT_THRESHOLD if task.is_regression else None
         data["train"] = k_shot_sample(data["train"], data_args.k_shot_examples, seed, score_threshold=threshold)
-    if "train" in data and data_args.max_train_samples:
-        data["train"] = data["train"].select(range(min(data_args.max_train_samples, len(data["train"]))))
-    for split in ("validation", "test"):
-        if split in data and data_args.max_eval_samples:
-            data[split] = data[split].select(range(min(data_args.max_eval_samples, len(data[split]))))
     return data
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import datasets
 import pytest
+import torch
 
 from dept.testing import build_word_tokenizer
 from dept_nlp.arguments import DataArguments
+from dept_nlp.data_files import sample_sst2_files
+from dept_nlp.pipeline import load_splits
 from dept_nlp.evaluation import TextEvaluator
 from dept_nlp.preprocess import tokenize_rows
 from dept_nlp.tasks import get_task
+from tests.nlp.fixtures import hub_dataset_dict
 
 # Words of the test vocabulary, one token each, none an article (SQuAD normalisation drops a/an/the).
 WORDS = "movie was great and actors were wonderful dull boring film with terrible acting sky blue today".split()
@@ -59,3 +63,30 @@ def test_decoder_only_template_can_be_set_and_a_bad_one_is_refused():
         _causal_tokens("no placeholder")
     with pytest.raises(ValueError, match="causal_template"):
         DataArguments(task_name="rte", do_eval=True, causal_template="{input} Label : ")
+
+
+def _official_subsample(sources: list[str], n: int) -> list[str]:
+    # The official `subsample`: the first n of torch.randperm(len) with a generator seeded with 42, in that order.
+    order = torch.randperm(len(sources), generator=torch.Generator().manual_seed(42)).tolist()
+    return [sources[i] for i in order[:n]]
+
+
+def test_max_samples_flags_draw_a_seed_42_random_subset_of_each_split_as_the_official_code():
+    files = sample_sst2_files()
+    full = load_splits(DataArguments(task_name="sst2", do_train=True, do_predict=True, **files), seed=0)
+    args = DataArguments(task_name="sst2", do_train=True, do_predict=True, max_train_samples=5, max_eval_samples=4,
+                         max_predict_samples=3, **files)
+    cut = load_splits(args, seed=0)
+    for split, n in (("train", 5), ("validation", 4), ("test", 3)):
+        assert cut[split]["source"] == _official_subsample(full[split]["source"], n), split
+    assert cut["train"]["source"] != full["train"]["source"][:5]  # not the first rows
+
+
+def test_max_eval_samples_of_a_halved_hub_split_takes_its_first_rows_in_the_official_order(monkeypatch):
+    # A small task's validation is already the first half of randperm(hub validation, 42): the official
+    # subsample(dataset, n_obs, indices) takes the first n_obs of those same indices.
+    hub = hub_dataset_dict("rte", {"train": 4, "validation": 20})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, split, **kwargs: hub[split])
+    full = load_splits(DataArguments(task_name="rte", do_eval=True), seed=0)["validation"]["source"]
+    cut = load_splits(DataArguments(task_name="rte", do_eval=True, max_eval_samples=3), seed=0)
+    assert cut["validation"]["source"] == full[:3]
