@@ -20,7 +20,6 @@ from transformers import HfArgumentParser
 from .config import OFFICIAL_INIT_TEXT, DePTConfig
 from .methods import PEFT_TYPES
 
-
 DEFAULT_DEPT_RANK = 30
 DEFAULT_LORA_RANK = 8  # the LoRA baseline of the DePT paper's comparison
 

@@ -1,7 +1,7 @@
 """One text run, top to bottom: data, model, method, the shared trainer, result files.
 
     >>> from dept_nlp.pipeline import run
-    >>> results = run(model_args, data_args, method_args, training_args)   # the CLI fills these from flags
+    >>> results = run(model_args, data_args, method_args, training_args)  # the CLI fills these  # doctest: +SKIP
 """
 
 from __future__ import annotations
