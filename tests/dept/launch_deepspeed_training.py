@@ -25,7 +25,6 @@ from accelerate.utils import DeepSpeedPlugin  # noqa: E402
 from tests.dept._toy import toy_args  # noqa: E402
 from tests.dept.deepspeed_runs import build_run  # noqa: E402
 
-
 _accelerators: list = []
 
 

@@ -170,14 +170,3 @@ def test_fsdp_configs_wrap_the_blocks_and_leave_dept_in_the_root_unit(name, t5_m
     owners = [m for m in model.modules() if isinstance(m, layer_class) and any(p is model.prompt_encoder.prompt_embeddings
                                                                                for p in m.parameters())]  # fmt: skip
     assert owners == []
-
-
-def test_vl_t5_blocks_are_t5_blocks_so_the_t5_fsdp_config_wraps_them():
-    from dept_vl.model import VLT5Config, VLT5ForConditionalGeneration
-
-    from dept.testing import tiny_t5_config
-
-    base = tiny_t5_config(vocab_size=50)
-    model = VLT5ForConditionalGeneration(VLT5Config(**base.to_dict(), feat_dim=8))
-    layer_class = get_module_class_from_name(model, "T5Block")
-    assert layer_class is not None and sum(isinstance(m, layer_class) for m in model.modules()) == 4
