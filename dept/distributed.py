@@ -100,9 +100,10 @@ def full_trainable_state_dict(accelerator, model: nn.Module) -> dict[str, torch.
 def whole_parameters_for_evaluation(accelerator, model: nn.Module) -> Iterator[None]:
     """Let the unwrapped model run `forward` and `generate` under FSDP, which only the root's forward can.
 
-    FSDP 1: every unit is gathered for the block (`summon_full_params`, no writeback; the model must fit on one
-    GPU, as it does for the inference DePT targets). FSDP 2: the root unit (embeddings, P, A, B) is gathered;
-    each wrapped block still gathers itself in its own forward. Other engines need nothing.
+    Only the root unit (embeddings, P, A, B, head) is gathered, without writeback: each wrapped block still
+    gathers itself in its own forward, which a full `summon_full_params` would undo by resharding inside it.
+    FSDP 1: `summon_full_params(recurse=False)`; FSDP 2: the root's `unshard()`. Other engines need nothing.
+    (Not run on a GPU yet: scripts/gpu_check.sh checks it.)
     """
     if not uses_fsdp(accelerator):
         yield
@@ -110,7 +111,7 @@ def whole_parameters_for_evaluation(accelerator, model: nn.Module) -> Iterator[N
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     if isinstance(model, FullyShardedDataParallel):
-        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+        with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
             yield
     elif isinstance(model, FSDPModule):
         model.unshard()
