@@ -73,7 +73,7 @@ def test_prompt_init_from_a_zero3_shard_equals_the_init_from_the_whole_table(
     expected = whole_model.prompt_encoder.prompt_embeddings
     torch.testing.assert_close(sharded_model.prompt_encoder.prompt_embeddings, expected, rtol=0, atol=0)
     if prompt_init == "text":  # the rows of the init text, tiled to 7 tokens
-        ids = tokenizer(config.prompt_init_text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(config.prompt_init_text)["input_ids"]  # with special tokens, as the official code
         torch.testing.assert_close(expected, whole[torch.tensor((ids * 7)[:7])], rtol=0, atol=0)
 
 
