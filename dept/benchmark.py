@@ -104,6 +104,7 @@ MODELS = {
         ModelSpec("llama-tiny", "llama", _llama(32, 64, 2, 4, 2, vocab_size=1000)),
         ModelSpec("llama-small", "llama", _llama(512, 1408, 4, 8, 4)),
         ModelSpec("llama-1b", "llama", _llama(2048, 5632, 22, 32, 4)),  # TinyLlama-1.1B's shape
+        ModelSpec("llama-7b-4l", "llama", _llama(4096, 11008, 4, 32, 32)),  # LLaMA-7B's layer shape, 4 of its 32
     ]
 }
 SIZES = {
@@ -112,6 +113,7 @@ SIZES = {
     "base": ["t5-base"],
     "large": ["t5-large", "llama-1b"],
     "all": ["t5-small", "t5-base", "t5-large", "llama-small", "llama-1b"],
+    "gpu": ["t5-base", "t5-large", "llama-7b-4l"],  # scripts/gpu_check.sh
 }
 
 

@@ -1,16 +1,23 @@
 """Training checkpoints that hold only what training changes, written atomically.
 
-A checkpoint is a directory `checkpoint-<step>` in the run's output directory:
+A checkpoint is a directory `checkpoint-<step>` in the run's output directory. accelerate's `save_state` writes
+the optimizer (and any gradient scaler) the way the engine shards it, each process its own part:
 
-    trainable_parameters.safetensors   every parameter with requires_grad=True (never the frozen base model)
-    optimizer.pt, scheduler.pt         their state_dicts
+    optimizer.bin                      plain and DDP runs (the trainer keeps the model weights out of it)
+    pytorch_model/                     DeepSpeed: its ZeRO shards, trainable weights only
+    optimizer_0/, pytorch_model_fsdp*  FSDP: its optimizer and model state, as fsdp_state_dict_type says
+    random_states_<i>.pkl, scaler.pt   accelerate's RNG states and fp16 scaler
+
+and the main process adds what no engine shards:
+
+    trainable_parameters.safetensors   every parameter with requires_grad=True, whole (never the frozen base)
+    scheduler.pt                       the learning-rate schedule's state_dict
     rng_state.pt                       python / numpy / torch / cuda RNG states, one entry per process
-    scaler.pt                          the fp16 gradient scaler's state (fp16 runs only)
-    trainer_state.json                 step, epoch, data-order position, best metric, log history
+    trainer_state.json                 step, epoch, data-order position, best metric, log history (last)
 
-It is written under `checkpoint-<step>.tmp-<pid>`, every file fsync'd, and renamed to `checkpoint-<step>` only
-when complete. A directory named `checkpoint-<step>` is therefore complete; `complete_checkpoints` still checks
-the files, so that a directory left by hand or by another tool is never resumed from.
+Everything is written under `checkpoint-<step>.tmp-<pid>`, every file fsync'd, and renamed to `checkpoint-<step>`
+only when complete. A directory named `checkpoint-<step>` is therefore complete; `complete_checkpoints` still
+checks the files, so that a directory left by hand or by another tool is never resumed from.
 """
 
 from __future__ import annotations
@@ -34,12 +41,12 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINABLE_PARAMETERS_NAME = "trainable_parameters.safetensors"
-OPTIMIZER_NAME = "optimizer.pt"
+OPTIMIZER_NAME = "optimizer.bin"  # accelerate's name, for runs without DeepSpeed or FSDP
 SCHEDULER_NAME = "scheduler.pt"
 RNG_STATE_NAME = "rng_state.pt"
-SCALER_NAME = "scaler.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
-CHECKPOINT_FILES = (TRAINABLE_PARAMETERS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, RNG_STATE_NAME, TRAINER_STATE_NAME)
+# The engine's own files differ by engine; trainer_state.json, written last, vouches for them.
+CHECKPOINT_FILES = (TRAINABLE_PARAMETERS_NAME, SCHEDULER_NAME, RNG_STATE_NAME, TRAINER_STATE_NAME)
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -53,11 +60,10 @@ class Checkpoint:
 
     path: Path
     trainable_parameters: dict[str, torch.Tensor]
-    optimizer: dict
     scheduler: dict
     rng_states: list[dict]
     trainer_state: dict
-    scaler: dict | None = None
+    optimizer: dict | None = None  # accelerate's optimizer.bin, when the run had no DeepSpeed or FSDP
 
 
 # ----------------------------------------------------------------------------------------------- parameters
@@ -176,57 +182,71 @@ def write_text_atomically(path: str | Path, text: str) -> None:
         ) from err
 
 
+def temporary_checkpoint_dir(output_dir: str | Path, step: int, pid: int | None = None) -> Path:
+    """Where `checkpoint-<step>` is written before its rename (`pid`: the main process's, shared by all ranks)."""
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}.tmp-{os.getpid() if pid is None else pid}"
+
+
 def write_checkpoint(
     output_dir: str | Path,
     step: int,
     *,
     trainable_parameters: dict[str, torch.Tensor],
-    optimizer: dict,
     scheduler: dict,
     rng_states: list[dict],
     trainer_state: dict,
-    scaler: dict | None = None,
+    temporary: Path | None = None,
+    engine_error: BaseException | None = None,
 ) -> Path:
-    """Write `checkpoint-<step>` into `output_dir` atomically and return its path.
+    """Add the trainer's files to `temporary` (which may already hold the engine's, from `save_state`), fsync
+    everything, rename it to `checkpoint-<step>` in `output_dir` and return that path.
 
     Raises:
-        CheckpointWriteError: when any file cannot be written. The partial directory is removed and every
-            earlier checkpoint is left as it was.
+        CheckpointWriteError: when any file cannot be written, or `engine_error` says the engine's could not.
+            The partial directory is removed and every earlier checkpoint is left as it was.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    temporary = output_dir / f"{final.name}.tmp-{os.getpid()}"
+    temporary = temporary_checkpoint_dir(output_dir, step) if temporary is None else Path(temporary)
     writes: list[tuple[str, Callable[[Path], None]]] = [
         (TRAINABLE_PARAMETERS_NAME, lambda p: _write_safetensors(trainable_parameters, p)),
-        (OPTIMIZER_NAME, lambda p: _write_torch(optimizer, p)),
         (SCHEDULER_NAME, lambda p: _write_torch(scheduler, p)),
         (RNG_STATE_NAME, lambda p: _write_torch(rng_states, p)),
-        *([(SCALER_NAME, lambda p: _write_torch(scaler, p))] if scaler is not None else []),
         # Last, so that any directory holding trainer_state.json got every other file first.
         (TRAINER_STATE_NAME, lambda p: _write_text(json.dumps(trainer_state, indent=2) + "\n", p)),
     ]
     current = temporary
     try:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
+        if engine_error is not None:
+            current = Path(getattr(engine_error, "filename", None) or temporary)
+            raise engine_error
+        temporary.mkdir(parents=True, exist_ok=True)
         for name, write in writes:
             current = temporary / name
             write(current)
         current = temporary
-        _fsync(temporary)
+        _fsync_tree(temporary)  # the engine's files too: accelerate does not fsync
         _replace_directory(temporary, final)
         current = output_dir
         _fsync(output_dir)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
         shutil.rmtree(temporary, ignore_errors=True)
         last = latest_checkpoint(output_dir)
         kept = f"The last complete checkpoint, {last}, is intact" if last else "No complete checkpoint exists yet"
         resume = f"then resume with --resume_from_checkpoint {last}" if last else "then start the run again"
+        reason = getattr(err, "strerror", None) or err
         raise CheckpointWriteError(
-            f"Could not write checkpoint {final}: writing {current} failed with {err.strerror or err}. {kept}. "
+            f"Could not write checkpoint {final}: writing {current} failed with {reason}. {kept}. "
             f"Free disk space or make {output_dir} writable, {resume}."
         ) from err
     return final
+
+
+def _fsync_tree(directory: Path) -> None:
+    for root, _, files in os.walk(directory):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
 
 
 def _replace_directory(source: Path, target: Path) -> None:
@@ -301,11 +321,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(
         path=path,
         trainable_parameters=load_file(str(path / TRAINABLE_PARAMETERS_NAME)),
-        optimizer=load(OPTIMIZER_NAME),
         scheduler=load(SCHEDULER_NAME),
         rng_states=load(RNG_STATE_NAME),
         trainer_state=json.loads((path / TRAINER_STATE_NAME).read_text()),
-        scaler=load(SCALER_NAME) if (path / SCALER_NAME).is_file() else None,
+        optimizer=load(OPTIMIZER_NAME) if (path / OPTIMIZER_NAME).is_file() else None,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from .checkpoint import load_adapter, save_adapter
 from .config import ConfigError, DePTConfig
+from .distributed import full_shape, gathered_parameters, needs_synced_generation
 from .embedding import PADDING_OFFSET_MODEL_TYPES, DePTEmbedding, real_token_position_ids
 from .prompt_cache import (
     PromptKVCache,
@@ -138,6 +140,7 @@ class DePTModel(nn.Module):
         if m == 0:
             return
         table = self.word_embeddings.weight
+        vocab_size, token_dim = full_shape(table)
         if self.config.prompt_init == "text":
             if tokenizer is None:
                 raise ConfigError(
@@ -149,14 +152,18 @@ class DePTModel(nn.Module):
             if not token_ids:
                 raise ConfigError(f"prompt_init_text {self.config.prompt_init_text!r} tokenizes to nothing.")
             repeats = -(-m // len(token_ids))  # tile the text, then cut to m tokens, as the official code does
-            ids = torch.tensor((token_ids * repeats)[:m], device=table.device)
+            ids = torch.tensor((token_ids * repeats)[:m])
         elif self.config.prompt_init == "vocab":
-            ids = torch.randint(0, table.shape[0], (m,), generator=generator).to(table.device)
+            ids = torch.randint(0, vocab_size, (m,), generator=generator)
         else:
-            noise = torch.randn(m, table.shape[1], generator=generator)
-            self.prompt_encoder.prompt_embeddings.copy_(noise * table.float().std().cpu())
-            return
-        self.prompt_encoder.prompt_embeddings.copy_(table[ids].float())
+            ids = None
+            noise = torch.randn(m, token_dim, generator=generator)
+        # Under ZeRO-3 (zero3_init_flag) the frozen table is a size-0 shard on each rank: gather it to read rows.
+        with gathered_parameters([table]):
+            if ids is None:
+                self.prompt_encoder.prompt_embeddings.copy_(noise * table.float().std().cpu())
+            else:
+                self.prompt_encoder.prompt_embeddings.copy_(table[ids.to(table.device)].float())
 
     # ----------------------------------------------------------------------------------------------------------
     # The prompt
@@ -183,6 +190,14 @@ class DePTModel(nn.Module):
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Positions counted over real tokens only (prompt first), so padding never shifts them."""
         return real_token_position_ids(attention_mask, self.base_model.config)
+
+    def _generate_kwargs(self, kwargs: dict) -> dict:
+        """`kwargs` for the base's `generate`, with `synced_gpus=True` when parameters are sharded over ranks
+        (ZeRO-3, FSDP): transformers sets it only for ZeRO-3 loaded with `zero3_init_flag`, and a rank that stops
+        early would leave the others waiting in their parameter gathers."""
+        if "synced_gpus" not in kwargs and needs_synced_generation(self):
+            kwargs = {**kwargs, "synced_gpus": True}
+        return kwargs
 
     # ----------------------------------------------------------------------------------------------------------
     # Training helpers
@@ -235,21 +250,33 @@ class DePTModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------
     # Save and load
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+    def adapter_state_dict(self, parameters: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under their file keys (`prompt_embeddings`, ..., `modules.<name>.<key>`).
+
+        `parameters` (named as in `named_parameters()`) replaces the model's own tensors: whole tensors gathered
+        from ZeRO-3 or FSDP shards, or the fp32 master weights of a DeepSpeed run.
+        """
         encoder = self.prompt_encoder
-        state = {
-            "prompt_embeddings": encoder.prompt_embeddings,
-            "lora_embedding_A": encoder.lora_embedding_A,
-            "lora_embedding_B": encoder.lora_embedding_B,
+        sources = {
+            "prompt_embeddings": ("prompt_encoder.prompt_embeddings", encoder.prompt_embeddings),
+            "lora_embedding_A": ("prompt_encoder.lora_embedding_A", encoder.lora_embedding_A),
+            "lora_embedding_B": ("prompt_encoder.lora_embedding_B", encoder.lora_embedding_B),
         }
         for name in self.modules_to_save:
             for key, tensor in getattr(self.base_model, name).state_dict().items():
-                state[f"modules.{name}.{key}"] = tensor
-        return {key: value.detach() for key, value in state.items()}
+                sources[f"modules.{name}.{key}"] = (f"base_model.{name}.{key}", tensor)
+        parameters = parameters or {}
+        return {key: parameters.get(source, tensor).detach() for key, (source, tensor) in sources.items()}
 
-    def save_pretrained(self, save_directory: str | Path) -> Path:
-        """Write adapter_config.json and adapter_model.safetensors (P, A, B and any trainable modules)."""
-        return save_adapter(save_directory, self.config, self.adapter_state_dict())
+    def save_pretrained(
+        self, save_directory: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None
+    ) -> Path:
+        """Write adapter_config.json and adapter_model.safetensors (P, A, B and any trainable modules).
+
+        `state_dict`: whole tensors by parameter name to save instead of the model's own (see
+        `adapter_state_dict`); the trainer passes them under DeepSpeed and FSDP.
+        """
+        return save_adapter(save_directory, self.config, self.adapter_state_dict(state_dict))
 
     @torch.no_grad()
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
@@ -339,7 +366,7 @@ class DePTModelForSeq2SeqLM(DePTModel):
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
         embeds, mask = self.embed(input_ids, attention_mask, inputs_embeds)
-        return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **self._generate_kwargs(kwargs))
 
 
 class DePTModelForCausalLM(DePTModel):
@@ -408,6 +435,7 @@ class DePTModelForCausalLM(DePTModel):
         if not use_cache:
             embeds, mask = self.embed(input_ids, attention_mask, inputs_embeds)
             return self._greedy_without_cache(embeds, mask, **kwargs)
+        kwargs = self._generate_kwargs(kwargs)
         if (states := self._cached_prompt(use_prompt_cache, kwargs, generating=True)) is not None:
             tokens, mask = self.embed_tokens(input_ids, attention_mask, inputs_embeds)
             rows = tokens.shape[0] * generation_expand_size(self.base_model, kwargs)
@@ -521,7 +549,7 @@ def describe_hf_base(model: nn.Module) -> dict:
     """`DePTModel.describe_base` for a Hugging Face model: d of its input embeddings and its config's fields."""
     base_config = model.config
     return {
-        "token_dim": model.get_input_embeddings().weight.shape[1],
+        "token_dim": full_shape(model.get_input_embeddings().weight)[1],  # also for a ZeRO-3 shard
         "vocab_size": getattr(base_config, "vocab_size", None),
         "base_model_type": getattr(base_config, "model_type", None),
         "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,

@@ -11,6 +11,10 @@ The loop knows no task and no modality. It needs:
 `Trainer.train` reads top to bottom: build the data order, optimizer and schedule, maybe resume, then loop over
 optimizer steps, evaluating and saving a checkpoint every so often. A run killed at any moment resumes from its
 latest checkpoint and ends bit-identical to an uninterrupted run (same seed, same hardware).
+
+Distribution is accelerate's. Checkpoints go through `accelerator.save_state` / `load_state`, so DeepSpeed and
+FSDP write and read their own optimizer shards; the trainable weights are saved whole next to them, and the
+frozen base never is (`dept.checkpointing`). What sharded parameters need is in `dept.distributed`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -46,9 +51,17 @@ from dept.checkpointing import (
     read_checkpoint,
     restore_rng_state,
     rotate_checkpoints,
-    trainable_state_dict,
+    temporary_checkpoint_dir,
     write_checkpoint,
     write_text_atomically,
+)
+from dept.distributed import (
+    full_trainable_state_dict,
+    load_state_kwargs,
+    save_state_kwargs,
+    uses_deepspeed,
+    uses_fsdp,
+    whole_parameters_for_evaluation,
 )
 from dept.optim import build_optimizer, build_scheduler, learning_rates
 from dept.training_args import TrainingArguments
@@ -241,6 +254,9 @@ class Trainer:
                 f"The accelerator accumulates {self.accelerator.gradient_accumulation_steps} steps but "
                 f"args.gradient_accumulation_steps={args.gradient_accumulation_steps}: make them equal."
             )
+        # The trainer saves the trainable weights itself, whole; accelerate must not add the full model.
+        self.accelerator.register_save_state_pre_hook(_keep_model_weights_out_of_save_state)
+        self.accelerator.register_load_state_pre_hook(_keep_model_weights_out_of_load_state)
         self.metric_for_best_model, self.greater_is_better = self._best_model_criterion()
         self.state = TrainerState()
         self._prepared_model: nn.Module | None = None
@@ -265,13 +281,15 @@ class Trainer:
         train_dataloader, sampler = self._train_dataloader()
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
-        optimizer = build_optimizer(self.model, args)
-        model, optimizer, train_dataloader = accelerator.prepare(self.model, optimizer, train_dataloader)
+        base_optimizer = build_optimizer(self.model, args)
+        model, optimizer, train_dataloader = accelerator.prepare(self.model, base_optimizer, train_dataloader)
         self._prepared_model = model
         batches_per_epoch = self._batches_per_epoch = len(train_dataloader)
         steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
         total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-        scheduler = build_scheduler(optimizer.optimizer, args, total_steps)  # stepped by hand, once per step
+        # Stepped by hand, once per optimizer step. On the torch optimizer itself: DeepSpeed's ZeRO optimizer
+        # is no torch Optimizer, but it steps with these same param_groups (and their learning rates).
+        scheduler = build_scheduler(base_optimizer, args, total_steps)
 
         self.state = TrainerState(max_steps=total_steps, data_order=self._data_order())
         rng_state = self.maybe_resume(resume_from, optimizer, scheduler)
@@ -379,39 +397,62 @@ class Trainer:
                 f"Cannot resume from {checkpoint}: the data order would differ, because these settings changed "
                 f"(checkpoint, now): {changed}. Resume with the same settings, or start a new run in a new output_dir."
             )
-        load_trainable_state_dict(self.model, saved.trainable_parameters)
-        optimizer.load_state_dict(saved.optimizer)
+        self._load_checkpoint_state(saved.path, saved.trainable_parameters)
         scheduler.load_state_dict(saved.scheduler)
-        if saved.scaler is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(saved.scaler)
         state.max_steps = self.state.max_steps
         self.state = state
         process = self.accelerator.process_index
         return saved.rng_states[process]
 
-    def save_checkpoint(self, optimizer, scheduler) -> Path:
-        """Write `checkpoint-<global_step>` atomically (main process), then rotate old checkpoints.
+    def _load_checkpoint_state(self, path: Path, trainable_parameters: dict[str, torch.Tensor]) -> None:
+        """Optimizer (and scaler) through `accelerator.load_state`, each engine reading its own shards; the
+        trainable weights from the engine's files (DeepSpeed, FSDP) or from our whole copy."""
+        self.accelerator.load_state(str(path), **load_state_kwargs(self.accelerator))
+        if not (uses_deepspeed(self.accelerator) or uses_fsdp(self.accelerator)):
+            load_trainable_state_dict(self.model, trainable_parameters)
 
-        If this step was just evaluated, the checkpoint may become the best one. On a write failure every
-        process stops with `CheckpointWriteError`, and the previous checkpoints stay intact.
+    def save_checkpoint(self, optimizer, scheduler) -> Path:
+        """Write `checkpoint-<global_step>` atomically, then rotate old checkpoints.
+
+        Every process writes its engine's shards with `accelerator.save_state` into one temporary directory; the
+        main process adds the whole trainable weights, the schedule, every process's RNG state and the trainer
+        state, then renames it. If this step was just evaluated, the checkpoint may become the best one. On a
+        write failure every process stops with `CheckpointWriteError`, and the previous checkpoints stay intact.
         """
         accelerator, state = self.accelerator, self.state
         path = self.output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
         previous_best = (state.best_metric, state.best_model_checkpoint)
         if self._last_evaluation is not None and self._last_evaluation[0] == state.global_step:
             self._update_best(self._last_evaluation[1], path)
-        rng_states = gather_object([capture_rng_state()])  # one per process, in process order
+        rng_states = gather_object([capture_rng_state()])  # one per process, in process order, before any save
+        main_pid = [os.getpid()]
+        broadcast_object_list(main_pid)
+        temporary = temporary_checkpoint_dir(self.output_dir, state.global_step, main_pid[0])
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)  # left by an attempt killed mid-save
+        accelerator.wait_for_everyone()
+
+        engine_error = None
+        try:
+            accelerator.save_state(str(temporary), **save_state_kwargs(accelerator))
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+            engine_error = err
+        failures = gather_object([None if engine_error is None else (str(engine_error), _filename(engine_error))])
+        failure = next((f for f in failures if f is not None), None)
+        if failure is not None and engine_error is None:
+            engine_error = OSError(failure[0]) if failure[1] is None else OSError(0, failure[0], failure[1])
+        trainable = None if failure is not None else full_trainable_state_dict(accelerator, self._prepared_model)
 
         def write() -> None:
             write_checkpoint(
                 self.output_dir,
                 state.global_step,
-                trainable_parameters=trainable_state_dict(accelerator.unwrap_model(self._prepared_model)),
-                optimizer=optimizer.state_dict(),
+                trainable_parameters=trainable,
                 scheduler=scheduler.state_dict(),
                 rng_states=rng_states,
                 trainer_state=dataclasses.asdict(state),
-                scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                temporary=temporary,
+                engine_error=engine_error,
             )
             for old in rotate_checkpoints(self.output_dir, self.args.save_total_limit, state.best_model_checkpoint):
                 logger.info(f"Deleted {old} (save_total_limit={self.args.save_total_limit}).")
@@ -466,21 +507,23 @@ class Trainer:
         unwrapped.eval()
         predictions, references, losses = [], [], []
         start_time = time.perf_counter()
-        for batch in tqdm(dataloader, desc=prefix, leave=False, disable=not accelerator.is_local_main_process):
-            inputs, extras = split_batch(batch)
-            loss = unwrapped(**inputs).loss if "labels" in inputs else None
-            if loss is not None:
-                rows = len(inputs["labels"])
-                losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(rows)).cpu())
-            if self.evaluator is not None:
-                # Non-tensor extras (e.g. left-padded generation inputs of decoder-only models) reach the
-                # evaluator, never the forward; the gold references stay out of its reach.
-                prediction_batch = {**inputs, **{k: v for k, v in extras.items() if k != "references"}}
-                predictions += accelerator.gather_for_metrics(
-                    self.evaluator.predict_step(unwrapped, prediction_batch), use_gather_object=True
-                )
-            if "references" in extras:
-                references += accelerator.gather_for_metrics(list(extras["references"]), use_gather_object=True)
+        # Under FSDP the unwrapped model needs its root unit gathered (dept.distributed).
+        with whole_parameters_for_evaluation(accelerator, model):
+            for batch in tqdm(dataloader, desc=prefix, leave=False, disable=not accelerator.is_local_main_process):
+                inputs, extras = split_batch(batch)
+                loss = unwrapped(**inputs).loss if "labels" in inputs else None
+                if loss is not None:
+                    rows = len(inputs["labels"])
+                    losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(rows)).cpu())
+                if self.evaluator is not None:
+                    # Non-tensor extras (e.g. left-padded generation inputs of decoder-only models) reach the
+                    # evaluator, never the forward; the gold references stay out of its reach.
+                    prediction_batch = {**inputs, **{k: v for k, v in extras.items() if k != "references"}}
+                    predictions += accelerator.gather_for_metrics(
+                        self.evaluator.predict_step(unwrapped, prediction_batch), use_gather_object=True
+                    )
+                if "references" in extras:
+                    references += accelerator.gather_for_metrics(list(extras["references"]), use_gather_object=True)
         unwrapped.train(was_training)
         runtime = time.perf_counter() - start_time
 
@@ -690,7 +733,11 @@ class Trainer:
     def _load_best_model(self) -> None:
         best = Path(self.state.best_model_checkpoint)
         logger.info(f"Loading the best checkpoint {best} ({self.metric_for_best_model}={self.state.best_metric}).")
-        load_trainable_state_dict(self.model, read_checkpoint(best).trainable_parameters)
+        trainable = read_checkpoint(best).trainable_parameters
+        if uses_deepspeed(self.accelerator) or uses_fsdp(self.accelerator):
+            self._load_checkpoint_state(best, trainable)  # the engine's own copy, fp32 master weights included
+        else:
+            load_trainable_state_dict(self.model, trainable)
 
     def _train_metrics(self, runtime: float, steps_run: int) -> dict[str, float]:
         args, state = self.args, self.state
@@ -709,14 +756,21 @@ class Trainer:
 
     def _save_final(self, metrics: dict[str, float]) -> None:
         """The adapter, train_results.json, all_results.json and trainer_state.json, written once."""
-        unwrapped = self.accelerator.unwrap_model(self._prepared_model)
+        accelerator = self.accelerator
+        unwrapped = accelerator.unwrap_model(self._prepared_model)
+        # Whole tensors, the same file as a single-process run writes: gathered from the engine's shards.
+        trainable = full_trainable_state_dict(accelerator, self._prepared_model)
+        sharded = uses_deepspeed(accelerator) or uses_fsdp(accelerator)
 
         def write() -> None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if hasattr(unwrapped, "save_pretrained"):
-                unwrapped.save_pretrained(str(self.output_dir))
+                if sharded:  # the model's own tensors may be shards or bf16 casts of the fp32 master weights
+                    unwrapped.save_pretrained(str(self.output_dir), state_dict=trainable)
+                else:
+                    unwrapped.save_pretrained(str(self.output_dir))
             else:
-                save_file(trainable_state_dict(unwrapped), str(self.output_dir / FALLBACK_ADAPTER_NAME))
+                save_file(trainable, str(self.output_dir / FALLBACK_ADAPTER_NAME))
             self._write_results("train", metrics)
             state = json.dumps(dataclasses.asdict(self.state), indent=2) + "\n"
             write_text_atomically(self.output_dir / TRAINER_STATE_NAME, state)
@@ -765,6 +819,22 @@ class Trainer:
         )
         text = "".join(json.dumps(row, default=str) + "\n" for row in rows)
         write_text_atomically(self.output_dir / f"predictions_{split}.jsonl", text)
+
+
+def _keep_model_weights_out_of_save_state(models, weights, output_dir) -> None:
+    """accelerate's save_state pre-hook: drop the full model state dict of runs without DeepSpeed or FSDP
+    (those engines save their own, trainable-only or sharded); the trainer saves the trainable weights."""
+    weights.clear()
+
+
+def _keep_model_weights_out_of_load_state(models, input_dir) -> None:
+    """accelerate's load_state pre-hook: the models left to accelerate (no DeepSpeed or FSDP) get their trainable
+    weights from the trainer, so accelerate must not look for a model file."""
+    models.clear()
+
+
+def _filename(error: BaseException) -> str | None:
+    return getattr(error, "filename", None)
 
 
 def _trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

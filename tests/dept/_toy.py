@@ -73,10 +73,12 @@ class ToyAdapterModel(nn.Module):
             },
         ]
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """`state_dict`: whole tensors by parameter name instead of the own ones (as `DePTModel.save_pretrained`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         trainable = {name: p.detach().cpu() for name, p in self.named_parameters() if p.requires_grad}
+        trainable.update(state_dict or {})
         save_file(trainable, str(directory / "adapter_model.safetensors"))
         (directory / "adapter_config.json").write_text(json.dumps({"r": self.lora_embedding_A.shape[1]}))
 

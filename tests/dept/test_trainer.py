@@ -142,8 +142,8 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
 
 def test_rotation_deletes_oldest_checkpoints_but_never_the_best_or_newest(tmp_path):
     for step in (2, 4, 6, 8):
-        write_checkpoint(tmp_path, step, trainable_parameters={"w": torch.zeros(1)}, optimizer={}, scheduler={},
-                         rng_states=[], trainer_state={"global_step": step})  # fmt: skip
+        write_checkpoint(tmp_path, step, trainable_parameters={"w": torch.zeros(1)}, scheduler={}, rng_states=[],
+                         trainer_state={"global_step": step})  # fmt: skip
     deleted = rotate_checkpoints(tmp_path, save_total_limit=2, best=tmp_path / "checkpoint-2")
     assert sorted(path.name for path in deleted) == ["checkpoint-4", "checkpoint-6"]
     assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-8"]
@@ -308,6 +308,14 @@ def test_dept_t5_trains_through_the_loop_and_checkpoints_only_its_adapter(tmp_pa
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert saved.keys() == trainable.keys()
     assert sum(t.numel() for t in saved.values()) == model.num_trainable_parameters()["total"] == 4 * 32 + 16 * 2 + 2 * 32
+    # accelerate's save_state wrote the optimizer and RNG states, and no copy of the frozen base.
+    files = {path.name for path in (tmp_path / "checkpoint-12").iterdir()}
+    assert files == {"trainable_parameters.safetensors", "optimizer.bin", "scheduler.pt", "rng_state.pt",
+                     "random_states_0.pkl", "trainer_state.json"}  # fmt: skip
+    optimizer_state = read_checkpoint(tmp_path / "checkpoint-12").optimizer["state"]
+    assert sorted(state["exp_avg"].numel() for state in optimizer_state.values()) == sorted(
+        t.numel() for t in saved.values()
+    )
     for name, tensor in model.base_model.named_parameters():
         assert torch.equal(tensor, base_before[name]), name
 

@@ -39,6 +39,9 @@ ACCELERATE_CONFIGS = {
     "deepspeed_zero2.yaml": (DistributedType.DEEPSPEED, 8, 1, "bf16"),
     "deepspeed_zero3.yaml": (DistributedType.DEEPSPEED, 8, 1, "bf16"),
     "fsdp.yaml": (DistributedType.FSDP, 8, 1, "bf16"),
+    "fsdp_llama.yaml": (DistributedType.FSDP, 8, 1, "bf16"),
+    "fsdp2.yaml": (DistributedType.FSDP, 8, 1, "bf16"),
+    "fsdp2_llama.yaml": (DistributedType.FSDP, 8, 1, "bf16"),
     "multi_node.yaml": (DistributedType.MULTI_GPU, 16, 2, "bf16"),
 }
 

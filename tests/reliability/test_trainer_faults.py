@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dept.checkpointing
 from dept.checkpointing import (
     OPTIMIZER_NAME,
     TRAINABLE_PARAMETERS_NAME,
@@ -146,15 +145,15 @@ def test_full_disk_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_
     reference = tmp_path / "reference"
     reference_metrics = train_and_evaluate(reference, **settings)
 
-    write_torch = dept.checkpointing._write_torch
+    torch_save = torch.save  # accelerate's save_state writes the optimizer shard with it
 
-    def disk_full_at_step_8(obj, path: Path):
-        if path.parent.name.startswith("checkpoint-8") and path.name == OPTIMIZER_NAME:
+    def disk_full_at_step_8(obj, path, *args, **kwargs):
+        if Path(path).parent.name.startswith("checkpoint-8") and Path(path).name == OPTIMIZER_NAME:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        write_torch(obj, path)
+        return torch_save(obj, path, *args, **kwargs)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(dept.checkpointing, "_write_torch", disk_full_at_step_8)
+    monkeypatch.setattr(torch, "save", disk_full_at_step_8)
     with pytest.raises(CheckpointWriteError) as failure:
         train_and_evaluate(run, **settings)
     message = str(failure.value)
@@ -165,7 +164,7 @@ def test_full_disk_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_
     for name, tensor in expected.trainable_parameters.items():
         assert torch.equal(kept.trainable_parameters[name], tensor)
 
-    monkeypatch.setattr(dept.checkpointing, "_write_torch", write_torch)  # space freed
+    monkeypatch.setattr(torch, "save", torch_save)  # space freed
     resumed_metrics = train_and_evaluate(run, resume_from_checkpoint="auto", **settings)
     assert_same_outcome(run, reference, resumed_metrics, reference_metrics)
 
@@ -219,7 +218,7 @@ def test_overwrite_output_dir_replaces_the_old_checkpoints(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_two_processes_train_and_report_the_single_process_eval_metric(tmp_path):
+def test_two_processes_train_report_the_single_process_eval_metric_and_resume_bit_identically(tmp_path):
     settings = dict(max_steps=6, save_steps=3, eval_steps=3)
     run, report = tmp_path / "two_processes", tmp_path / "report"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -243,6 +242,19 @@ def test_two_processes_train_and_report_the_single_process_eval_metric(tmp_path)
     # examples to keep batches even, and their loss is part of that batch's mean.)
     two_predictions = (run / "predictions_eval.jsonl").read_text().splitlines()
     assert two_predictions == (tmp_path / "single" / "predictions_eval.jsonl").read_text().splitlines()
+
+    # A copy cut back to checkpoint-3 (as if killed after it) resumes under 2 processes through load_state, with
+    # each process's RNG, to the same adapter bit for bit.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(run / "checkpoint-3", resumed / "checkpoint-3")
+    command = [*command[:-5], str(resumed), "--args", json.dumps({**settings, "resume_from_checkpoint": "auto"})]
+    finished = subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert (resumed / "checkpoint-3" / "random_states_1.pkl").is_file()  # accelerate's save_state, per process
+    for name, tensor in load_file(str(run / "adapter_model.safetensors")).items():
+        assert torch.equal(load_file(str(resumed / "adapter_model.safetensors"))[name], tensor), name
+    assert json.loads((resumed / "eval_results.json").read_text())["eval_accuracy"] == two["eval_accuracy"]
 
 
 def test_resume_with_a_different_batch_size_is_refused(tmp_path):
