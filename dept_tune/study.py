@@ -16,6 +16,7 @@ import shutil
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -197,7 +198,9 @@ def recover_dead_trials(study: optuna.Study, storage) -> int:
             continue  # another worker got there first
         retry_trial(study, trial)
         recovered += 1
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # RDB heartbeats: trials of dead workers anywhere
     return recovered
 
 
