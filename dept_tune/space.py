@@ -151,7 +151,7 @@ def budget_choices(spec: ParamSpec, budget: Budget) -> list[tuple[int, int]]:
                 f"(d={budget.hidden_size}, s={budget.max_length}). Pairs that do: {pairs}."
             )
     else:
-        low = spec.low if spec.low is not None else -1
+        low = spec.low if spec.low is not None else (1 if spec.name == "r" else 0)  # r = 0 is PT: ask for it
         high = spec.high if spec.high is not None else float("inf")
         chosen = [pair for pair in pairs if low <= pair[index] <= high]
     if len(chosen) < 2:

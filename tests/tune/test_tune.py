@@ -17,11 +17,12 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from safetensors.torch import load_file
 
 from dept_tune.cli import tune
-from dept_tune.space import SEED_GRID
+from dept_tune.space import SEED_GRID, Budget
 from dept_tune.storage import StorageError, open_storage
-from dept_tune.study import counted_trials
+from dept_tune.study import counted_trials, format_rate
 from tests.conftest import REPO_ROOT
 from tests.tune.fixtures import TASK, write_tiny_task
 
@@ -208,3 +209,33 @@ def test_bad_search_or_storage_is_refused_before_any_training(tiny_task, tmp_pat
     error = capsys.readouterr().err
     assert message in error and "secret" not in error, error
     assert not root.exists() or not _run_dirs(root)
+
+
+def test_budget_pairs_are_the_papers_equal_budget_configurations():
+    # DESIGN.md: t5-base (d = 768) with s = 256 spends 76,800 parameters at (m, r) = (60, 30), (40, 45) and as
+    # PT with l = 100; the official MRQA runs use (60, 24) at s = 512, the same budget.
+    pairs = Budget(prefix_length=60, r=30, max_length=256, hidden_size=768).pairs()
+    assert Budget(60, 30, 256, 768).total == 76_800
+    assert {(100, 0), (60, 30), (40, 45), (80, 15)} <= set(pairs)
+    assert all(m * 768 + r * (256 + 768) == 76_800 for m, r in pairs)
+    assert (60, 24) in Budget(60, 24, 512, 768).pairs() and Budget(60, 24, 512, 768).total == 76_800
+
+
+@pytest.mark.parametrize(("value", "name"), [(0.3, "3e-1"), (4e-1, "4e-1"), (5e-3, "5e-3"), (5e-4, "5e-4"),
+                                             (1.2345e-3, "1.23e-3"), (1.0, "1e0")])
+def test_learning_rates_are_spelled_as_in_the_official_run_names(value, name):
+    assert format_rate(value) == name
+
+
+@pytest.mark.slow
+def test_searching_r_keeps_the_parameter_budget_of_the_recipe(tiny_task, tmp_path):
+    # The tiny task: m = 4, r = 2, s = 32, d = 32, so 4·32 + 2·(32 + 32) = 256 trainable parameters.
+    root = tmp_path / "budget"
+    tune(_argv(tiny_task, root, "--sampler", "grid", "--search", "r=1,2,3", "--search", "learning_rate=3e-1",
+               "--pruner", "none", "--max_steps", "2", "--keep_all"))
+    sizes = {}
+    for path in _run_dirs(root):
+        adapter = load_file(path / "adapter_model.safetensors")
+        config = json.loads((path / "adapter_config.json").read_text())
+        sizes[(config["num_virtual_tokens"], config["r"])] = sum(t.numel() for t in adapter.values())
+    assert sizes == {(6, 1): 256, (4, 2): 256, (2, 3): 256}
