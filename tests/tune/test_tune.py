@@ -90,8 +90,12 @@ def test_six_trials_with_pruning_keep_the_best_adapter_and_report(tiny_task, tmp
 @pytest.mark.slow
 def test_grid_sampler_runs_exactly_the_seed_grid_in_sweep_sh_directories(tiny_task, tmp_path):
     root = tmp_path / "grid"
-    tune(_argv(tiny_task, root, "--sampler", "grid", "--pruner", "none", "--max_steps", "2"))
+    argv = _argv(tiny_task, root, "--sampler", "grid", "--pruner", "none", "--max_steps", "2")
+    tune(argv)
+    report = tune(argv)  # the same command on a finished study trains nothing more
+    assert report["counts"] == {"COMPLETE": 6} and tune([*argv, "--report_only"])["trials"] == report["trials"]
     study = _load(str(root / "optuna_journal.log"), "grid")
+    assert len(study.trials) == 6
     points = sorted((t.params["lora_embedding_lr"], t.params["learning_rate"]) for t in study.get_trials())
     assert points == sorted(itertools.product(SEED_GRID["lora_embedding_lr"], SEED_GRID["learning_rate"]))
     assert all(t.state == TrialState.COMPLETE for t in study.get_trials())
