@@ -11,6 +11,7 @@ A storage that cannot be opened or reached raises `StorageError` before anything
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
@@ -62,7 +63,9 @@ def open_storage(storage: str, heartbeat_interval: int | None = None, grace_peri
         heartbeat = dict(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                          heartbeat_stale_trial_callback=on_stale_trial)
     try:
-        return RDBStorage(storage, engine_kwargs=engine_kwargs, **heartbeat)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
+            return RDBStorage(storage, engine_kwargs=engine_kwargs, **heartbeat)
     except Exception as error:  # sqlalchemy's OperationalError, a missing driver, a bad URL, ...
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise StorageError(
