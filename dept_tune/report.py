@@ -94,22 +94,23 @@ def draw_plots(study: optuna.Study, output_dir: Path) -> dict[str, str]:
     """PNG plots, by name -> file name, or -> why it was not drawn (too few finished trials, ...)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     searched = sorted({name for trial in complete for name in trial.distributions})
+    plot, target = optuna.visualization.matplotlib, f"eval_{study.user_attrs.get('metric')}"
     plots = {
-        "optimization_history": (lambda: optuna.visualization.matplotlib.plot_optimization_history(study), 1),
-        "param_importances": (lambda: optuna.visualization.matplotlib.plot_param_importances(study), 2),
+        "optimization_history": (lambda: plot.plot_optimization_history(study, target_name=target), 1),
+        "param_importances": (lambda: plot.plot_param_importances(study, target_name=target), 2),
     }
     if set(CONTOUR_PARAMS) <= set(searched):
         plots["contour_" + "_".join(CONTOUR_PARAMS)] = (
-            lambda: optuna.visualization.matplotlib.plot_contour(study, params=list(CONTOUR_PARAMS)), 2)
+            lambda: plot.plot_contour(study, params=list(CONTOUR_PARAMS), target_name=target), 2)
     drawn = {}
-    for name, (plot, needed) in plots.items():
+    for name, (draw, needed) in plots.items():
         if len(complete) < needed:
             drawn[name] = f"not drawn: needs {needed} complete trials, the study has {len(complete)}"
             continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
-                axes = plot()
+                axes = draw()
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
             figure.savefig(output_dir / f"{name}.png", dpi=120, bbox_inches="tight")
             plt.close(figure)
