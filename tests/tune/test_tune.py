@@ -19,6 +19,7 @@ import pytest
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
+from dept.checkpointing import complete_checkpoints
 from dept_tune.cli import tune
 from dept_tune.space import SEED_GRID, Budget
 from dept_tune.storage import StorageError, open_storage
@@ -124,11 +125,13 @@ def test_study_killed_mid_trial_resumes_without_losing_or_repeating_a_trial(tiny
         trials = _load(storage, "killed").get_trials()
         running = [t for t in trials if t.state == TrialState.RUNNING and "output_dir" in t.user_attrs]
         done = [t for t in trials if t.state == TrialState.COMPLETE]
-        if done and running and list((root / running[0].user_attrs["output_dir"]).glob("checkpoint-*")):
+        if done and running and complete_checkpoints(root / running[0].user_attrs["output_dir"]):
             victim = running[0]
     assert victim is not None, (tmp_path / "first.log").read_text()[-3000:]
     worker.send_signal(signal.SIGKILL)
     worker.wait()
+    checkpoint = complete_checkpoints(root / victim.user_attrs["output_dir"])[-1]
+    resumed_at = int(checkpoint.name.removeprefix("checkpoint-"))
     before = {t.number: t for t in _load(storage, "killed").get_trials() if t.state == TrialState.COMPLETE}
 
     tune(argv)  # the same command again resumes the study
@@ -143,7 +146,8 @@ def test_study_killed_mid_trial_resumes_without_losing_or_repeating_a_trial(tiny
     assert len(retries) == 1  # the killed trial runs again exactly once, with its parameters and directory
     retry = retries[0]
     assert retry.params == victim.params and retry.user_attrs["output_dir"] == victim.user_attrs["output_dir"]
-    assert min(retry.intermediate_values) > 2  # it resumed from a checkpoint (written every 2 steps)
+    # It resumed from the checkpoint the killed run left: only the later evaluations (every 2 steps) were run.
+    assert sorted(retry.intermediate_values) == list(range(resumed_at + 2, 9, 2))
     assert len({tuple(sorted(t.params.items())) for t in counted}) == 4
 
 
