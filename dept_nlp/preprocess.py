@@ -30,6 +30,18 @@ def _cut(ids: list[int], limit: int, special_ids: set[int]) -> list[int]:
     return ids[:limit]
 
 
+def encode_source(tokenizer, family: str, source: str) -> list[int]:
+    """The input ids of one source text, before truncation, as the family's model reads them.
+
+    Decoder-only models read `bos + source + CAUSAL_SEPARATOR`, the target following; the others read the
+    tokenizer's own encoding (with its special tokens).
+    """
+    if family == "causal":
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return bos + tokenizer(source + CAUSAL_SEPARATOR, add_special_tokens=False)["input_ids"]
+    return tokenizer(source)["input_ids"]
+
+
 def tokenize_rows(
     dataset: datasets.Dataset,
     tokenizer,
@@ -47,10 +59,9 @@ def tokenize_rows(
         out = {"input_ids": [], "labels": []}
         if family == "causal":
             out["prompt_input_ids"] = []
-        bos = [tokenizer.bos_token_id] if family == "causal" and tokenizer.bos_token_id is not None else []
         for source, target, label in zip(batch["source"], batch["target"], batch["label"]):
             if family == "causal":
-                source_ids = bos + tokenizer(source + CAUSAL_SEPARATOR, add_special_tokens=False)["input_ids"]
+                source_ids = encode_source(tokenizer, family, source)
                 target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"][: max_target_length - 1]
                 target_ids = target_ids + [tokenizer.eos_token_id]
                 room = max(max_length - len(target_ids), 1)
@@ -60,7 +71,7 @@ def tokenize_rows(
                 out["input_ids"].append((source_ids + target_ids)[:max_length])
                 out["labels"].append(([-100] * len(source_ids) + target_ids)[:max_length])
                 continue
-            ids = tokenizer(source)["input_ids"]
+            ids = encode_source(tokenizer, family, source)
             truncated += len(ids) > max_length
             out["input_ids"].append(_cut(ids, max_length, special_ids))
             if family == "seq2seq":
