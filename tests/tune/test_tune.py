@@ -236,14 +236,16 @@ def test_learning_rates_are_spelled_as_in_the_official_run_names(value, name):
 
 
 @pytest.mark.slow
-def test_searching_r_keeps_the_parameter_budget_of_the_recipe(tiny_task, tmp_path):
+def test_searching_r_keeps_the_parameter_budget_and_max_steps_sets_the_steps(tiny_task, tmp_path):
     # The tiny task: m = 4, r = 2, s = 32, d = 32, so 4·32 + 2·(32 + 32) = 256 trainable parameters.
     root = tmp_path / "budget"
-    tune(_argv(tiny_task, root, "--sampler", "grid", "--search", "r=1,2,3", "--search", "learning_rate=3e-1",
-               "--pruner", "none", "--max_steps", "2", "--keep_all"))
+    tune(_argv(tiny_task, root, "--sampler", "grid", "--search", "r=1,3", "--search", "max_steps=2,4",
+               "--search", "learning_rate=3e-1", "--pruner", "none", "--keep_all"))
     sizes = {}
     for path in _run_dirs(root):
         adapter = load_file(path / "adapter_model.safetensors")
         config = json.loads((path / "adapter_config.json").read_text())
-        sizes[(config["num_virtual_tokens"], config["r"])] = sum(t.numel() for t in adapter.values())
-    assert sizes == {(6, 1): 256, (4, 2): 256, (2, 3): 256}
+        steps = json.loads((path / "trainer_state.json").read_text())["global_step"]
+        assert path.name.endswith(f"_pl{config['num_virtual_tokens']}_r{config['r']}_st{steps}")
+        sizes[(config["num_virtual_tokens"], config["r"], steps)] = sum(t.numel() for t in adapter.values())
+    assert sizes == {(6, 1, 2): 256, (6, 1, 4): 256, (2, 3, 2): 256, (2, 3, 4): 256}
