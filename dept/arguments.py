@@ -20,6 +20,9 @@ from transformers import HfArgumentParser
 from .config import OFFICIAL_INIT_TEXT, DePTConfig
 from .methods import PEFT_TYPES
 
+DEFAULT_DEPT_RANK = 30
+DEFAULT_LORA_RANK = 8  # the LoRA baseline of the DePT paper's comparison
+
 
 @dataclass
 class MethodArguments:
@@ -30,14 +33,33 @@ class MethodArguments:
         metadata={"help": "PROMPT_TUNING_LORA (DePT), PROMPT_TUNING, LORA or FULL.", "choices": list(PEFT_TYPES)},
     )
     prefix_length: int = field(default=60, metadata={"help": "m: number of prompt vectors."})
-    r: int = field(default=30, metadata={"help": "Rank of DePT's embedding update (or of LoRA with --peft_type LORA)."})
+    r: int | None = field(
+        default=None,
+        metadata={"help": "Rank: of DePT's A @ B (default 30), or of LoRA with --peft_type LORA (default 8)."},
+    )
     lora_alpha: float = field(default=8.0, metadata={"help": "DePT scales A @ B by lora_alpha / sqrt(r)."})
     prompt_init: str = field(default="text", metadata={"help": "P starts from 'text', 'vocab' or 'random'."})
     prompt_init_text: str = field(default=OFFICIAL_INIT_TEXT, metadata={"help": "Text for --prompt_init text."})
     peft_model_id: str | None = field(
         default=None, metadata={"help": "Start from this saved adapter (ours or an official DePT checkpoint)."}
     )
-    lora_r: int = field(default=8, metadata={"help": "Rank of the LoRA baseline (q and v)."})
+    lora_r: int | None = field(
+        default=None, metadata={"help": "Rank of the LoRA baseline (q and v); the same as --r with --peft_type LORA."}
+    )
+
+    def __post_init__(self):
+        both = self.r is not None and self.lora_r is not None
+        if self.peft_type == "LORA" and both and self.r != self.lora_r:
+            raise ValueError(
+                f"--r {self.r} and --lora_r {self.lora_r} disagree. With --peft_type LORA both set the LoRA rank; "
+                "pass one of them."
+            )
+        if self.peft_type == "LORA":
+            rank = self.lora_r if self.lora_r is not None else self.r
+            self.r = self.lora_r = DEFAULT_LORA_RANK if rank is None else rank
+        else:
+            self.r = DEFAULT_DEPT_RANK if self.r is None else self.r
+            self.lora_r = DEFAULT_LORA_RANK if self.lora_r is None else self.lora_r
 
     def dept_config(self, max_length: int, task_type: str, base_model_name_or_path: str | None = None,
                     seed: int = 0) -> DePTConfig:

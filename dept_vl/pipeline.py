@@ -1,7 +1,7 @@
 """One vision-language run, top to bottom: tasks, features, VL-T5, method, the shared trainer, result files.
 
     >>> from dept_vl.pipeline import run
-    >>> results = run(model_args, data_args, method_args, training_args)   # the CLI fills these from flags
+    >>> results = run(model_args, data_args, method_args, training_args)  # the CLI fills these  # doctest: +SKIP
 
 The flags mean what they mean in the text pipeline (`--peft_type`, `--max_seq_length`, `--do_train`, ...), and
 the run writes the same files (the trainer's result files, `predictions_<split>.jsonl`, the adapter), plus
