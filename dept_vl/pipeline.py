@@ -187,7 +187,7 @@ def _model_feat_dim(model) -> int | None:
 
 
 def run(model_args: VLModelArguments, data_args: VLDataArguments, method_args: MethodArguments,
-        training_args: TrainingArguments) -> dict[str, float]:
+        training_args: TrainingArguments, on_evaluate=None) -> dict[str, float]:
     task_names = data_args.task_names
     data = load_task_splits(task_names, data_args.sources, data_args.needed_splits(), data_args.data_seed,
                             data_args.max_train_samples, data_args.max_eval_samples)
@@ -211,7 +211,7 @@ def run(model_args: VLModelArguments, data_args: VLDataArguments, method_args: M
     trainer = Trainer(
         model, training_args, collate_fn=VLCollator(tokenizer, sources), evaluator=evaluator,
         train_dataset=tokenized.get("train"), eval_dataset=tokenized.get("validation"),
-        test_dataset=tokenized.get("test"),
+        test_dataset=tokenized.get("test"), on_evaluate=on_evaluate,
     )
     results: dict[str, float] = {}
     if data_args.do_train:
