@@ -22,6 +22,7 @@ from torch import nn
 from .checkpoint import load_adapter, save_adapter
 from .config import ConfigError, DePTConfig
 from .embedding import DePTEmbedding
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ ABSOLUTE_POSITION_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", 
 PADDING_OFFSET_MODEL_TYPES = ("roberta", "xlm-roberta", "camembert")
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(UserError, ValueError):
     """An adapter that does not fit the model it is loaded into."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dept.arguments import check_model_name_or_path
+
 # Flags of the official DePT README or older transformers, accepted as spelled there.
 FLAG_ALIASES = {"--evaluation_strategy": "--eval_strategy", "--k_shot_example": "--k_shot_examples"}
 
@@ -20,6 +22,9 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the hub. Off unless you ask for it."}
     )
+
+    def __post_init__(self):
+        check_model_name_or_path(self.model_name_or_path)
 
 
 @dataclass

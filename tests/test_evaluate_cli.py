@@ -12,12 +12,12 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 from dept import DePTConfig, get_dept_model
-from dept.evaluation_cli import main as dept_eval
+from dept.evaluation_cli import evaluate as dept_eval
 from dept.testing import save_tiny_model, tiny_t5_config
-from dept_nlp.cli import main as dept_train
+from dept_nlp.cli import train as dept_train
 from dept_nlp.evaluation import TextEvaluator
 from dept_nlp.tasks import get_task
-from dept_vl.cli import main as vl_train
+from dept_vl.cli import train as vl_train
 from dept_vl.data import task_file_paths
 from dept_vl.evaluation import VLEvaluator
 from tests.conftest import OFFICIAL_CHECKPOINTS, T5_TOKENIZER_DIR
