@@ -349,8 +349,8 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         base, tokenizer = bases.get(pair, plugins[pair.modality], device)
         components[pair.name] = plugins[pair.modality].build_eval_components(
             pair.task_name, tokenizer, base, max_length=pair.max_length, split=args.split, data_args=args)
-    evaluate = evaluate_mixed if args.mixed else evaluate_one_at_a_time
-    evaluate(pairs, plugins, bases, components, args, device)
+    evaluate_pairs = evaluate_mixed if args.mixed else evaluate_one_at_a_time
+    evaluate_pairs(pairs, plugins, bases, components, args, device)
     report = {"model_name_or_path": args.model_name_or_path, "split": args.split, "mixed": args.mixed,
               "results": [pair.result for pair in pairs]}
     table = results_table(report)

@@ -194,5 +194,5 @@ def check_output_dir_is_writable(output_dir: str, flag: str = "--output_dir") ->
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise FlagError(f"{flag} {output_dir}: {existing} is not writable ({err.strerror or err}). Choose a "
-                        "directory you can write to.") from None
+        raise FlagError(f"{flag} {output_dir}: {existing} is not writable (creating a file there failed: "
+                        f"{err.strerror or err}). Choose a directory you can write to.") from None
