@@ -1,97 +1,42 @@
-"""What a new user meets at the console: exit codes, output printed once, expected errors as one or two lines
-with exit code 2 (the traceback only with --debug), a run killed at its first checkpoint, per-task local files
-for dept-eval, and a launcher killed under two processes.
+"""What a new user meets at the console when things go right, or a run is killed: exit code 0 and the results
+printed once, a run SIGKILLed at its first checkpoint restarted with `auto`, byte-identical adapters from two
+processes, one local file per task in dept-eval, its --help, and --prefix_length 0.
 
-Every test runs the installed console scripts (`dept-train`, `dept-train-vl`, `dept-eval`, next to
-sys.executable) as subprocesses, with this checkout first on PYTHONPATH.
+Every test runs the installed console scripts as subprocesses (see `tests/reliability/console.py`); the expected
+errors are in test_console_errors.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from dept.checkpointing import complete_checkpoints
-from dept.testing import save_tiny_model
-from dept_nlp.tasks import get_task
-from tests.conftest import free_port
-from tests.nlp.fixtures import hub_row, write_task_fixture
+from tests.reliability.console import (
+    ENV,
+    REPO_ROOT,
+    make_text_setup,
+    printed_results,
+    run,
+    script,
+    sha256,
+    train_flags,
+)
 from tests.vl.test_pipeline import build_vl_fixture
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = Path(sys.executable).parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 TABLE_HEADER = "| adapter | task | metrics | examples | examples/s | trainable params |"
-
-
-def script(name: str) -> str:
-    path = SCRIPTS / name
-    assert path.is_file(), f"{name} is not installed next to {sys.executable}"
-    return str(path)
-
-
-def run(name: str, *argv, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([script(name), *map(str, argv)], env={**ENV, **(env or {})}, capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO_ROOT)
-
-
-def assert_clear_error(finished: subprocess.CompletedProcess, *expected: str) -> str:
-    """Exit code 2, no traceback, at most two lines on stderr after the logs, naming every `expected` text."""
-    assert finished.returncode == 2, finished.stderr[-3000:]
-    assert "Traceback" not in finished.stderr, finished.stderr[-3000:]
-    lines = [line for line in finished.stderr.splitlines() if ": error: " in line or "--debug" in line]
-    assert len(lines) == 2 and lines[0].split(":")[0] in ("dept-train", "dept-train-vl", "dept-eval"), lines
-    for text in expected:
-        assert text in lines[0], (text, lines[0])
-    return lines[0]
-
-
-def printed_results(stdout: str) -> dict:
-    """The results JSON a training CLI prints (after any library warnings on stdout), which must be printed once."""
-    lines = stdout.splitlines()
-    assert lines.count("{") == 1, stdout[-3000:]
-    return json.loads("\n".join(lines[lines.index("{"):]))
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
-    """A tiny T5 and sst2/rte files of different sizes (so each task's own file shows in the counts)."""
-    root = tmp_path_factory.mktemp("console")
-    files = {"sst2": write_task_fixture("sst2", root / "data", n_train=8, n_val=4, n_test=4),
-             "rte": write_task_fixture("rte", root / "data", n_train=8, n_val=6, n_test=4)}
-    texts = []
-    for task_name in files:
-        for i in range(12):
-            row = hub_row(task_name, i)
-            texts += [str(v) for v in row.values()] + [get_task(task_name).format_example(row)[0]]
-    return {"root": root, "files": files, "model": save_tiny_model("seq2seq", root / "t5", texts)}
-
-
-def train_flags(text, output_dir, *extra) -> list[str]:
-    files = text["files"]["sst2"]
-    return ["--model_name_or_path", text["model"], "--task_name", "sst2", "--output_dir", output_dir,
-            "--train_file", files["train_file"], "--validation_file", files["validation_file"],
-            "--test_file", files["test_file"], "--do_train", "--do_eval", "--do_predict",
-            "--prefix_length", "4", "--r", "2", "--max_seq_length", "32", "--max_steps", "4", "--eval_steps", "2",
-            "--save_steps", "2", "--per_device_train_batch_size", "4", "--generation_max_length", "3",
-            "--report_to", "none", "--seed", "7", *extra]
+    return make_text_setup(tmp_path_factory.mktemp("console"))
 
 
 @pytest.fixture(scope="module")
@@ -202,128 +147,3 @@ def test_identical_adapters_from_two_processes_have_the_same_bytes(restarted, re
     assert sha256(restarted[0] / "adapter_model.safetensors") == sha256(reference[0] / "adapter_model.safetensors")
 
 
-# --------------------------------------------------------------------------------------------- clear errors
-
-
-def test_non_utf8_data_names_the_file_and_the_line(text, tmp_path):
-    bad = tmp_path / "latin1.jsonl"
-    lines = text["files"]["sst2"]["train_file"].read_bytes().splitlines(keepends=True)
-    bad.write_bytes(b"".join(lines[:2]) + '{"sentence": "caf\u00e9", "label": 1}\n'.encode("latin-1"))
-    finished = run("dept-train", *train_flags(text, tmp_path / "out", "--train_file", bad))
-    assert_clear_error(finished, str(bad), "line 3 is not UTF-8", "iconv")
-
-
-def test_a_directory_as_train_file_is_named_a_directory(text, tmp_path):
-    finished = run("dept-train", *train_flags(text, tmp_path / "out", "--train_file", tmp_path))
-    assert_clear_error(finished, f"{tmp_path} is a directory, not a data file")
-
-
-def test_a_missing_model_directory_is_not_found_and_not_a_hub_id(text, tmp_path):
-    finished = run("dept-train", *train_flags(text, tmp_path / "out", "--model_name_or_path", tmp_path / "nope"))
-    assert_clear_error(finished, str(tmp_path / "nope"), "not found: no such directory, and not a hub id")
-
-
-def test_debug_shows_the_traceback(text, tmp_path):
-    finished = run("dept-train", *train_flags(text, tmp_path / "out", "--model_name_or_path", tmp_path / "nope"),
-                   "--debug")
-    assert finished.returncode == 1 and "Traceback" in finished.stderr
-    assert "FlagError: --model_name_or_path" in finished.stderr
-
-
-@pytest.mark.parametrize("kind", ["a file", "not writable"])
-def test_an_unusable_output_dir_is_refused_before_any_training(text, tmp_path, kind):
-    if kind == "a file":
-        output_dir = tmp_path / "results.txt"
-        output_dir.write_text("not a directory")
-        expected = f"--output_dir {output_dir} is a file"
-    else:
-        output_dir = Path("/proc/dept-test-output")  # not writable, not even by root
-        expected = "/proc is not writable"
-    finished = run("dept-train", *train_flags(text, output_dir))
-    assert_clear_error(finished, expected)
-    assert "Training " not in finished.stderr and "Loading " not in finished.stderr  # refused at parse time
-
-
-def test_a_truncated_adapter_names_the_file_as_damaged(text, reference, tmp_path):
-    adapter = tmp_path / "adapter"
-    shutil.copytree(reference[0], adapter, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
-    weights = adapter / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    finished = run("dept-eval", "--model_name_or_path", text["model"], "--adapter", f"{adapter}:sst2",
-                   "--validation_file", text["files"]["sst2"]["validation_file"])
-    assert_clear_error(finished, str(weights), "is damaged")
-
-
-def test_sizes_that_disagree_with_the_peft_model_id_adapter_are_refused(text, reference, tmp_path):
-    finished = run("dept-train", *train_flags(text, tmp_path / "out", "--peft_model_id", reference[0],
-                                              "--prefix_length", "7", "--r", "2"))
-    assert_clear_error(finished, "--prefix_length 7 (the adapter has 4)")
-    assert "--r" not in finished.stderr.splitlines()[-2].split("but")[-1]  # --r 2 agrees with the adapter
-
-
-def test_corrupt_images_are_all_reported_before_training(vl, tmp_path):
-    images = tmp_path / "images"
-    shutil.copytree(vl.root / "coco" / "images", images)
-    broken = sorted(images.rglob("*.png"))[:2] or sorted(images.rglob("*.jpg"))[:2]
-    for path in broken:
-        path.write_bytes(path.read_bytes()[:40])
-    finished = run("dept-train-vl", *vl.argv("vqa", tmp_path / "run", "--feature_file", "", "--image_dir", images,
-                                             "--backbone", "resnet18", "--pretrained", "false", "--image_size", "64"))
-    message = assert_clear_error(finished, "2 of the", "images the data refers to cannot be loaded")
-    for path in broken:
-        assert str(path) in message
-    assert not (tmp_path / "run" / "checkpoint-2").exists()
-
-
-# --------------------------------------------------------------------------------------------- two processes
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            if entry.isdigit() and int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-@pytest.mark.multiprocess
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc")
-def test_ranks_stop_when_the_launcher_is_killed(text, tmp_path):
-    output_dir = tmp_path / "run"
-    argv = train_flags(text, output_dir, "--max_steps", "100000", "--eval_steps", "100000", "--save_steps", "5",
-                       "--do_eval", "false", "--do_predict", "false", "--load_best_model_at_end", "false",
-                       "--per_device_train_batch_size", "2")
-    command = [script("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO_ROOT / "scripts" / "train_nlp.py"), *map(str, argv)]
-    launcher = subprocess.Popen(command, env=ENV, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-    ranks: list[int] = []
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and launcher.poll() is None and not complete_checkpoints(output_dir):
-            ranks = _children(launcher.pid) or ranks
-            time.sleep(0.2)
-        ranks = _children(launcher.pid) or ranks
-        assert len(ranks) == 2 and launcher.poll() is None, "the two ranks did not start training"
-        launcher.send_signal(signal.SIGKILL)  # it cannot forward this one: the ranks must notice by themselves
-        launcher.wait()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and any(_running(pid) for pid in ranks):
-            time.sleep(0.2)
-        assert not any(_running(pid) for pid in ranks), "a rank kept running after its launcher was killed"
-    finally:
-        launcher.kill()
-        for pid in ranks:
-            if _running(pid):
-                os.kill(pid, signal.SIGKILL)
