@@ -9,6 +9,9 @@ from torch import nn
 
 from .config import DePTConfig
 
+# RoBERTa-family position ids start after the padding index.
+PADDING_OFFSET_MODEL_TYPES = ("roberta", "xlm-roberta", "camembert")
+
 
 class InputTooLongError(ValueError):
     """An input has more real tokens than the adapter's max_length covers."""
@@ -115,6 +118,15 @@ class DePTEmbedding(nn.Module):
         prompt_part = per_token.new_full((per_token.shape[0], self.num_virtual_tokens), fill_value)
         return self.place(prompt_part, per_token, self.prompt_layout(attention_mask, prompt_first))
 
+    def update_tokens(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """E' = E + scaling * (A @ B)[position], (batch, seq, d), without the prompt; pads are left unchanged."""
+        mask = attention_mask.to(torch.long)
+        positions, longest = self.real_token_positions(mask)
+        if self.r == 0:
+            return inputs_embeds
+        update = self.embedding_update(max(longest, 1)).to(inputs_embeds.dtype)
+        return inputs_embeds + update[positions] * mask.unsqueeze(-1).to(inputs_embeds.dtype)
+
     def forward(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, prompt_first: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,10 +134,7 @@ class DePTEmbedding(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(batch, seq, dtype=torch.long, device=inputs_embeds.device)
         mask = attention_mask.to(torch.long)
-        positions, longest = self.real_token_positions(mask)
-        if self.r > 0:
-            update = self.embedding_update(max(longest, 1)).to(inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds + update[positions] * mask.unsqueeze(-1).to(inputs_embeds.dtype)
+        inputs_embeds = self.update_tokens(inputs_embeds, mask)
         prompt = self.prompt_embeddings.to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         layout = self.prompt_layout(mask, prompt_first)
         embeds = self.place(prompt, inputs_embeds, layout)
@@ -172,3 +181,11 @@ def prompt_layout(
             torch.where(t < leading_pads + width, t - leading_pads - empty_slots, t),  # P, then the real tokens
         ),
     )
+
+
+def real_token_position_ids(attention_mask: torch.Tensor, base_config) -> torch.Tensor:
+    """Positions (batch, seq) counted over the mask's real tokens, so padding never shifts them."""
+    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    if getattr(base_config, "model_type", None) in PADDING_OFFSET_MODEL_TYPES:
+        positions = positions + base_config.pad_token_id + 1
+    return positions

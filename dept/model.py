@@ -4,7 +4,8 @@ Each model kind gets one small class that knows where the prompt goes:
 
 - `DePTModelForSeq2SeqLM` (T5, VL-T5): the encoder input only; decoder and labels untouched.
 - `DePTModelForCausalLM` (LLaMA, GPT-2): in front of the input; labels get -100 over the prompt; at `generate`
-  the prompt goes in at prefill and the KV cache carries it afterwards.
+  the prompt goes in at prefill and the KV cache carries it afterwards. In eval mode the prompt's own keys and
+  values are computed once and reused (`dept.prompt_cache`), so each call runs the base on its input alone.
 - `DePTModelForSequenceClassification` (BERT, RoBERTa): in front of the input, with a trainable head.
 
 The math itself lives once, in `DePTEmbedding`.
@@ -21,8 +22,18 @@ from torch import nn
 
 from .checkpoint import load_adapter, save_adapter
 from .config import ConfigError, DePTConfig
-from .embedding import DePTEmbedding
+from .embedding import PADDING_OFFSET_MODEL_TYPES, DePTEmbedding, real_token_position_ids
 from .errors import UserError
+from .prompt_cache import (
+    PromptKVCache,
+    PromptStates,
+    compute_prompt_states,
+    forward_after_prompt,
+    generate_after_prompt,
+    generation_expand_size,
+    prompt_cache_applies,
+    with_prompt_logits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +41,6 @@ logger = logging.getLogger(__name__)
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
 # Models with learned absolute positions, whose table bounds m + max_length.
 ABSOLUTE_POSITION_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "gpt2")
-# RoBERTa-family position ids start after the padding index.
-PADDING_OFFSET_MODEL_TYPES = ("roberta", "xlm-roberta", "camembert")
 
 
 class AdapterMismatchError(UserError, ValueError):
@@ -325,27 +334,77 @@ class DePTModelForCausalLM(DePTModel):
     """DePT for decoder-only LMs: `[P ; E']`, labels -100 over P, positions counted over real tokens.
 
     `forward` returns logits over all m + seq positions (as PEFT does). `generate` returns only the new tokens.
+
+    In eval mode (when nothing needs gradients through P) P's keys, values and logits are computed once and
+    reused by every call, which then runs the base model on its own tokens only (the prompt KV cache, see
+    `dept.prompt_cache`). Set `use_prompt_cache = False`, or pass `use_prompt_cache=False` to a call, to run
+    the whole prompted sequence instead.
     """
 
     task_type = "causal"
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_prompt_cache = True
+        self._prompt_cache = PromptKVCache()
+
+    def prompt_states(self) -> PromptStates | None:
+        """P's keys, values and logits (one row), recomputed only after P or the base model changed."""
+        prompt = self.prompt_encoder.prompt_embeddings
+        return self._prompt_cache.get(self.base_model, prompt, lambda: compute_prompt_states(self.base_model, prompt))
+
+    def _cached_prompt(self, use_prompt_cache: bool | None, kwargs: dict,
+                       generating: bool = False) -> PromptStates | None:
+        enabled = self.use_prompt_cache if use_prompt_cache is None else use_prompt_cache
+        if self.config.num_virtual_tokens == 0 or not prompt_cache_applies(self, enabled, kwargs, generating):
+            return None
+        return self.prompt_states()
+
+    def embed_tokens(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        """E' (batch, seq, d) without the prompt, and the (batch, seq) mask."""
+        inputs_embeds, attention_mask = embed_inputs(self.word_embeddings, input_ids, attention_mask, inputs_embeds)
+        return self.prompt_encoder.update_tokens(inputs_embeds, attention_mask), attention_mask
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                use_prompt_cache: bool | None = None, **kwargs):
+        kwargs.pop("position_ids", None)
+        if (states := self._cached_prompt(use_prompt_cache, kwargs)) is not None:
+            tokens, mask = self.embed_tokens(input_ids, attention_mask, inputs_embeds)
+            batch = tokens.shape[0]
+            num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+            output = forward_after_prompt(self.base_model, states.select(batch), tokens, mask,
+                                          mask.new_ones(batch, self.config.num_virtual_tokens), **kwargs)
+            layout = self.prompt_encoder.prompt_layout(mask)
+            if labels is not None:
+                labels = self.insert_prompt(labels, mask, -100)
+            return with_prompt_logits(self.base_model, output, states.select(batch).logits,
+                                      lambda prompt, tokens: DePTEmbedding.place(prompt, tokens, layout),
+                                      labels, num_items_in_batch)
         embeds, mask = self.embed(input_ids, attention_mask, inputs_embeds)
         if labels is not None:
             labels = self.insert_prompt(labels, attention_mask, -100)
-        kwargs.pop("position_ids", None)
         return self.base_model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=self.position_ids(mask), labels=labels, **kwargs
         )
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, use_cache: bool = True, **kwargs):
-        """Prompt at prefill, then the KV cache carries it. `use_cache=False` recomputes the whole sequence
-        at every step (greedy only): slow, but the reference the cached path must match."""
+    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, use_cache: bool = True,
+                 use_prompt_cache: bool | None = None, **kwargs):
+        """Prompt at prefill, then the KV cache carries it; with the prompt cache the prefill runs on the input
+        alone. `use_cache=False` recomputes the whole sequence at every step (greedy only): slow, but the
+        reference the cached paths must match."""
+        if not use_cache:
+            embeds, mask = self.embed(input_ids, attention_mask, inputs_embeds)
+            return self._greedy_without_cache(embeds, mask, **kwargs)
+        if (states := self._cached_prompt(use_prompt_cache, kwargs, generating=True)) is not None:
+            tokens, mask = self.embed_tokens(input_ids, attention_mask, inputs_embeds)
+            rows = tokens.shape[0] * generation_expand_size(self.base_model, kwargs)
+            prompt_mask = mask.new_ones(tokens.shape[0], self.config.num_virtual_tokens)
+            return generate_after_prompt(self.base_model, states.select(rows), tokens, mask, prompt_mask, **kwargs)
         embeds, mask = self.embed(input_ids, attention_mask, inputs_embeds)
-        if use_cache:
-            return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
-        return self._greedy_without_cache(embeds, mask, **kwargs)
+        # Positions over real tokens, also for the new tokens after a right-padded input.
+        return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                        position_ids=self.position_ids(mask), **kwargs)
 
     def _greedy_without_cache(self, embeds, mask, max_new_tokens: int = 20, min_new_tokens: int = 0,
                               eos_token_id=None, pad_token_id=None, do_sample: bool = False, num_beams: int = 1,
@@ -425,14 +484,6 @@ def get_dept_model(model: nn.Module, config: DePTConfig, tokenizer=None, **kwarg
             f"set task_type={kind!r}."
         )
     return _MODEL_CLASSES[kind](model, config, tokenizer=tokenizer, **kwargs)
-
-
-def real_token_position_ids(attention_mask: torch.Tensor, base_config) -> torch.Tensor:
-    """Positions (batch, seq) counted over the mask's real tokens, so padding never shifts them."""
-    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    if getattr(base_config, "model_type", None) in PADDING_OFFSET_MODEL_TYPES:
-        positions = positions + base_config.pad_token_id + 1
-    return positions
 
 
 def check_compatible(config: DePTConfig, base_config, token_dim: int, task_type: str) -> None:

@@ -42,6 +42,17 @@ from .model import (
     infer_task_type,
     real_token_position_ids,
 )
+from .prompt_cache import (
+    PromptKVCache,
+    PromptStates,
+    compute_prompt_states,
+    forward_after_prompt,
+    generate_after_prompt,
+    generation_expand_size,
+    prompt_cache_applies,
+    stack_prompt_states,
+    with_prompt_logits,
+)
 
 DEPT_KEYS = ("prompt_embeddings", "lora_embedding_A", "lora_embedding_B")
 MODULES_PREFIX = "modules."
@@ -56,6 +67,7 @@ class LoadedAdapter(nn.Module):
         self.config = config
         self.prompt_encoder = prompt_encoder
         self.modules_to_save = nn.ModuleDict(modules)
+        self.prompt_cache = PromptKVCache()  # decoder-only models: P's keys, values and logits
 
 
 @dataclass
@@ -284,16 +296,31 @@ class MultiAdapterModel(nn.Module):
 
         Returns (batch, width + seq, d) embeddings, the (batch, width + seq) mask, and the routing.
         """
+        tokens, attention_mask, routing = self.embed_tokens(adapter_names, input_ids, attention_mask, inputs_embeds)
+        return *self._with_prompts(tokens, attention_mask, routing), routing
+
+    def _with_prompts(self, tokens: torch.Tensor, attention_mask: torch.Tensor,
+                      routing: AdapterRouting) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's prompt put in front of its E': (batch, width + seq, d) and the matching mask."""
+        prompts = self.prompts[routing.adapter_index, : routing.width].to(tokens.dtype)
+        return DePTEmbedding.place(prompts, tokens, routing.layout), routing.prompted_mask(attention_mask)
+
+    def embed_tokens(
+        self,
+        adapter_names: str | Sequence[str] | None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, AdapterRouting]:
+        """Each row's E' = E + scaling (A @ B)[position] (batch, seq, d) without the prompt, the (batch, seq)
+        mask, and the routing."""
         inputs_embeds, attention_mask = embed_inputs(self.word_embeddings, input_ids, attention_mask, inputs_embeds)
         routing = self.route(adapter_names, attention_mask)
         mask = attention_mask.long()
         self._check_lengths(mask, routing.adapter_index)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         update = self.embedding_updates[routing.adapter_index.unsqueeze(1), positions].to(inputs_embeds.dtype)
-        inputs_embeds = inputs_embeds + update * mask.unsqueeze(-1).to(inputs_embeds.dtype)
-        prompts = self.prompts[routing.adapter_index, : routing.width].to(inputs_embeds.dtype)
-        embeds = DePTEmbedding.place(prompts, inputs_embeds, routing.layout)
-        return embeds, routing.prompted_mask(attention_mask), routing
+        return inputs_embeds + update * mask.unsqueeze(-1).to(inputs_embeds.dtype), attention_mask, routing
 
     def _check_lengths(self, mask: torch.Tensor, adapter_index: torch.Tensor) -> None:
         lengths = mask.sum(dim=1)
@@ -401,17 +428,70 @@ class MultiAdapterModelForCausalLM(MultiAdapterModel):
 
     `forward` returns logits over all width + seq positions. `generate` returns only the new tokens; the prompt
     goes in at prefill and the KV cache carries it.
+
+    Each adapter's P keys, values and logits are computed once (the prompt KV cache, see `dept.prompt_cache`)
+    and stacked into one table; a batch takes each row's from it, masks the slots beyond its m_i, and runs the
+    base model on its own tokens only. `use_prompt_cache = False` (or per call) runs the whole prompted sequence.
     """
 
     task_type = "causal"
+    use_prompt_cache: bool = True
+
+    def _restack(self) -> None:
+        super()._restack()
+        self._stacked_prompt_states: tuple[tuple, PromptStates | None] | None = None
+
+    def prompt_states(self) -> PromptStates | None:
+        """Every adapter's prompt states, stacked (num_adapters, ..., longest m, ...) in `adapters` order; each
+        adapter's are recomputed only after its P or the base model changed."""
+        states, generations = [], []
+        for index, adapter in enumerate(self.adapters.values()):
+            encoder = adapter.prompt_encoder
+            if encoder.num_virtual_tokens == 0:
+                states.append(None)
+                continue
+            routing = AdapterRouting(torch.tensor([index], device=self.num_virtual_tokens.device),
+                                     self.num_virtual_tokens[index:index + 1], encoder.num_virtual_tokens, None)
+
+            def compute(prompt=encoder.prompt_embeddings, routing=routing):
+                with self.per_row_modules(routing):  # an adapter's own trained modules (e.g. its lm_head)
+                    return compute_prompt_states(self.base_model, prompt)
+
+            state = adapter.prompt_cache.get(self.base_model, encoder.prompt_embeddings, compute)
+            if state is None:
+                return None  # this base model's cache is not plain keys and values
+            states.append(state)
+            generations.append(adapter.prompt_cache.generation)
+        key = tuple(generations)
+        if self._stacked_prompt_states is None or self._stacked_prompt_states[0] != key:
+            width = max((a.prompt_encoder.num_virtual_tokens for a in self.adapters.values()), default=0)
+            self._stacked_prompt_states = key, stack_prompt_states(states, width)
+        return self._stacked_prompt_states[1]
+
+    def _cached_prompts(self, use_prompt_cache: bool | None, routing: AdapterRouting, kwargs: dict,
+                        generating: bool = False) -> PromptStates | None:
+        enabled = self.use_prompt_cache if use_prompt_cache is None else use_prompt_cache
+        if routing.width == 0 or not prompt_cache_applies(self, enabled, kwargs, generating):
+            return None
+        return self.prompt_states()
 
     @torch.no_grad()
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, adapter_names=None,
-                **kwargs):
-        embeds, mask, routing = self.embed(adapter_names, input_ids, attention_mask, inputs_embeds)
+                use_prompt_cache: bool | None = None, **kwargs):
+        kwargs.pop("position_ids", None)
+        tokens, attention_mask, routing = self.embed_tokens(adapter_names, input_ids, attention_mask, inputs_embeds)
         if labels is not None:
             labels = routing.insert_prompt(labels, -100)
-        kwargs.pop("position_ids", None)
+        if (states := self._cached_prompts(use_prompt_cache, routing, kwargs)) is not None:
+            rows = states.select(routing.adapter_index, routing.width)
+            num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+            with self.per_row_modules(routing):
+                output = forward_after_prompt(self.base_model, rows, tokens, attention_mask, routing.prompt_mask(),
+                                              **kwargs)
+            return with_prompt_logits(self.base_model, output, rows.logits,
+                                      lambda prompt, tokens: DePTEmbedding.place(prompt, tokens, routing.layout),
+                                      labels, num_items_in_batch)
+        embeds, mask = self._with_prompts(tokens, attention_mask, routing)
         position_ids = real_token_position_ids(mask, self.base_model.config)
         with self.per_row_modules(routing):
             return self.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
@@ -419,13 +499,22 @@ class MultiAdapterModelForCausalLM(MultiAdapterModel):
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None,
-                 use_cache: bool = True, **kwargs):
+                 use_cache: bool = True, use_prompt_cache: bool | None = None, **kwargs):
         if not use_cache:
             raise ValueError("MultiAdapterModel.generate needs the KV cache for decoder-only models (the prompt "
                              "goes in at prefill only): drop use_cache=False.")
-        embeds, mask, routing = self.embed(adapter_names, input_ids, attention_mask, inputs_embeds)
-        with self.per_row_modules(routing):
-            return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        tokens, attention_mask, routing = self.embed_tokens(adapter_names, input_ids, attention_mask, inputs_embeds)
+        if (states := self._cached_prompts(use_prompt_cache, routing, kwargs, generating=True)) is not None:
+            expand = generation_expand_size(self.base_model, kwargs)
+            rows = states.select(routing.adapter_index.repeat_interleave(expand), routing.width)
+            with self.per_row_modules(routing):
+                return generate_after_prompt(self.base_model, rows, tokens, attention_mask, routing.prompt_mask(),
+                                             **kwargs)
+        embeds, mask = self._with_prompts(tokens, attention_mask, routing)
+        with self.per_row_modules(routing):  # positions over real tokens, also after a right-padded input
+            return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                            position_ids=real_token_position_ids(mask, self.base_model.config),
+                                            **kwargs)
 
 
 class MultiAdapterModelForSequenceClassification(MultiAdapterModel):

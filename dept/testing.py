@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from transformers import BertConfig, LlamaConfig, PreTrainedTokenizerFast, T5Config
+from transformers import BertConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, T5Config
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<s>"]  # T5's ids: pad 0, eos 1, unk 2
 
@@ -88,6 +88,26 @@ def tiny_llama_config(vocab_size: int, hidden_size: int = 32, **overrides) -> Ll
     )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
+
+
+def tiny_gpt2_config(vocab_size: int, hidden_size: int = 32, **overrides) -> GPT2Config:
+    """GPT-2's architecture (learned absolute positions) at tiny dims, without dropout."""
+    kwargs = dict(
+        vocab_size=vocab_size,
+        n_embd=hidden_size,
+        n_layer=2,
+        n_head=4,
+        n_positions=1024,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=3,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return GPT2Config(**kwargs)
 
 
 def tiny_bert_config(vocab_size: int, hidden_size: int = 32, num_labels: int = 2, **overrides) -> BertConfig:

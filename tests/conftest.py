@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
     BertForSequenceClassification,
+    GPT2LMHeadModel,
     LlamaForCausalLM,
     T5ForConditionalGeneration,
 )
@@ -20,6 +21,7 @@ from transformers import (  # noqa: E402
 from dept.testing import (  # noqa: E402
     build_word_tokenizer,
     tiny_bert_config,
+    tiny_gpt2_config,
     tiny_llama_config,
     tiny_t5_config,
 )
@@ -68,6 +70,17 @@ def t5_model(tokenizer):
 @pytest.fixture
 def llama_model(tokenizer):
     return _seeded(lambda: LlamaForCausalLM(tiny_llama_config(len(tokenizer))))
+
+
+@pytest.fixture
+def gpt2_model(tokenizer):
+    return _seeded(lambda: GPT2LMHeadModel(tiny_gpt2_config(len(tokenizer))))
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def causal_model(request, tokenizer):
+    """A decoder-only tiny model for each position scheme: RoPE (LLaMA) and learned absolute positions (GPT-2)."""
+    return request.getfixturevalue(f"{request.param}_model")
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import torch
 
 from dept import DePTConfig, get_dept_model
 
-TASK_TYPES = {"t5": "seq2seq", "llama": "causal", "bert": "cls"}
+TASK_TYPES = {"t5": "seq2seq", "llama": "causal", "gpt2": "causal", "bert": "cls"}
 
 
 def attach(kind: str, model, tokenizer, **overrides):

@@ -1,0 +1,212 @@
+"""The prompt's KV cache for decoder-only models: computed once per adapter, reused by every request.
+
+In a decoder-only model P sits in front of the input and attention is causal, so P's keys and values (and its
+logits) never depend on the input. Positions count real tokens only, so P always holds positions 0..m-1,
+whatever the padding side. P's states are therefore a constant of the adapter: compute them once, in eval mode,
+and let each request prefill only its own tokens, at positions m, m+1, ..., attending to the m cached keys.
+
+The states are recomputed when P or the base model changes, by the rule of the A @ B cache: in-place version
+counters (bumped by optimizer steps and loads) and storage pointers (changed by moves and casts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .embedding import real_token_position_ids
+
+# Forward arguments the cached path handles; any other (hidden states, attentions, a cache of the caller's own,
+# logits_to_keep, ...) takes the uncached path, whose outputs cover the prompt positions too.
+PROMPT_CACHE_FORWARD_ARGUMENTS = frozenset({"use_cache", "num_items_in_batch", "return_dict"})
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # a cache of the caller's own: it already holds the prompt
+
+_CACHE_ARGUMENT: dict[type, str] = {}
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which this transformers version passes a KV cache: `cache`, or `past_key_values`
+    before the rename."""
+    kind = type(model)
+    if kind not in _CACHE_ARGUMENT:
+        parameters = inspect.signature(model.forward).parameters
+        _CACHE_ARGUMENT[kind] = "cache" if "cache" in parameters else "past_key_values"
+    return _CACHE_ARGUMENT[kind]
+
+
+def base_model_key(model: nn.Module) -> tuple:
+    """Changes whenever a weight of `model` is changed in place, moved or cast, or autocast is switched."""
+    weight = model.get_input_embeddings().weight
+    device_type = weight.device.type
+    autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    versions = sum(parameter._version for parameter in model.parameters())
+    return versions, weight.data_ptr(), weight.dtype, weight.device, autocast
+
+
+@dataclass
+class PromptStates:
+    """Prompts' keys and values per layer, each (rows, kv_heads, width, head_dim), and logits (rows, width, vocab).
+
+    Row i holds prompt i in its first m_i slots; with several prompts the slots after it are zeros, masked by
+    the caller.
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    logits: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return self.logits.shape[1]
+
+    def select(self, rows: torch.Tensor | int, width: int | None = None) -> PromptStates:
+        """The states for a batch: an int repeats the single prompt that many times (no copy); a (batch,)
+        index picks each row's prompt. `width` keeps only the first slots."""
+        width = self.width if width is None else width
+
+        def pick(tensor):
+            tensor = tensor[..., :width, :]
+            if isinstance(rows, int):
+                return tensor.expand(rows, *tensor.shape[1:])
+            return tensor.index_select(0, rows)
+
+        return PromptStates(tuple(map(pick, self.keys)), tuple(map(pick, self.values)), pick(self.logits))
+
+    def to_cache(self) -> DynamicCache:
+        """A fresh transformers cache holding these states; generation appends to it, never to `self`."""
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+            cache.update(keys, values, layer)
+        return cache
+
+
+@torch.no_grad()
+def compute_prompt_states(base_model: nn.Module, prompt: torch.Tensor) -> PromptStates | None:
+    """Run the frozen `base_model` on the prompt alone, (m, d), at positions 0..m-1.
+
+    Returns None for models whose cache is not plain keys and values per layer (sliding windows, linear
+    attention, quantised caches): they keep the uncached path.
+    """
+    dtype = base_model.get_input_embeddings().weight.dtype
+    length = prompt.shape[0]
+    positions = torch.arange(length, device=prompt.device).unsqueeze(0)
+    output = base_model(inputs_embeds=prompt.to(dtype).unsqueeze(0), position_ids=positions,
+                        attention_mask=torch.ones_like(positions), use_cache=True)
+    cache = getattr(output, cache_argument(base_model), None)
+    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    return PromptStates(tuple(layer.keys for layer in cache.layers), tuple(layer.values for layer in cache.layers),
+                        output.logits)
+
+
+def stack_prompt_states(states: list[PromptStates | None], width: int) -> PromptStates | None:
+    """One table for several prompts, zero-padded to `width` slots; None stands for an empty prompt (m = 0)."""
+    present = [s for s in states if s is not None]
+    if not present:
+        return None
+    first = present[0]
+
+    def stack(part: Callable[[PromptStates], torch.Tensor]) -> torch.Tensor:
+        sample = part(first)  # (1, ..., m, features)
+        table = sample.new_zeros(len(states), *sample.shape[1:-2], width, sample.shape[-1])
+        for row, state in enumerate(states):
+            if state is not None:
+                tensor = part(state)
+                table[row, ..., : tensor.shape[-2], :] = tensor[0]
+        return table
+
+    layers = range(len(first.keys))
+    return PromptStates(tuple(stack(lambda s, i=i: s.keys[i]) for i in layers),
+                        tuple(stack(lambda s, i=i: s.values[i]) for i in layers),
+                        stack(lambda s: s.logits))
+
+
+class PromptKVCache:
+    """One prompt's states, kept until the prompt or the base model changes.
+
+    `generation` counts the recomputations, so that tables stacked from several caches know when to restack.
+    """
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._states: PromptStates | None = None
+        self.generation = 0
+
+    def get(self, base_model: nn.Module, prompt: torch.Tensor,
+            compute: Callable[[], PromptStates | None]) -> PromptStates | None:
+        key = (prompt._version, prompt.data_ptr(), prompt.dtype, prompt.device, *base_model_key(base_model))
+        if key != self._key:
+            self._states = compute()
+            self._key = key
+            self.generation += 1
+        return self._states
+
+
+def prompt_cache_applies(module: nn.Module, enabled: bool, kwargs: dict, generating: bool = False) -> bool:
+    """The cached path runs when the base model is in eval mode (the cached states are dropout-free), nothing
+    needs gradients through P, no cache of the caller's own is given, and (for a forward) only the plain
+    outputs are asked for."""
+    if generating:  # generation options pass through; a cache of the caller's or per-layer outputs do not
+        kwargs = {key: value for key, value in kwargs.items()
+                  if key in CACHE_ARGUMENTS or (key in ("output_hidden_states", "output_attentions") and value)}
+    if not enabled or module.base_model.training or not set(kwargs) <= PROMPT_CACHE_FORWARD_ARGUMENTS:
+        return False
+    if kwargs.get("return_dict") is False:
+        return False
+    return not (torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()))
+
+
+def forward_after_prompt(base_model: nn.Module, states: PromptStates, token_embeds: torch.Tensor,
+                         attention_mask: torch.Tensor, prompt_mask: torch.Tensor, **kwargs):
+    """The base model's output over the input tokens alone, continuing from the prompts' cached states.
+
+    `states` has one row per batch row; `prompt_mask` (batch, width) marks each row's prompt slots.
+    """
+    full_mask = torch.cat([prompt_mask.to(attention_mask.dtype), attention_mask], dim=1)
+    position_ids = real_token_position_ids(full_mask, base_model.config)[:, prompt_mask.shape[1]:]
+    return base_model(inputs_embeds=token_embeds, attention_mask=full_mask, position_ids=position_ids,
+                      **{cache_argument(base_model): states.to_cache()}, **kwargs)
+
+
+def with_prompt_logits(base_model: nn.Module, output, prompt_logits: torch.Tensor, place: Callable, labels=None,
+                       num_items_in_batch=None):
+    """The output of the uncached path rebuilt: the prompts' cached logits put in front of the tokens' (in the
+    layout `place` gives) and the loss over the whole prompted sequence, as the base model computes it."""
+    logits = place(prompt_logits.to(output.logits.dtype), output.logits)
+    loss = None
+    if labels is not None:
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        loss = base_model.loss_function(logits=logits, labels=labels, vocab_size=base_model.config.vocab_size,
+                                        **extra)
+    return dataclasses.replace(output, logits=logits, loss=loss)
+
+
+def generation_expand_size(base_model: nn.Module, kwargs: dict) -> int:
+    """How many rows `generate` makes of each input (beams, returned sequences), as transformers computes it."""
+    config = kwargs.get("generation_config") or base_model.generation_config
+    num_beams = kwargs.get("num_beams", getattr(config, "num_beams", None)) or 1
+    num_return_sequences = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None)) or 1
+    return max(num_beams, num_return_sequences)
+
+
+def generate_after_prompt(base_model: nn.Module, states: PromptStates, token_embeds: torch.Tensor,
+                          attention_mask: torch.Tensor, prompt_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`base_model.generate` continuing from the prompts' cached states: the prefill runs on the input alone.
+
+    `states` has one row per generated row (batch times `generation_expand_size`). transformers takes the
+    embeddings of the whole sequence and skips the cached part, so zeros stand in for the prompt slots.
+    """
+    batch, width = prompt_mask.shape
+    full_mask = torch.cat([prompt_mask.to(attention_mask.dtype), attention_mask], dim=1)
+    placeholders = token_embeds.new_zeros(batch, width, token_embeds.shape[-1])
+    return base_model.generate(inputs_embeds=torch.cat([placeholders, token_embeds], dim=1), attention_mask=full_mask,
+                               position_ids=real_token_position_ids(full_mask, base_model.config),
+                               **{cache_argument(base_model): states.to_cache()}, **kwargs)
