@@ -59,3 +59,16 @@ def test_no_prompt_adapter_mixes_with_a_prompted_one_in_one_batch(any_model, tok
             else:
                 mixed_row = mixed[row]
             torch.testing.assert_close(mixed_row, alone, atol=1e-5, rtol=0)
+
+
+def test_no_prompt_decoder_generates_the_same_with_and_without_the_prompt_cache(llama_model, tokenizer):
+    dept_model = attach("llama", llama_model, tokenizer, num_virtual_tokens=0).eval()
+    batch = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        cached = dept_model.generate(**batch, max_new_tokens=4, do_sample=False)
+        dept_model.use_prompt_cache = False
+        uncached = dept_model.generate(**batch, max_new_tokens=4, do_sample=False)
+        logits = dept_model(**batch).logits
+        dept_model.use_prompt_cache = True
+        torch.testing.assert_close(dept_model(**batch).logits, logits, atol=1e-5, rtol=0)
+    assert torch.equal(cached, uncached)
