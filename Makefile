@@ -11,7 +11,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[dev,peers]"
+	$(PY) -m pip install --quiet -e ".[dev,peers,serve]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -20,7 +20,7 @@ demo: install
 	$(OFFLINE) $(PY) scripts/demo.py
 
 test: install
-	$(OFFLINE) $(PY) -m pytest -q -n 2 --dist loadfile
+	$(OFFLINE) $(PY) -m pytest -q -n 2 --dist loadfile --doctest-modules tests dept dept_nlp dept_vl
 
 lint: install
 	$(VENV)/bin/ruff check .

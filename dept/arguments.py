@@ -24,7 +24,8 @@ from .errors import FlagError, UserError
 from .methods import PEFT_TYPES
 
 DEFAULT_PREFIX_LENGTH = 60
-DEFAULT_R = 30
+DEFAULT_DEPT_RANK = 30
+DEFAULT_LORA_RANK = 8  # the LoRA baseline of the DePT paper's comparison
 
 
 @dataclass
@@ -42,8 +43,8 @@ class MethodArguments:
     )
     r: int | None = field(
         default=None,
-        metadata={"help": f"Rank of DePT's embedding update A·B (default {DEFAULT_R}, or the --peft_model_id "
-                          "adapter's)."},
+        metadata={"help": f"Rank: of DePT's A @ B (default {DEFAULT_DEPT_RANK}, or the --peft_model_id adapter's), "
+                          f"or of LoRA with --peft_type LORA (default {DEFAULT_LORA_RANK})."},
     )
     lora_alpha: float = field(default=8.0, metadata={"help": "DePT scales A @ B by lora_alpha / sqrt(r)."})
     prompt_init: str = field(default="text", metadata={"help": "P starts from 'text', 'vocab' or 'random'."})
@@ -51,11 +52,26 @@ class MethodArguments:
     peft_model_id: str | None = field(
         default=None, metadata={"help": "Start from this saved adapter (ours or an official DePT checkpoint)."}
     )
-    lora_r: int = field(default=8, metadata={"help": "Rank of the LoRA baseline (q and v)."})
+    lora_r: int | None = field(
+        default=None, metadata={"help": "Rank of the LoRA baseline (q and v); the same as --r with --peft_type LORA."}
+    )
 
     def __post_init__(self):
-        if self.peft_model_id:
+        if self.peft_model_id:  # before the defaults fill in what was not given
             self.check_agrees_with_adapter(DePTConfig.from_pretrained(self.peft_model_id))
+        self.prefix_length = DEFAULT_PREFIX_LENGTH if self.prefix_length is None else self.prefix_length
+        both = self.r is not None and self.lora_r is not None
+        if self.peft_type == "LORA" and both and self.r != self.lora_r:
+            raise ValueError(
+                f"--r {self.r} and --lora_r {self.lora_r} disagree. With --peft_type LORA both set the LoRA rank; "
+                "pass one of them."
+            )
+        if self.peft_type == "LORA":
+            rank = self.lora_r if self.lora_r is not None else self.r
+            self.r = self.lora_r = DEFAULT_LORA_RANK if rank is None else rank
+        else:
+            self.r = DEFAULT_DEPT_RANK if self.r is None else self.r
+            self.lora_r = DEFAULT_LORA_RANK if self.lora_r is None else self.lora_r
 
     def check_agrees_with_adapter(self, adapter: DePTConfig) -> None:
         """Refuse --prefix_length / --r given next to --peft_model_id when they differ from the adapter's: the
@@ -74,8 +90,8 @@ class MethodArguments:
     def dept_config(self, max_length: int, task_type: str, base_model_name_or_path: str | None = None,
                     seed: int = 0) -> DePTConfig:
         return DePTConfig(
-            num_virtual_tokens=DEFAULT_PREFIX_LENGTH if self.prefix_length is None else self.prefix_length,
-            r=(DEFAULT_R if self.r is None else self.r) if self.peft_type == "PROMPT_TUNING_LORA" else 0,
+            num_virtual_tokens=self.prefix_length,
+            r=self.r if self.peft_type == "PROMPT_TUNING_LORA" else 0,
             max_length=max_length,
             lora_alpha=self.lora_alpha,
             prompt_init=self.prompt_init,

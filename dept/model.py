@@ -133,7 +133,8 @@ class DePTModel(nn.Module):
                     "prompt_init='text' needs the tokenizer to embed prompt_init_text: pass tokenizer=..., "
                     "or use prompt_init='vocab' or 'random'."
                 )
-            token_ids = tokenizer(self.config.prompt_init_text, add_special_tokens=False)["input_ids"]
+            # With special tokens, as the official code (for T5 the ids end in </s>), then tiled.
+            token_ids = tokenizer(self.config.prompt_init_text)["input_ids"]
             if not token_ids:
                 raise ConfigError(f"prompt_init_text {self.config.prompt_init_text!r} tokenizes to nothing.")
             repeats = -(-m // len(token_ids))  # tile the text, then cut to m tokens, as the official code does

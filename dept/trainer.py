@@ -205,10 +205,10 @@ class Trainer:
         accelerator: an `Accelerator` to use; by default one is made from `args`.
 
     Example:
-        >>> trainer = Trainer(model, TrainingArguments(output_dir="out"), collate_fn=collate,
+        >>> trainer = Trainer(model, TrainingArguments(output_dir="out"), collate_fn=collate,  # doctest: +SKIP
         ...                   evaluator=evaluator, train_dataset=train, eval_dataset=validation)
-        >>> trainer.train()                              # writes out/adapter_*, train_results.json, ...
-        >>> trainer.evaluate(test, split="test")         # {"test_accuracy": ..., "test_loss": ...}
+        >>> trainer.train()  # writes out/adapter_*, train_results.json, ...  # doctest: +SKIP
+        >>> trainer.evaluate(test, split="test")  # {"test_accuracy": ..., "test_loss": ...}  # doctest: +SKIP
     """
 
     def __init__(

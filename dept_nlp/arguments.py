@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dept.arguments import check_model_name_or_path
+from dept_nlp.preprocess import CAUSAL_TEMPLATE, check_causal_template
 
 # Flags of the official DePT README or older transformers, accepted as spelled there.
 FLAG_ALIASES = {"--evaluation_strategy": "--eval_strategy", "--k_shot_example": "--k_shot_examples"}
@@ -35,14 +36,29 @@ class DataArguments:
     validation_file: str | None = field(default=None, metadata={"help": "Local validation data."})
     test_file: str | None = field(default=None, metadata={"help": "Local test data (labels optional)."})
     max_seq_length: int = field(default=256, metadata={"help": "s: inputs are truncated here; DePT's A has s rows."})
-    max_target_length: int = field(default=128, metadata={"help": "Longest target in tokens."})
-    generation_max_length: int = field(default=32, metadata={"help": "New tokens generated when predicting."})
+    max_target_length: int = field(
+        default=20, metadata={"help": "Targets are cut at this many tokens (official: 20; MRQA answers are cut)."}
+    )
+    generation_max_length: int = field(
+        default=20, metadata={"help": "New tokens generated when predicting (official: 20)."}
+    )
     num_beams: int = field(default=1, metadata={"help": "Beam size when predicting."})
+    causal_template: str = field(
+        default=CAUSAL_TEMPLATE,
+        metadata={"help": "Decoder-only models: the text before the target; {source} is the input (official)."},
+    )
     k_shot_examples: int | None = field(
         default=None, metadata={"help": "Train on K examples, balanced by class, drawn with --seed."}
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cut the training set (debugging)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Cut validation and test (debugging)."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on a random subset of N examples (drawn with --data_seed, as official)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Validate on a random subset of N examples (drawn with --data_seed)."}
+    )
+    max_predict_samples: int | None = field(
+        default=None, metadata={"help": "Predict on a random subset of N test examples (drawn with --data_seed)."}
+    )
     data_seed: int = field(default=42, metadata={"help": "Seed of the official split shuffles (42 in the paper)."})
     do_train: bool = field(default=False, metadata={"help": "Train."})
     do_eval: bool = field(default=False, metadata={"help": "Evaluate on the validation split."})
@@ -61,7 +77,11 @@ class DataArguments:
             )
         if self.do_train and any(local) and not self.train_file:
             raise ValueError("--do_train with local data needs --train_file.")
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if self.k_shot_examples is not None and self.k_shot_examples < 1:
             raise ValueError(f"--k_shot_examples must be >= 1, got {self.k_shot_examples}.")
+        check_causal_template(self.causal_template)
         if self.max_seq_length < 1:
             raise ValueError(f"--max_seq_length must be >= 1, got {self.max_seq_length}.")

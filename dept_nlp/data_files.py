@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,6 +40,8 @@ import torch
 
 from dept.errors import UserError
 from dept_nlp.tasks import SPLITS, ColumnType, SplitRule, TaskSpec, get_task
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 VALIDATION_HOLDOUT = 1000
@@ -70,7 +73,8 @@ def load_task_datasets(
 
     Args:
         task_name: a key of `dept_nlp.tasks.TASKS`.
-        dataset_config_name: overrides the task's hub config (e.g. another winogrande size).
+        dataset_config_name: accepted for the official CLI and ignored, as there: each task always loads its own
+            hub config (`TaskSpec.hub_config`). A different name is logged, never passed to the hub.
         train_file / validation_file / test_file: local files in the hub schema; each replaces that split.
         seed: seeds the shuffle of the split rule. Keep 42 to get the official code's exact splits.
         cache_dir: the `datasets` cache for hub downloads.
@@ -89,9 +93,11 @@ def load_task_datasets(
     files = {"train": train_file, "validation": validation_file, "test": test_file}
     raw = {split: load_data_file(task, files[split], split) for split in splits if files[split] is not None}
     missing = [split for split in splits if split not in raw]
+    if dataset_config_name is not None and dataset_config_name != task.hub_config:
+        logger.warning("--dataset_config_name %r is ignored: task %s always loads %s config %r, as the official "
+                       "code does.", dataset_config_name, task.name, task.hub_path, task.hub_config)
     if missing:
-        config = dataset_config_name if dataset_config_name is not None else task.hub_config
-        raw.update(load_hub_splits(task, missing, config=config, seed=seed, cache_dir=cache_dir))
+        raw.update(load_hub_splits(task, missing, config=task.hub_config, seed=seed, cache_dir=cache_dir))
     return datasets.DatasetDict({split: format_split(task, raw[split]) for split in splits})
 
 
@@ -160,6 +166,31 @@ def hub_split_rows(
     }
 
 
+def split_is_shuffled(task: TaskSpec, split: str, from_file: bool) -> bool:
+    """Whether the split rule already put a hub split's rows in seeded random order (see `hub_split_rows`)."""
+    if from_file:
+        return False
+    if task.split_rule is SplitRule.HALVE_VALIDATION:
+        return split in ("validation", "test")
+    return task.split_rule is SplitRule.HOLD_OUT_TRAIN and split in ("train", "validation")
+
+
+def subsample(dataset: datasets.Dataset, max_samples: int | None, seed: int = 42, *,
+              already_shuffled: bool = False) -> datasets.Dataset:
+    """A random subset of `max_samples` rows drawn with `seed`, as the official `--max_*_samples` (`subsample`).
+
+    The official code takes the first rows of `torch.randperm(len, seed)`; for a split the split rule already
+    shuffled with that permutation (`split_is_shuffled`), it takes the split's first rows instead, in the same
+    order. None (or more rows than the split has) keeps the whole split.
+    """
+    if max_samples is None or max_samples >= len(dataset):
+        return dataset
+    if max_samples < 1:
+        raise ValueError(f"max samples must be >= 1 or unset, got {max_samples}.")
+    rows = range(max_samples) if already_shuffled else _permutation(len(dataset), seed)[:max_samples]
+    return dataset.select(rows)
+
+
 def _permutation(size: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(size, generator=generator).tolist()
@@ -177,14 +208,8 @@ def load_hub_splits(
 
     Rows stay in the hub schema; each split is validated (errors name the hub split and its row number).
     """
-    hub = _load_hub_dataset(task, config, cache_dir)
-    needed = {task.hub_splits[split] for split in SPLITS if split in task.hub_splits}
-    absent = sorted(needed - set(hub))
-    if absent:
-        raise ValueError(
-            f"{task.hub_path} ({config}) has splits {sorted(hub)}, but task {task.name} needs {sorted(needed)}; "
-            f"{absent} are missing. Pass the split as a file instead."
-        )
+    needed = sorted({task.hub_splits[split] for split in SPLITS if split in task.hub_splits})
+    hub = {name: _load_hub_split(task, config, name, needed, cache_dir) for name in needed}
     plan = hub_split_rows(task, {name: len(hub[name]) for name in needed}, seed)
     loaded = {}
     for split in splits:
@@ -196,15 +221,29 @@ def load_hub_splits(
     return loaded
 
 
-def _load_hub_dataset(task: TaskSpec, config: str | None, cache_dir: str | Path | None) -> datasets.DatasetDict:
+def _load_hub_split(task: TaskSpec, config: str | None, split: str, needed: list[str],
+                    cache_dir: str | Path | None) -> datasets.Dataset:
+    """`datasets.load_dataset(hub_path, config, split=split)`, as the official `load_dataset` asks for it."""
     try:
-        return datasets.load_dataset(task.hub_path, config, cache_dir=None if cache_dir is None else str(cache_dir))
-    except Exception as err:  # offline, unknown config, network: all need the same advice
-        raise HubDataError(
-            f"Could not load {task.hub_path!r} (config {config!r}) for task {task.name!r}: {err}\n"
-            "Without the Hub, pass every split you need as a file (--train_file, --validation_file, --test_file; "
-            f"json, jsonl, csv or parquet) with the columns {task.required_columns}."
-        ) from err
+        return datasets.load_dataset(task.hub_path, config, split=split,
+                                     cache_dir=None if cache_dir is None else str(cache_dir))
+    except ValueError as err:
+        if "split" in str(err).lower():  # datasets: 'Unknown split "x". Should be one of [...]'
+            raise DataValidationError(
+                f"{task.hub_path} ({config}): {err} Task {task.name} needs the splits {needed}. "
+                "Pass the split as a file instead."
+            ) from err
+        raise _hub_error(task, config, err) from err
+    except Exception as err:  # offline, network, unknown config: all need the same advice
+        raise _hub_error(task, config, err) from err
+
+
+def _hub_error(task: TaskSpec, config: str | None, err: Exception) -> HubDataError:
+    return HubDataError(
+        f"Could not load {task.hub_path!r} (config {config!r}) for task {task.name!r}: {err}\n"
+        "Without the Hub, pass every split you need as a file (--train_file, --validation_file, --test_file; "
+        f"json, jsonl, csv or parquet) with the columns {task.required_columns}."
+    )
 
 
 def _hub_row_name(rows: list[int] | None) -> Callable[[int], str]:

@@ -16,10 +16,10 @@ from transformers import AutoConfig
 
 from dept.config import ConfigError
 from dept.evaluation_cli import TaskMismatchError
-from dept_nlp.data_files import load_task_datasets
+from dept_nlp.data_files import load_task_datasets, split_is_shuffled, subsample
 from dept_nlp.evaluation import TextEvaluator
 from dept_nlp.modeling import FAMILIES, detect_family, load_model, load_tokenizer
-from dept_nlp.preprocess import TextCollator, tokenize_rows
+from dept_nlp.preprocess import CAUSAL_TEMPLATE, TextCollator, tokenize_rows
 from dept_nlp.tasks import TASKS, TaskSpec, get_task
 
 
@@ -74,18 +74,22 @@ def build_text_eval_components(task_name: str, tokenizer, model=None, *, max_len
         max_length: the adapter's s: inputs are truncated there, as in training.
         split: "validation" or "test", built by the task's split rule unless a local file is given.
         data_args: `train_file`/`validation_file`/`test_file`, `dataset_config_name`, `data_seed`,
-            `max_eval_samples`, `max_target_length`, `generation_max_length`, `num_beams`, and the `family`.
+            `max_eval_samples` / `max_predict_samples`, `max_target_length`, `generation_max_length`, `num_beams`, and the `family`.
     """
     task = get_task(task_name)
     files = {f"{name}_file": file_for_task(getattr(data_args, f"{name}_file"), task_name)
              for name in ("train", "validation", "test")}
     data = load_task_datasets(task_name, dataset_config_name=data_args.dataset_config_name, **files,
                               seed=data_args.data_seed, splits=(split,))[split]
-    if data_args.max_eval_samples:
-        data = data.select(range(min(data_args.max_eval_samples, len(data))))
+    cap = data_args.max_eval_samples if split == "validation" else getattr(data_args, "max_predict_samples", None)
+    from_file = files[f"{split}_file"] is not None
+    data = subsample(data, cap, data_args.data_seed, already_shuffled=split_is_shuffled(task, split, from_file))
     family = data_args.family
-    dataset = tokenize_rows(data, tokenizer, family, max_length, data_args.max_target_length, split)
-    evaluator = TextEvaluator(task, tokenizer, family, data_args.generation_max_length, data_args.num_beams)
+    template = getattr(data_args, "causal_template", None) or CAUSAL_TEMPLATE
+    dataset = tokenize_rows(data, tokenizer, family, max_length, data_args.max_target_length, split,
+                            causal_template=template)
+    evaluator = TextEvaluator(task, tokenizer, family, data_args.generation_max_length, data_args.num_beams,
+                              max_target_length=data_args.max_target_length)
     return dataset, TextCollator(tokenizer, family), evaluator
 
 
@@ -123,10 +127,18 @@ class TextEvaluationPlugin:
         group.add_argument("--test_file", **files, help="Local test data: PATH, or TASK=PATH repeated per task.")
         group.add_argument("--dataset_config_name", help="Another hub config of the task's dataset.")
         group.add_argument("--data_seed", type=int, default=42, help="Seed of the official split shuffles.")
-        group.add_argument("--max_eval_samples", type=int, help="Evaluate on the first N examples (debugging).")
-        group.add_argument("--max_target_length", type=int, default=128, help="Longest target in tokens.")
-        group.add_argument("--generation_max_length", type=int, default=32, help="New tokens generated.")
+        group.add_argument("--max_eval_samples", type=int,
+                           help="Validation split: a random subset of N examples (drawn with --data_seed, as official).")
+        group.add_argument("--max_predict_samples", type=int,
+                           help="Test split: a random subset of N examples (drawn with --data_seed, as official).")
+        group.add_argument("--max_target_length", type=int, default=20,
+                           help="Targets are cut at this many tokens (official: 20).")
+        group.add_argument("--generation_max_length", type=int, default=20,
+                           help="New tokens generated (official: 20).")
         group.add_argument("--num_beams", type=int, default=1, help="Beam size when generating.")
+        group.add_argument("--causal_template",
+                           help="Decoder-only models: the text before the target, with {source}; use the one "
+                                f"the adapter was trained with (default: the official {CAUSAL_TEMPLATE!r}).")
         group.add_argument("--tokenizer_name", help="Tokenizer, if not the base model's own.")
         group.add_argument("--model_family", choices=FAMILIES, help="seq2seq, causal or cls (default: detected).")
 

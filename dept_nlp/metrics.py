@@ -6,14 +6,18 @@
 Key names are the official code's: `accuracy`, `f1`, `matthews_correlation`, `pearson`, `spearmanr`,
 `f1_multiclass`, `em`. Which task gets which metrics is `TaskSpec.metric_names` (`dept_nlp.tasks`).
 
-Invalid predictions count as wrong and are never dropped:
+The rules are the official DePT code's (`src/metrics.py`). Invalid predictions are never dropped:
 
-- Classification: a prediction that is not a label word ("0", "1", ...) never equals the reference. For binary F1 and
-  Matthews correlation it becomes the class opposite to the reference (the official `f1_score_with_invalid` rule).
-  For macro F1 (superglue-cb) it is a miss for the reference's class and a hit for no class.
+- Classification: a prediction that is not a label word ("0", "1", ...) never equals the reference.
+  - Binary F1 (mrpc, qqp, multirc): it becomes the class opposite to the reference (`f1_score_with_invalid`).
+  - Matthews correlation (cola): sklearn on the raw strings, so each distinct invalid prediction is one more
+    class (it is not flipped to the wrong label).
+  - Macro F1 (superglue-cb): a miss for the reference's class and a hit for no class.
 - STS-B: a prediction that does not parse as a float becomes -1.0 (the official `string_to_float` default).
   A correlation that is undefined (constant predictions) is 0, as in the official code.
-- MRQA: any text is a valid answer; it simply scores 0 when it matches nothing.
+- MRQA: `em` and `f1` (the main figures) score against the first answer only, as the official code does
+  (its labels are the first answer, cut at 20 tokens: see `TextEvaluator`). `em_max_over_answers` and
+  `f1_max_over_answers` take the best over all answers (the MRQA/SQuAD standard). Any text is a valid answer.
 
 Predictions and references are stripped of surrounding whitespace first, as the official post-processor does.
 """
@@ -34,13 +38,21 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 from dept_nlp.tasks import TaskSpec, get_task
 
 
-def compute(task_name: str, predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]) -> dict:
+def compute(
+    task_name: str,
+    predictions: Sequence[str],
+    references: Sequence[str] | Sequence[Sequence[str]],
+    *,
+    first_answers: Sequence[str] | None = None,
+) -> dict:
     """The task's metrics (`TaskSpec.metric_names`), each x100, as Python floats.
 
     Args:
         predictions: decoded model outputs, one string per example.
         references: for classification/regression the gold target string of each example; for MRQA the list of
             valid answers of each example (a single string is taken as a one-answer list).
+        first_answers: MRQA only: the answer the main `em`/`f1` score against, if not the first of `references`
+            (the official code scores its decoded, truncated label).
     """
     task = get_task(task_name)
     if len(predictions) != len(references):
@@ -52,7 +64,7 @@ def compute(task_name: str, predictions: Sequence[str], references: Sequence[str
             raise TypeError(f"Predictions must be decoded strings; got {prediction!r} ({type(prediction).__name__}).")
     predictions = [prediction.strip() for prediction in predictions]
     if task.is_extractive_qa:
-        return squad_em_f1(predictions, references)
+        return squad_em_f1(predictions, references, first_answers=first_answers)
     references = [_gold_reference(task, reference) for reference in references]
     if task.is_regression:
         return _correlations(predictions, references)
@@ -111,7 +123,7 @@ def _classification_metrics(task: TaskSpec, predictions: list[str], references: 
     scores = {
         "accuracy": lambda: (predicted == gold).mean(),
         "f1": lambda: f1_score(gold, predicted_or_wrong, zero_division=0.0),
-        "matthews_correlation": lambda: matthews_corrcoef(gold, predicted_or_wrong),
+        "matthews_correlation": lambda: matthews_corrcoef(references, predictions),  # raw strings, as official
         "f1_multiclass": lambda: f1_score(
             gold, predicted, labels=list(range(task.num_labels)), average="macro", zero_division=0.0
         ),
@@ -167,14 +179,27 @@ def token_f1(prediction: str, answer: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def squad_em_f1(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]) -> dict[str, float]:
-    """Mean over examples of the best EM and the best F1 against any of the example's answers, x100."""
-    em_total = f1_total = 0.0
-    for prediction, answers in zip(predictions, references, strict=True):
+def squad_em_f1(
+    predictions: Sequence[str],
+    references: Sequence[str] | Sequence[Sequence[str]],
+    *,
+    first_answers: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """SQuAD EM and F1 (x100): against the first answer (`em`, `f1`: the official DePT figures; `first_answers`
+    replaces it when given) and the best over all answers (`em_max_over_answers`, `f1_max_over_answers`: the
+    MRQA standard)."""
+    if first_answers is not None and len(first_answers) != len(predictions):
+        raise ValueError(f"{len(first_answers)} first answers for {len(predictions)} predictions.")
+    totals = dict.fromkeys(("em", "f1", "em_max_over_answers", "f1_max_over_answers"), 0.0)
+    for index, (prediction, answers) in enumerate(zip(predictions, references, strict=True)):
         answers = [answers] if isinstance(answers, str) else list(answers)
         if not answers:
             raise ValueError("An example has no reference answers; an unlabeled split cannot be scored.")
-        em_total += max(exact_match(prediction, answer) for answer in answers)
-        f1_total += max(token_f1(prediction, answer) for answer in answers)
-    count = len(predictions)
-    return {"em": 100 * em_total / count, "f1": 100 * f1_total / count}
+        first = answers[0] if first_answers is None else first_answers[index]
+        exact = [exact_match(prediction, answer) for answer in answers]
+        f1 = [token_f1(prediction, answer) for answer in answers]
+        totals["em"] += exact_match(prediction, first)
+        totals["f1"] += token_f1(prediction, first)
+        totals["em_max_over_answers"] += max(exact)
+        totals["f1_max_over_answers"] += max(f1)
+    return {name: 100 * total / len(predictions) for name, total in totals.items()}

@@ -1,7 +1,7 @@
 """One text run, top to bottom: data, model, method, the shared trainer, result files.
 
     >>> from dept_nlp.pipeline import run
-    >>> results = run(model_args, data_args, method_args, training_args)   # the CLI fills these from flags
+    >>> results = run(model_args, data_args, method_args, training_args)  # the CLI fills these  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from dept.methods import LoraSettings, count_trainable_parameters, prepare_model
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
 from dept_nlp.arguments import DataArguments, ModelArguments
-from dept_nlp.data_files import load_task_datasets
+from dept_nlp.data_files import load_task_datasets, split_is_shuffled, subsample
 from dept_nlp.evaluation import TextEvaluator
 from dept_nlp.modeling import detect_family, load_model, load_tokenizer
 from dept_nlp.preprocess import TextCollator, tokenize_rows
-from dept_nlp.sampling import k_shot_sample
+from dept_nlp.sampling import STSB_K_SHOT_THRESHOLD, k_shot_sample
 from dept_nlp.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -43,13 +43,16 @@ def load_splits(data_args: DataArguments, seed: int):
         train_file=data_args.train_file, validation_file=data_args.validation_file, test_file=data_args.test_file,
         seed=data_args.data_seed, splits=needed_splits(data_args),
     )
+    task = get_task(data_args.task_name)
+    files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
+    caps = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
+            "test": data_args.max_predict_samples}
+    for split in data:  # the official order: the debugging cut first, then the k-shot sample
+        data[split] = subsample(data[split], caps[split], data_args.data_seed,
+                                already_shuffled=split_is_shuffled(task, split, files[split] is not None))
     if "train" in data and data_args.k_shot_examples:
-        data["train"] = k_shot_sample(data["train"], data_args.k_shot_examples, seed)
-    if "train" in data and data_args.max_train_samples:
-        data["train"] = data["train"].select(range(min(data_args.max_train_samples, len(data["train"]))))
-    for split in ("validation", "test"):
-        if split in data and data_args.max_eval_samples:
-            data[split] = data[split].select(range(min(data_args.max_eval_samples, len(data[split]))))
+        threshold = STSB_K_SHOT_THRESHOLD if task.is_regression else None
+        data["train"] = k_shot_sample(data["train"], data_args.k_shot_examples, seed, score_threshold=threshold)
     return data
 
 
@@ -78,10 +81,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
                                            training_args.seed)
     logger.info("Trainable parameters: %s", count_trainable_parameters(model))
     tokenized = {
-        split: tokenize_rows(rows, tokenizer, family, data_args.max_seq_length, data_args.max_target_length, split)
+        split: tokenize_rows(rows, tokenizer, family, data_args.max_seq_length, data_args.max_target_length, split,
+                             causal_template=data_args.causal_template)
         for split, rows in data.items()
     }
-    evaluator = TextEvaluator(task, tokenizer, family, data_args.generation_max_length, data_args.num_beams)
+    evaluator = TextEvaluator(task, tokenizer, family, data_args.generation_max_length, data_args.num_beams,
+                              max_target_length=data_args.max_target_length)
     trainer = Trainer(
         model, training_args, collate_fn=TextCollator(tokenizer, family), evaluator=evaluator,
         train_dataset=tokenized.get("train"), eval_dataset=tokenized.get("validation"),
@@ -93,7 +98,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     if data_args.do_train:
         results.update(trainer.train())
         if trainer.accelerator.is_main_process:
-            write_task_file(training_args.output_dir, task, model_args, family)
+            write_task_file(training_args.output_dir, task, model_args, family,
+                            data_args.causal_template if family == "causal" else None)
     if data_args.do_eval:
         results.update(trainer.evaluate(tokenized["validation"], split="eval"))
     if data_args.do_predict:
@@ -101,7 +107,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     return results
 
 
-def write_task_file(output_dir: str, task, model_args: ModelArguments, family: str) -> None:
+def write_task_file(output_dir: str, task, model_args: ModelArguments, family: str,
+                    causal_template: str | None = None) -> None:
     record = {"task_names": [task.name], "modality": "text", "label_words": task.label_words,
-              "model_name_or_path": model_args.model_name_or_path, "model_family": family}
+              "model_name_or_path": model_args.model_name_or_path, "model_family": family,
+              "causal_template": causal_template}
     Path(output_dir, TASK_FILE).write_text(json.dumps(record, indent=2) + "\n")

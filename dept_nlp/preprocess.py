@@ -1,8 +1,8 @@
 """Turn task rows (source, target, label, references) into token ids for each model family, and batch them.
 
 - seq2seq: `input_ids` from the source, `labels` from the target.
-- causal: `input_ids` = source, separator, target, eos; `labels` = -100 over the source; the source alone
-  (`prompt_input_ids`) is kept for generation.
+- causal: `input_ids` = the source in `causal_template` (official: ``"{source} Label : "``), the target, eos;
+  `labels` = -100 over the templated source, which alone (`prompt_input_ids`) is kept for generation.
 - cls: `input_ids` from the source, `labels` = the class index (a float score for regression).
 
 Inputs longer than `max_length` are cut (keeping a closing special token), and the count is reported once.
@@ -11,6 +11,7 @@ Inputs longer than `max_length` are cut (keeping a closing special token), and t
 from __future__ import annotations
 
 import logging
+import string
 from dataclasses import dataclass
 
 import datasets
@@ -18,7 +19,19 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-CAUSAL_SEPARATOR = " answer:"  # between source and target for decoder-only models
+CAUSAL_TEMPLATE = "{source} Label : "
+"""Decoder-only models: the text before the target, as the official `decoder_preprocess_function` writes it."""
+
+
+def check_causal_template(template: str) -> str:
+    """The template, if it holds `{source}` once and no other field; else a ValueError that says how to write it."""
+    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    if fields != ["source"]:
+        raise ValueError(
+            f"--causal_template {template!r} must contain {{source}} exactly once and no other {{field}}, "
+            f"e.g. the official {CAUSAL_TEMPLATE!r}."
+        )
+    return template
 
 
 def _cut(ids: list[int], limit: int, special_ids: set[int]) -> list[int]:
@@ -30,15 +43,34 @@ def _cut(ids: list[int], limit: int, special_ids: set[int]) -> list[int]:
     return ids[:limit]
 
 
+def encode_source(tokenizer, family: str, source: str, causal_template: str = CAUSAL_TEMPLATE) -> list[int]:
+    """The input ids of one source text, before truncation, as the family's model reads them.
+
+    Decoder-only models read `bos + causal_template(source)`, the target following; the others read the
+    tokenizer's own encoding (with its special tokens).
+    """
+    if family == "causal":
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return bos + tokenizer(causal_template.format(source=source), add_special_tokens=False)["input_ids"]
+    return tokenizer(source)["input_ids"]
+
+
+def seq2seq_target_ids(tokenizer, target: str, max_target_length: int) -> list[int]:
+    """The label ids of an encoder-decoder target, cut at `max_target_length` keeping eos (the official labels)."""
+    return _cut(tokenizer(target)["input_ids"], max_target_length, set(tokenizer.all_special_ids))
+
+
 def tokenize_rows(
     dataset: datasets.Dataset,
     tokenizer,
     family: str,
     max_length: int,
-    max_target_length: int = 128,
+    max_target_length: int = 20,
     split_name: str = "",
+    causal_template: str = CAUSAL_TEMPLATE,
 ) -> datasets.Dataset:
     """Token ids for one split. Keeps `references`; drops the text columns."""
+    check_causal_template(causal_template)
     special_ids = set(tokenizer.all_special_ids)
     truncated = 0
 
@@ -47,11 +79,10 @@ def tokenize_rows(
         out = {"input_ids": [], "labels": []}
         if family == "causal":
             out["prompt_input_ids"] = []
-        bos = [tokenizer.bos_token_id] if family == "causal" and tokenizer.bos_token_id is not None else []
         for source, target, label in zip(batch["source"], batch["target"], batch["label"]):
             if family == "causal":
-                source_ids = bos + tokenizer(source + CAUSAL_SEPARATOR, add_special_tokens=False)["input_ids"]
-                target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"][: max_target_length - 1]
+                source_ids = encode_source(tokenizer, family, source, causal_template)
+                target_ids = tokenizer(target, add_special_tokens=False)["input_ids"][: max_target_length - 1]
                 target_ids = target_ids + [tokenizer.eos_token_id]
                 room = max(max_length - len(target_ids), 1)
                 truncated += len(source_ids) > room
@@ -60,11 +91,11 @@ def tokenize_rows(
                 out["input_ids"].append((source_ids + target_ids)[:max_length])
                 out["labels"].append(([-100] * len(source_ids) + target_ids)[:max_length])
                 continue
-            ids = tokenizer(source)["input_ids"]
+            ids = encode_source(tokenizer, family, source)
             truncated += len(ids) > max_length
             out["input_ids"].append(_cut(ids, max_length, special_ids))
             if family == "seq2seq":
-                out["labels"].append(_cut(tokenizer(target)["input_ids"], max_target_length, special_ids))
+                out["labels"].append(seq2seq_target_ids(tokenizer, target, max_target_length))
             else:
                 out["labels"].append(label)
         return out

@@ -215,22 +215,27 @@ class VLCollator:
         return batch
 
     def _visual_inputs(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        per_row = [[self.features[r["task"]][image_id] for image_id in r["image_ids"]] for r in rows]
-        n_images = max(len(images) for images in per_row)
-        n_regions = max(features.shape[0] for images in per_row for features, _ in images)
-        dims = {features.shape[1] for images in per_row for features, _ in images}
-        if len(dims) != 1:
-            raise ValueError(f"One batch mixes feature sizes {sorted(dims)}: every task needs features of one size.")
-        feat_dim = dims.pop()
-        vis_feats = torch.zeros(len(rows), n_images, n_regions, feat_dim)
-        vis_boxes = torch.zeros(len(rows), n_images, n_regions, 4)
-        vis_mask = torch.zeros(len(rows), n_images, n_regions, dtype=torch.long)
-        for i, images in enumerate(per_row):
-            for j, (features, boxes) in enumerate(images):
-                vis_feats[i, j, : len(features)] = torch.from_numpy(features)
-                vis_boxes[i, j, : len(boxes)] = torch.from_numpy(boxes)
-                vis_mask[i, j, : len(features)] = 1
-        return {"vis_feats": vis_feats, "vis_boxes": vis_boxes, "vis_attention_mask": vis_mask}
+        return visual_inputs([[self.features[r["task"]][image_id] for image_id in r["image_ids"]] for r in rows])
+
+
+def visual_inputs(per_row: list[list[tuple[np.ndarray, np.ndarray]]]) -> dict[str, torch.Tensor]:
+    """`vis_feats`, `vis_boxes` and `vis_attention_mask` for rows of (features, boxes) pairs, one pair per image
+    (see the module docstring for the shapes); rows with fewer images or regions get masked zeros."""
+    n_images = max(len(images) for images in per_row)
+    n_regions = max(features.shape[0] for images in per_row for features, _ in images)
+    dims = {features.shape[1] for images in per_row for features, _ in images}
+    if len(dims) != 1:
+        raise ValueError(f"One batch mixes feature sizes {sorted(dims)}: every task needs features of one size.")
+    feat_dim = dims.pop()
+    vis_feats = torch.zeros(len(per_row), n_images, n_regions, feat_dim)
+    vis_boxes = torch.zeros(len(per_row), n_images, n_regions, 4)
+    vis_mask = torch.zeros(len(per_row), n_images, n_regions, dtype=torch.long)
+    for i, images in enumerate(per_row):
+        for j, (features, boxes) in enumerate(images):
+            vis_feats[i, j, : len(features)] = torch.from_numpy(features)
+            vis_boxes[i, j, : len(boxes)] = torch.from_numpy(boxes)
+            vis_mask[i, j, : len(features)] = 1
+    return {"vis_feats": vis_feats, "vis_boxes": vis_boxes, "vis_attention_mask": vis_mask}
 
 
 def task_file_paths(root: str | Path) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Generate answers and captions with VL-T5 and score each task with its own metric: the VL `Evaluator`.
 
-Metrics are named `<task>_<metric>` (`vqa_accuracy`, `nlvr_consistency`, `caption_cider`, ...); the trainer
+Metrics are named `<task>_<metric>` (`vqa_accuracy`, `nlvr_consistency`, `caption_cider`, ...); VQA adds the
+official per-answer-type accuracy (`vqa_accuracy_yes_no`, `vqa_accuracy_number`, `vqa_accuracy_other`). The trainer
 prefixes them with the split (`eval_vqa_accuracy`). With several tasks, `average` is the mean of each task's
 main metric and is the main metric of the run (VL-Adapter's multitask score).
 """
@@ -18,11 +19,21 @@ from dept_vl.tasks import TASKS
 VISUAL_INPUTS = ("vis_feats", "vis_boxes", "vis_attention_mask")
 
 
+def answer_type_key(answer_type: str) -> str:
+    """A VQA answer type as a metric-name suffix: "yes/no" -> "yes_no" (so `vqa_accuracy_yes_no`)."""
+    return "_".join(answer_type.replace("/", " ").split())
+
+
 def score_task(task: str, predictions: list[str], references: list[dict]) -> dict[str, float]:
     """The metrics of one task, without prefix, e.g. {"accuracy": 71.3, "consistency": 40.0} for NLVR2."""
     answers = [reference["answers"] for reference in references]
     if task == "vqa":
-        return {"accuracy": metrics.vqa_accuracy(predictions, answers)}
+        scores = {"accuracy": metrics.vqa_accuracy(predictions, answers)}
+        types = [reference.get("answer_type") or "" for reference in references]
+        if all(types):  # the official per-answer-type accuracy, when the annotations name the types
+            per_type = metrics.vqa_accuracy_per_answer_type(predictions, answers, types)
+            scores.update({f"accuracy_{answer_type_key(name)}": value for name, value in per_type.items()})
+        return scores
     if task == "gqa":
         return {"accuracy": metrics.accuracy(predictions, [a[0] for a in answers])}
     if task == "nlvr":

@@ -16,6 +16,7 @@ The HDF5 layout is VL-T5's: one group per image id, holding `features` (n_region
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,16 @@ def grid_boxes(grid_height: int, grid_width: int) -> np.ndarray:
     return boxes.astype(np.float32)
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes, buffers included): same weights, same hash."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class GridFeatureExtractor:
     """Grid features from a timm backbone: each cell of the last feature map is one region.
 
@@ -95,6 +106,8 @@ class GridFeatureExtractor:
         pretrained: load timm's pretrained weights (the default for real use; tests use random weights offline).
         image_size: square input size; None keeps the model's default (224 for the models above).
         device: where the backbone runs.
+        seed: with `pretrained=False`, the seed of the random weights (None: the global RNG as it is). The
+            global RNG is left as it was.
 
     Example:
         >>> extractor = GridFeatureExtractor("resnet18", pretrained=False, image_size=64)
@@ -109,6 +122,7 @@ class GridFeatureExtractor:
         pretrained: bool = True,
         image_size: int | None = None,
         device: str | torch.device = "cpu",
+        seed: int | None = None,
     ):
         if not timm.is_model(backbone):
             close = timm.list_models(f"*{backbone.split('_')[0]}*")[:8]
@@ -119,7 +133,11 @@ class GridFeatureExtractor:
         self.backbone = backbone
         self.pretrained = pretrained
         self.device = torch.device(device)
-        self.model = timm.create_model(backbone, pretrained=pretrained, num_classes=0, **create_kwargs)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.model = timm.create_model(backbone, pretrained=pretrained, num_classes=0, **create_kwargs)
+        self.weights_sha256 = weights_fingerprint(self.model)
         self.model.eval().to(self.device)
 
         overrides = {"crop_pct": 1.0, "crop_mode": "squash"}  # no crop: grid cells must cover the whole image
@@ -504,6 +522,7 @@ def _provenance(extractor: GridFeatureExtractor) -> dict:
         "pretrained": bool(extractor.pretrained),
         "feat_dim": int(extractor.feat_dim),
         "n_regions": int(extractor.n_regions),
+        "weights_sha256": extractor.weights_sha256,  # two random (or differently trained) backbones never mix
     }
 
 

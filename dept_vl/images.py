@@ -7,6 +7,7 @@ the failures; it never drops an image silently.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from PIL import Image, ImageOps
 
 from dept.errors import UserError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "ImagePathError", "load_image", "resolve_image_path", "to_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "ImagePathError", "decode_image", "load_image", "resolve_image_path", "to_rgb"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -66,12 +67,24 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise ImageLoadError(path, "the file is empty (0 bytes)")
-        with Image.open(path) as image:
+    except FileNotFoundError as error:
+        raise ImageLoadError(path, "no such file") from error
+    return _decode(path, path)
+
+
+def decode_image(data: bytes, name: str = "<upload>") -> Image.Image:
+    """`load_image` for the bytes of an image file (an upload), `name` standing for the path in errors."""
+    if not data:
+        raise ImageLoadError(name, "the image is empty (0 bytes)")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source, path: str | Path) -> Image.Image:
+    try:
+        with Image.open(source) as image:
             image.load()  # decode now, so a truncated file fails here and not later in a worker
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
-    except ImageLoadError:
-        raise
     except FileNotFoundError as error:
         raise ImageLoadError(path, "no such file") from error
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:

@@ -1,6 +1,6 @@
 """Metrics of the vision-language tasks, all x100.
 
-- VQA: `vqa_accuracy` (the official leave-one-out accuracy, in `dept_vl.vqa_eval`).
+- VQA: `vqa_accuracy` and `vqa_accuracy_per_answer_type` (the official `vqaEval.py`, in `dept_vl.vqa_eval`).
 - GQA and NLVR2: `accuracy`; NLVR2 also reports `nlvr_consistency`.
 - COCO captions: `caption_scores` (BLEU-4 and CIDEr-D, in `dept_vl.caption_eval`).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 from dept_vl.caption_eval import caption_scores, cider_d_scores, corpus_bleu, tokenize_caption
-from dept_vl.vqa_eval import normalize_vqa_answer, vqa_accuracy, vqa_score
+from dept_vl.vqa_eval import normalize_vqa_answer, vqa_accuracy, vqa_accuracy_per_answer_type, vqa_score
 
 __all__ = [
     "accuracy",
@@ -22,6 +22,7 @@ __all__ = [
     "nlvr_sentence_id",
     "tokenize_caption",
     "vqa_accuracy",
+    "vqa_accuracy_per_answer_type",
     "vqa_score",
 ]
 

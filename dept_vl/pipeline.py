@@ -1,7 +1,7 @@
 """One vision-language run, top to bottom: tasks, features, VL-T5, method, the shared trainer, result files.
 
     >>> from dept_vl.pipeline import run
-    >>> results = run(model_args, data_args, method_args, training_args)   # the CLI fills these from flags
+    >>> results = run(model_args, data_args, method_args, training_args)  # the CLI fills these  # doctest: +SKIP
 
 The flags mean what they mean in the text pipeline (`--peft_type`, `--max_seq_length`, `--do_train`, ...), and
 the run writes the same files (the trainer's result files, `predictions_<split>.jsonl`, the adapter), plus
@@ -223,7 +223,8 @@ def run(model_args: VLModelArguments, data_args: VLDataArguments, method_args: M
     if data_args.do_train:
         results.update(trainer.train())
         if trainer.accelerator.is_main_process:
-            write_task_file(training_args.output_dir, task_names, model_args, feat_dim, trainable_parameter_report(model))
+            write_task_file(training_args.output_dir, task_names, model_args, feat_dim, trainable_parameter_report(model),
+                            image_features(data_args))
             if method_args.peft_type == "FULL":  # the output is a whole model: make it loadable with its tokenizer
                 tokenizer.save_pretrained(training_args.output_dir)
     if data_args.do_eval:
@@ -233,8 +234,18 @@ def run(model_args: VLModelArguments, data_args: VLDataArguments, method_args: M
     return results
 
 
+def image_features(data_args: VLDataArguments) -> dict | None:
+    """The backbone settings that made the training features from raw images (`--image_dir`), so that a server
+    turns an uploaded image into the same features; None when the features came from files."""
+    if not data_args.image_dir:
+        return None
+    return {"backbone": data_args.backbone, "pretrained": data_args.pretrained, "image_size": data_args.image_size}
+
+
 def write_task_file(output_dir: str, task_names: list[str], model_args: VLModelArguments, feat_dim: int,
-                    trainable: dict[str, int]) -> None:
+                    trainable: dict[str, int], features: dict | None = None) -> None:
     record = {"task_names": task_names, "modality": "vl", "model_name_or_path": model_args.model_name_or_path,
               "feat_dim": feat_dim, "trainable_parameters": trainable}
+    if features is not None:
+        record["image_features"] = features
     Path(output_dir, TASK_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -7,8 +7,9 @@ Every task gives rows of one schema, so that tasks mix into one multitask traini
                 "caption:"
     target      what the model learns to generate
     image_ids   the feature ids of the example's images (two for NLVR2), i.e. the image file stems
-    references  {"task", "answers", "example_id"}: what the evaluator scores against (all 10 VQA answers, all
-                reference captions, ...), with the task so a multitask evaluation can score each task apart
+    references  {"task", "answers", "example_id", "answer_type"}: what the evaluator scores against (all 10 VQA
+                answers, all reference captions, ...), with the task so a multitask evaluation can score each task
+                apart; `answer_type` is VQA's ("yes/no", "number", "other"), "" elsewhere
 
 Files and splits (`load_task_splits`):
 
@@ -72,13 +73,15 @@ def parse_task_names(tasks: str | Iterable[str]) -> list[str]:
     return names
 
 
-def _row(task: str, source: str, target: str, image_ids: list[str], answers: list[str], example_id) -> dict:
+def _row(task: str, source: str, target: str, image_ids: list[str], answers: list[str], example_id,
+         answer_type: str = "") -> dict:
+    # answer_type: VQA's "yes/no", "number" or "other", for the official per-type accuracy; "" for other tasks.
     return {
         "task": task,
         "source": source,
         "target": target,
         "image_ids": image_ids,
-        "references": {"task": task, "answers": answers, "example_id": str(example_id)},
+        "references": {"task": task, "answers": answers, "example_id": str(example_id), "answer_type": answer_type},
     }
 
 
@@ -121,8 +124,10 @@ def read_vqa(questions_file: str | Path, annotations_file: str | Path | None) ->
             raise ValueError(f"{annotations_file} has no annotation for question_id {question['question_id']}.")
         answers = [a["answer"] for a in annotation["answers"]] if annotation else []
         target = vqa_target(annotation) if annotation else ""
+        answer_type = (annotation.get("answer_type") or "") if annotation else ""
         rows.append(_row("vqa", f"vqa: {question['question']}", target,
-                         [coco_feature_id(question["image_id"], subset)], answers, question["question_id"]))
+                         [coco_feature_id(question["image_id"], subset)], answers, question["question_id"],
+                         answer_type))
     return rows
 
 

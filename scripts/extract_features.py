@@ -4,8 +4,9 @@
         --backbone resnet50 --batch_size 64 --device cuda
 
 Image ids are the file stems (`COCO_val2014_000000391895.jpg` -> `COCO_val2014_000000391895`). Rerunning the
-same command resumes: images already in the output are skipped. Unreadable images are listed in
-`<output>.errors.txt`, and the exit status is 1 when there were any.
+same command resumes: images already in the output are skipped. The file records a fingerprint of the backbone's
+weights, and a run with other weights (another --seed with --no-pretrained) is refused rather than mixed in.
+Unreadable images are listed in `<output>.errors.txt`, and the exit status is 1 when there were any.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="load timm's pretrained weights (--no-pretrained: random weights, for offline tests)",
     )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights of --no-pretrained")
     parser.add_argument("--image_size", type=int, default=None, help="square input size (default: the model's)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_workers", type=int, default=4, help="processes that decode images")
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output.suffix not in (".h5", ".hdf5"):
         raise SystemExit(f"--output must end in .h5 or .hdf5, got {args.output}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    extractor = GridFeatureExtractor(args.backbone, args.pretrained, args.image_size, args.device)
+    extractor = GridFeatureExtractor(args.backbone, args.pretrained, args.image_size, args.device, seed=args.seed)
     height, width = extractor.grid_size
     print(f"{args.backbone}: {extractor.n_regions} regions ({height}x{width}) x {extractor.feat_dim} features each")
     try:

@@ -242,7 +242,10 @@ def test_vl_adapter_reproduces_the_training_runs_metrics_through_its_plugin(trai
     expected = json.loads((adapter / "eval_results.json").read_text())
     (result,) = report["results"]
     assert result["modality"] == "vl" and result["max_length"] == 24
-    assert result["metrics"] == {"vqa_accuracy": expected["eval_vqa_accuracy"]}
+    # The official overall accuracy and its per-answer-type figures, exactly those of the training run.
+    assert set(result["metrics"]) == {"vqa_accuracy", "vqa_accuracy_yes_no", "vqa_accuracy_number",
+                                      "vqa_accuracy_other"}
+    assert result["metrics"] == {name: expected[f"eval_{name}"] for name in result["metrics"]}
     assert result["num_examples"] == expected["eval_samples"] > 0
     trained = json.loads((adapter / "training_task.json").read_text())["trainable_parameters"]
     assert trained["visual_embedding"] > 0  # the saved projection is part of the adapter and counted
@@ -250,8 +253,8 @@ def test_vl_adapter_reproduces_the_training_runs_metrics_through_its_plugin(trai
 
     assert json.loads((tmp_path / "eval" / "dept_eval_validation.json").read_text()) == report
     table = (tmp_path / "eval" / "dept_eval_validation.md").read_text()
-    row = (f"| {result['name']} | vqa | vqa_accuracy {expected['eval_vqa_accuracy']:.2f} | "
-           f"{expected['eval_samples']} |")
+    shown = ", ".join(f"{name} {expected[f'eval_{name}']:.2f}" for name in result["metrics"])
+    row = f"| {result['name']} | vqa | {shown} | {expected['eval_samples']} |"
     assert row in table
     # At this size the accuracy is 0 either way; the generated answers tell a wrong prompt or projection apart.
     training_predictions = [json.loads(line)["prediction"]

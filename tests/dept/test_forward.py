@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from dept import DePTConfig, DePTEmbedding, InputTooLongError, get_dept_model
+from dept.testing import tiny_t5_config
+from tests.conftest import T5_TOKENIZER_DIR
 from tests.dept.helpers import TASK_TYPES, attach, base_forward, dept_forward
 
 TEXTS = ["the movie was great", "a dull and boring film with terrible acting and actors", "red circle"]
@@ -53,10 +55,28 @@ def test_lora_A_starts_kaiming_uniform_and_B_at_zero():
     assert torch.count_nonzero(layer.lora_embedding_B) == 0
 
 
-def test_text_init_tiles_the_init_text(t5_model, tokenizer):
+def test_text_init_tiles_the_init_text_with_its_special_tokens(t5_model, tokenizer):
     dept_model = get_dept_model(t5_model, DePTConfig(num_virtual_tokens=12, r=2, max_length=24), tokenizer=tokenizer)
-    ids = tokenizer(dept_model.config.prompt_init_text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(dept_model.config.prompt_init_text)["input_ids"]
+    assert ids[-1] == tokenizer.eos_token_id  # the official code keeps the closing </s>
     expected = t5_model.get_input_embeddings().weight[(ids * 3)[:12]]
+    torch.testing.assert_close(dept_model.prompt_encoder.prompt_embeddings, expected, atol=0, rtol=0)
+
+
+# The official init (peft/tuners/prompt_tuning_lora.py) embeds tokenizer(init_text)["input_ids"] of the real t5-base
+# tokenizer, "Classify this text is postive or not:" -> these 11 ids, ending in </s> (1), tiled to m.
+OFFICIAL_T5_INIT_IDS = [4501, 4921, 48, 1499, 19, 442, 757, 42, 59, 10, 1]
+
+
+@pytest.mark.skipif(not T5_TOKENIZER_DIR.is_dir(), reason="../shared/reference is absent")
+def test_text_init_of_t5_is_the_official_tiled_ids():
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    real = AutoTokenizer.from_pretrained(T5_TOKENIZER_DIR)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(tiny_t5_config(len(real), d_model=8))
+    dept_model = get_dept_model(model, DePTConfig(num_virtual_tokens=25, r=2, max_length=16), tokenizer=real)
+    expected = model.get_input_embeddings().weight[(OFFICIAL_T5_INIT_IDS * 3)[:25]]
     torch.testing.assert_close(dept_model.prompt_encoder.prompt_embeddings, expected, atol=0, rtol=0)
 
 

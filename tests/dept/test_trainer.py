@@ -259,6 +259,29 @@ def test_gradient_accumulation_of_two_half_batches_equals_one_full_batch(tmp_pat
         torch.testing.assert_close(trainable_tensors(accumulated)[name], tensor, rtol=0, atol=1e-6)
 
 
+def test_gradient_accumulation_matches_a_plain_adamw_loop_so_no_gradient_leaks_across_steps(tmp_path):
+    # Every example is the same, so every batch is too, whatever the order: the reference below is a plain
+    # PyTorch loop (forward, backward, AdamW step, zero_grad) on that batch. Were the trainer to keep the last
+    # step's gradients (no zero_grad), its steps would differ from these.
+    example = make_dataset(1, seed=3)[0]
+    args = toy_args(tmp_path / "accumulated", per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                    max_steps=6, warmup_steps=0, lr_scheduler_type="constant", max_grad_norm=0.0,
+                    eval_strategy="no", save_strategy="no", load_best_model_at_end=False)  # fmt: skip
+    trained = ToyAdapterModel(dropout=0.0)
+    toy_trainer(args, trained, train_dataset=[example] * 8, eval_dataset=None).train()
+
+    reference = ToyAdapterModel(dropout=0.0)
+    optimizer = torch.optim.AdamW(reference.optimizer_param_groups(args.learning_rate, args.lora_embedding_lr),
+                                  weight_decay=0.0)
+    batch = collate([example] * 4)
+    for _ in range(args.max_steps):
+        reference(features=batch["features"], labels=batch["labels"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, tensor in trainable_tensors(reference).items():
+        torch.testing.assert_close(trainable_tensors(trained)[name], tensor, rtol=0, atol=1e-6)
+
+
 def test_dept_t5_trains_through_the_loop_and_checkpoints_only_its_adapter(tmp_path, tokenizer, t5_model):
     from dept import DePTConfig, get_dept_model
 

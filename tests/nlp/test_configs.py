@@ -20,7 +20,7 @@ from transformers import HfArgumentParser
 from dept.arguments import MethodArguments, parse_arguments
 from dept.training_args import TrainingArguments
 from dept_nlp.arguments import FLAG_ALIASES, DataArguments, ModelArguments
-from dept_nlp.tasks import TASKS
+from dept_nlp.tasks import TASKS, get_task
 from tests.conftest import OFFICIAL_CHECKPOINTS, REPO_ROOT, free_port
 
 ACCELERATE_DIR = REPO_ROOT / "configs" / "accelerate"
@@ -149,15 +149,38 @@ def test_recipe_parses_into_the_arguments_it_states(path):
 def test_recipe_follows_the_official_training_setup(path):
     recipe = _recipe(path)
     # Every released run: global batch 32, 500 warmup steps, weight decay 1e-5, eval/save every 1000 steps,
-    # best checkpoint by validation loss, one checkpoint kept; prompt lr 3e-1 or 4e-1, A/B lr in 1e-4..5e-3.
+    # one checkpoint kept; prompt lr 3e-1 or 4e-1, A/B lr in 1e-4..5e-3.
     assert recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"] == 32
     assert (recipe["warmup_steps"], recipe["weight_decay"]) == (500, 1e-5)
     assert (recipe["eval_steps"], recipe["save_steps"], recipe["save_total_limit"]) == (1000, 1000, 1)
-    assert recipe["load_best_model_at_end"] is True and recipe["metric_for_best_model"] == "loss"
+    assert recipe["load_best_model_at_end"] is True
     assert recipe["learning_rate"] in (0.3, 0.4)
     assert 1e-4 <= recipe["lora_embedding_lr"] <= 5e-3
     assert recipe["max_seq_length"] == OFFICIAL_MAX_LENGTH.get(path.stem, 256)
     assert path.read_text().startswith("#"), "a recipe starts with a comment saying where its numbers come from"
+
+
+# Hand-copied from the official src/metrics.py: TASK_TO_METRICS[task][0], which official train.py sets as
+# metric_for_best_model (with greater_is_better=True), overriding the loss.
+OFFICIAL_BEST_MODEL_METRIC = {
+    "cola": "matthews_correlation", "mrpc": "accuracy", "stsb": "pearson", "sst2": "accuracy", "mnli": "accuracy",
+    "qnli": "accuracy", "rte": "accuracy", "wnli": "accuracy", "qqp": "accuracy", "superglue-boolq": "accuracy",
+    "superglue-cb": "f1_multiclass", "superglue-multirc": "f1", "superglue-wic": "accuracy",
+    "superglue-wsc.fixed": "accuracy", "nq": "em", "hotpotqa": "em", "searchqa": "em", "newsqa": "em",
+    "winogrande": "accuracy", "scitail": "accuracy", "yelp_polarity": "accuracy", "paws": "accuracy",
+}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda path: path.stem)
+def test_recipe_selects_the_best_checkpoint_by_the_official_main_metric(path):
+    recipe = _recipe(path)
+    assert len(OFFICIAL_BEST_MODEL_METRIC) == len(RECIPES) == 22
+    assert recipe["metric_for_best_model"] == OFFICIAL_BEST_MODEL_METRIC[recipe["task_name"]]
+    assert recipe["metric_for_best_model"] == get_task(recipe["task_name"]).main_metric  # a metric we report
+    assert recipe["greater_is_better"] is True
+    *_, training_args = parse_arguments(CLI_DATACLASSES, ["--config", str(path)])
+    assert (training_args.metric_for_best_model, training_args.greater_is_better) == (
+        OFFICIAL_BEST_MODEL_METRIC[recipe["task_name"]], True)
 
 
 # Hand-copied from the official run logs (github.com/ZhengxiangShi/DePT, checkpoints/<task>/output.log):

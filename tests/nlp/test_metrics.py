@@ -25,9 +25,19 @@ def test_binary_f1_maps_an_invalid_prediction_to_the_wrong_class():
 
 
 def test_matthews_correlation_by_hand():
-    # "x" (gold 1) becomes 0. TP=1, FP=1, TN=2, FN=1: (1*2 - 1*1) / sqrt(2 * 2 * 3 * 3) = 1/6.
-    scores = compute("cola", ["1", "1", "0", "0", "x"], ["1", "0", "0", "0", "1"])
+    scores = compute("cola", ["1", "1", "0", "0", "0"], ["1", "0", "0", "0", "1"])
+    # TP=1, FP=1, TN=2, FN=1: (1*2 - 1*1) / sqrt(2 * 2 * 3 * 3) = 1/6.
     assert scores == {"matthews_correlation": pytest.approx(100 / 6)}
+
+
+def test_matthews_correlation_counts_an_invalid_prediction_as_its_own_class_as_the_official_code():
+    # sklearn's multiclass MCC on the raw strings (official src/metrics.py): with c = 3 correct of s = 4,
+    # true counts t = {0: 2, 1: 2}, predicted counts p = {0: 2, 1: 1, x: 1}:
+    # (c*s - sum p*t) / sqrt((s^2 - sum p^2) * (s^2 - sum t^2)) = (12 - 6) / sqrt(10 * 8) = 6 / sqrt(80).
+    scores = compute("cola", ["1", "x", "0", "0"], ["1", "1", "0", "0"])
+    assert scores == {"matthews_correlation": pytest.approx(100 * 6 / math.sqrt(80))}
+    # Flipping "x" to the wrong label ("0") would give (12 - 8) / sqrt(6 * 8) instead.
+    assert scores["matthews_correlation"] != pytest.approx(100 * 4 / math.sqrt(48))
 
 
 def test_cb_macro_f1_and_accuracy_by_hand():
@@ -71,21 +81,24 @@ def test_squad_normalisation(text, normalized):
     assert normalize_answer(text) == normalized
 
 
-def test_squad_em_and_f1_take_the_best_reference():
-    # Example 1: "cat sat" vs "cat sat down": EM 0, P = 2/2, R = 2/3, F1 = 0.8; vs "dog": 0.
-    # Example 2: "Paris" vs "paris": EM 1, F1 1.
-    scores = compute("nq", ["the cat sat", " Paris "], [["A cat sat down", "dog"], ["paris"]])
-    assert scores == pytest.approx({"em": 50.0, "f1": 90.0})
+def test_squad_em_and_f1_score_the_first_answer_and_report_the_best_apart():
+    # Example 1: "cat sat" vs the first answer "cat sat down": EM 0, P = 2/2, R = 2/3, F1 = 0.8.
+    # Example 2: "Paris" vs the first answer "London": 0; vs the second, "paris": EM 1, F1 1.
+    scores = compute("nq", ["the cat sat", " Paris "], [["A cat sat down", "dog"], ["London", "paris"]])
+    assert scores == pytest.approx({"em": 0.0, "f1": 40.0, "em_max_over_answers": 50.0,
+                                    "f1_max_over_answers": 90.0})
 
 
 def test_squad_f1_of_two_empty_answers_is_zero_but_they_match_exactly():
     # SQuAD v1.1 semantics: no shared token gives F1 0, while "" == "" is an exact match.
     assert token_f1("", "the") == 0.0
-    assert compute("hotpotqa", [""], [["the"]]) == {"em": 100.0, "f1": 0.0}
+    assert compute("hotpotqa", [""], [["the"]]) == {"em": 100.0, "f1": 0.0, "em_max_over_answers": 100.0,
+                                                    "f1_max_over_answers": 0.0}
 
 
 def test_squad_accepts_a_single_answer_string_as_reference():
-    assert compute("newsqa", ["blue"], ["Blue."]) == {"em": 100.0, "f1": 100.0}
+    assert compute("newsqa", ["blue"], ["Blue."]) == dict.fromkeys(
+        ("em", "f1", "em_max_over_answers", "f1_max_over_answers"), 100.0)
 
 
 def test_valid_labels_and_is_valid_prediction():
@@ -100,14 +113,15 @@ def test_valid_labels_and_is_valid_prediction():
 def test_every_task_scores_a_perfect_prediction_at_100(task_name):
     task = TASKS[task_name]
     if task.is_extractive_qa:
-        predictions, references = ["an answer", "other"], [["an answer"], ["x", "other"]]
+        predictions, references = ["an answer", "other"], [["an answer"], ["other", "x"]]
     elif task.is_regression:
         predictions = references = ["1.0", "2.5", "4.0"]
     else:
         predictions = references = list(task.label_words) * 2
     scores = compute(task_name, predictions, references)
-    assert list(scores) == list(task.metric_names)
-    assert scores == pytest.approx(dict.fromkeys(task.metric_names, 100.0))
+    extra = ["em_max_over_answers", "f1_max_over_answers"] if task.is_extractive_qa else []
+    assert list(scores) == [*task.metric_names, *extra]
+    assert scores == pytest.approx(dict.fromkeys(scores, 100.0))
 
 
 def test_bad_inputs_are_clear_errors():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,10 +96,48 @@ def test_training_loss_clearly_falls(tmp_path):
 
 
 @pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "LORA", "FULL"])
-def test_baselines_run_through_the_same_trainer(tmp_path, peft_type):
+def test_baselines_run_through_the_same_trainer_and_train_what_their_method_trains(tmp_path, peft_type):
     files = write_task_fixture("sst2", tmp_path / "data", n_train=8, n_val=4, n_test=4)
-    results = main(_flags(_model(tmp_path, "t5", "sst2"), tmp_path / "out", "sst2", files, peft_type=peft_type))
+    model_dir = _model(tmp_path, "t5", "sst2")
+    out = tmp_path / "out"
+    results = main(_flags(model_dir, out, "sst2", files, peft_type=peft_type, lora_embedding_lr=0.3))
     assert "test_accuracy" in results
+    base = load_file(os.path.join(model_dir, "model.safetensors"))
+    d_model = base["shared.weight"].shape[1]
+    if peft_type == "PROMPT_TUNING":  # P only: m x d, A and B empty (r = 0), the base is not saved
+        saved = load_file(out / "adapter_model.safetensors")
+        assert json.loads((out / "adapter_config.json").read_text())["r"] == 0
+        assert saved["prompt_embeddings"].shape == (4, d_model)
+        assert saved["lora_embedding_A"].numel() == saved["lora_embedding_B"].numel() == 0
+        assert not (out / "model.safetensors").exists()
+    elif peft_type == "LORA":  # rank-r (--r 2) LoRA on q and v of every attention, B trained away from zero
+        saved = load_file(out / "adapter_model.safetensors")
+        attention_qv = [key for key in base if re.search(r"(SelfAttention|EncDecAttention)\.(q|v)\.weight$", key)]
+        assert len(saved) == 2 * len(attention_qv) > 0
+        assert all(re.search(r"\.(q|v)\.lora_(A|B)\.weight$", key) for key in saved)
+        assert {saved[key].shape for key in saved if ".lora_A." in key} == {(2, d_model)}
+        assert {saved[key].shape for key in saved if ".lora_B." in key} == {(d_model, 2)}
+        assert all(saved[key].abs().sum() > 0 for key in saved if ".lora_B." in key)
+        assert not any("prompt" in key for key in saved) and not (out / "model.safetensors").exists()
+    else:  # every weight of the base is trained and saved
+        saved = load_file(out / "model.safetensors")
+        assert saved.keys() == base.keys()
+        changed = [key for key in base if not torch.equal(saved[key], base[key])]
+        assert any(".SelfAttention.q." in key for key in changed) and any("layer_norm" in key for key in changed)
+        assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_lora_rank_comes_from_r_and_a_disagreeing_lora_r_is_refused(tmp_path):
+    from dept.arguments import MethodArguments
+
+    assert MethodArguments(peft_type="LORA", r=16).lora_r == 16
+    assert MethodArguments(peft_type="LORA", lora_r=4).lora_r == 4
+    assert MethodArguments(peft_type="LORA").lora_r == 8  # the paper's LoRA baseline
+    assert MethodArguments().r == 30  # DePT's own default is unchanged
+    files = write_task_fixture("sst2", tmp_path / "data", n_train=8, n_val=4, n_test=4)
+    with pytest.raises(ValueError, match="--r 16 and --lora_r 8 disagree"):
+        main(_flags(_model(tmp_path, "t5", "sst2"), tmp_path / "out", "sst2", files, peft_type="LORA", r=16,
+                    lora_r=8))
 
 
 def test_transfer_from_a_saved_adapter(tmp_path):

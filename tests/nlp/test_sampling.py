@@ -67,3 +67,23 @@ def test_k_must_be_a_positive_integer(k):
 def test_balanced_request_on_unlabeled_rows_is_an_error():
     with pytest.raises(ValueError, match="integer class labels"):
         k_shot_sample(_dataset([-1, 0, 1, 1]), 2, seed=0, balanced=True)
+
+
+def test_stsb_k_shot_is_balanced_on_score_at_most_2_5_against_above_as_the_official_code():
+    # 40 scores, 30 of them <= 2.5 (2.5 itself included, as the official `float(label) <= 2.5`).
+    scores = [0.0, 1.0, 2.0, 2.5] * 7 + [0.5, 2.5] + [2.6, 4.0, 5.0] * 3 + [3.0]
+    data = datasets.Dataset.from_dict({"source": [f"s{i}" for i in range(40)], "label": scores})
+    sample = k_shot_sample(data, 8, seed=0, score_threshold=2.5)
+    assert Counter(score > 2.5 for score in sample["label"]) == {False: 4, True: 4}
+    assert sample["source"] == [s for s in data.shuffle(seed=0)["source"] if s in set(sample["source"])]
+
+
+def test_the_text_pipeline_balances_stsb_k_shot_samples(tmp_path):
+    from dept_nlp.arguments import DataArguments
+    from dept_nlp.pipeline import load_splits
+    from tests.nlp.fixtures import write_task_fixture
+
+    files = write_task_fixture("stsb", tmp_path, n_train=40, n_val=4, n_test=4)
+    args = DataArguments(task_name="stsb", do_train=True, k_shot_examples=6, **{k: str(v) for k, v in files.items()})
+    train = load_splits(args, seed=3)["train"]
+    assert Counter(score > 2.5 for score in train["label"]) == {False: 3, True: 3}

@@ -29,15 +29,19 @@ PAPER_TASKS = {
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    """Replace `datasets.load_dataset` with an in-memory hub; records the (path, config) it was asked for."""
+    """Replace `datasets.load_dataset` with an in-memory hub; records the (path, config, split) it was asked for."""
     calls = []
 
     def install(task_name, sizes):
         hub = hub_dataset_dict(task_name, sizes)
 
-        def load_dataset(path, name=None, **kwargs):
-            calls.append((path, name))
-            return hub
+        def load_dataset(path, name=None, split=None, **kwargs):
+            calls.append((path, name, split))
+            if split is None:
+                return hub
+            if split not in hub:  # the message of datasets' own check
+                raise ValueError(f'Unknown split "{split}". Should be one of {list(hub)}.')
+            return hub[split]
 
         monkeypatch.setattr(datasets, "load_dataset", load_dataset)
         return hub
@@ -285,7 +289,7 @@ def _official_order(size, seed=42):
 def test_small_task_halves_the_shuffled_hub_validation_into_validation_and_test(fake_hub):
     hub = fake_hub("cola", {"train": 6, "validation": 11})
     splits = load_task_datasets("cola")
-    assert fake_hub.calls == [("nyu-mll/glue", "cola")]
+    assert fake_hub.calls == [("nyu-mll/glue", "cola", "train"), ("nyu-mll/glue", "cola", "validation")]
     assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (6, 5, 6)
     assert splits["train"]["source"] == [f"sentence: {row['sentence']}" for row in hub["train"]]
     order = _official_order(11)
@@ -341,15 +345,56 @@ def test_hold_out_rule_needs_more_than_1000_training_rows(fake_hub):
         load_task_datasets("qnli")
 
 
-def test_dataset_config_name_overrides_the_hub_config(fake_hub):
+def test_dataset_config_name_never_overrides_the_tasks_own_config(fake_hub):
+    # The official seed command passes --dataset_config_name en; every official task hard-codes its config.
     fake_hub("winogrande", {"train": 1002, "validation": 3})
-    load_task_datasets("winogrande", dataset_config_name="winogrande_s", splits=("test",))
-    assert fake_hub.calls == [("allenai/winogrande", "winogrande_s")]
+    load_task_datasets("winogrande", dataset_config_name="en", splits=("test",))
+    assert {config for _, config, _ in fake_hub.calls} == {"winogrande_xl"}
+
+
+# What each official task asks the hub for (ZhengxiangShi/DePT src/tasks.py `load_dataset`, with the datasets'
+# current hub ids): (path, config) and the hub splits its train/validation/test are built from.
+_GLUE = "nyu-mll/glue"
+OFFICIAL_HUB_REQUESTS = {
+    "cola": (_GLUE, "cola", {"train", "validation"}),
+    "mrpc": (_GLUE, "mrpc", {"train", "validation"}),
+    "rte": (_GLUE, "rte", {"train", "validation"}),
+    "wnli": (_GLUE, "wnli", {"train", "validation"}),
+    "stsb": (_GLUE, "stsb", {"train", "validation"}),
+    "sst2": (_GLUE, "sst2", {"train", "validation"}),
+    "qnli": (_GLUE, "qnli", {"train", "validation"}),
+    "qqp": (_GLUE, "qqp", {"train", "validation"}),
+    "mnli": (_GLUE, "mnli", {"train", "validation_mismatched", "validation_matched"}),
+    "superglue-boolq": ("aps/super_glue", "boolq", {"train", "validation"}),
+    "superglue-cb": ("aps/super_glue", "cb", {"train", "validation"}),
+    "superglue-multirc": ("aps/super_glue", "multirc", {"train", "validation"}),
+    "superglue-wic": ("aps/super_glue", "wic", {"train", "validation"}),
+    "superglue-wsc.fixed": ("aps/super_glue", "wsc.fixed", {"train", "validation"}),
+    "newsqa": ("lucadiliello/newsqa", None, {"train", "validation"}),
+    "searchqa": ("lucadiliello/searchqa", None, {"train", "validation"}),
+    "hotpotqa": ("lucadiliello/hotpotqa", None, {"train", "validation"}),
+    "nq": ("lucadiliello/naturalquestionsshortqa", None, {"train", "validation"}),
+    "winogrande": ("allenai/winogrande", "winogrande_xl", {"train", "validation"}),
+    "yelp_polarity": ("fancyzhx/yelp_polarity", "plain_text", {"train", "test"}),
+    "scitail": ("allenai/scitail", "snli_format", {"train", "validation"}),
+    "paws": ("google-research-datasets/paws", "labeled_final", {"train", "validation", "test"}),
+}
+
+
+@pytest.mark.parametrize("task_name", sorted(OFFICIAL_HUB_REQUESTS))
+def test_each_task_requests_its_own_path_config_and_splits_from_the_hub(fake_hub, task_name):
+    assert len(OFFICIAL_HUB_REQUESTS) == len(TASKS) == 22
+    path, config, hub_splits = OFFICIAL_HUB_REQUESTS[task_name]
+    large = get_task(task_name).split_rule.value == "hold_out_train"
+    fake_hub(task_name, {name: 1003 if large and name == "train" else 4 for name in sorted(hub_splits)})
+    splits = load_task_datasets(task_name, dataset_config_name="en")  # the seed command's flag changes nothing
+    assert sorted(fake_hub.calls) == sorted((path, config, split) for split in hub_splits)
+    assert all(len(splits[split]) > 0 for split in ("train", "validation", "test"))
 
 
 def test_missing_hub_split_error_lists_the_available_ones(fake_hub):
     fake_hub("cola", {"train": 4})
-    with pytest.raises(ValueError, match=r"has splits \['train'\].*'validation'"):
+    with pytest.raises(ValueError, match=r"Should be one of \['train'\][\s\S]*needs the splits \['train', 'validation'\]"):
         load_task_datasets("cola")
 
 
@@ -553,7 +598,7 @@ def test_bad_hub_row_is_reported_with_its_hub_split_and_row_number(monkeypatch):
     rows = hub["validation"].to_list()
     rows[7]["sentence"] = ""
     hub["validation"] = datasets.Dataset.from_list(rows)
-    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: hub)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, split, **kwargs: hub[split])
     with pytest.raises(
         DataValidationError, match=r"nyu-mll/glue \(cola\), split 'validation': row 7, column 'sentence'"
     ):

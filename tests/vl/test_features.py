@@ -17,6 +17,7 @@ from dept_vl.features import (
     OnTheFlyFeatures,
     extract_to_h5,
     grid_boxes,
+    weights_fingerprint,
 )
 from dept_vl.images import load_image
 
@@ -371,3 +372,45 @@ def test_cli_extracts_resumes_and_reports_unreadable_images(tmp_path, capsys):
     out = capsys.readouterr()
     assert "2 already in" in out.out and "0 extracted" in out.out and "1 unreadable" in out.out
     assert str(image_dir / "broken.png") in out.out
+
+
+def test_cli_no_pretrained_is_seeded_and_refuses_to_resume_with_other_weights(tmp_path):
+    image_dir = _image_dir(tmp_path / "images", 2)
+
+    def run(output, seed):
+        args = ["--image_dir", str(image_dir), "--output", str(output), "--backbone", "resnet18", "--no-pretrained",
+                "--image_size", "64", "--device", "cpu", "--num_workers", "0", "--seed", str(seed)]
+        return _cli().main(args)
+
+    def features(output):
+        store = FeatureStore(output)
+        return {image_id: store[image_id][0] for image_id in store.image_ids()}
+
+    assert run(tmp_path / "a.h5", 3) == 0 and run(tmp_path / "b.h5", 3) == 0 and run(tmp_path / "c.h5", 4) == 0
+    a, b, c = features(tmp_path / "a.h5"), features(tmp_path / "b.h5"), features(tmp_path / "c.h5")
+    assert all(np.array_equal(a[key], b[key]) for key in a)  # same seed, same random backbone
+    assert not np.allclose(a["img0"], c["img0"])
+    with h5py.File(tmp_path / "a.h5", "r") as h5:
+        fingerprint = h5.attrs["weights_sha256"]
+    with h5py.File(tmp_path / "c.h5", "r") as h5:
+        assert h5.attrs["weights_sha256"] != fingerprint
+
+    _image_dir(image_dir, 1, start=2)
+    with pytest.raises(SystemExit, match=r"weights_sha256: file has '[0-9a-f]{64}', this run '[0-9a-f]{64}'"):
+        run(tmp_path / "a.h5", 4)  # other random weights: refused, nothing mixed in
+    assert sorted(features(tmp_path / "a.h5")) == ["img0", "img1"]
+    assert run(tmp_path / "a.h5", 3) == 0  # the same weights resume
+    assert sorted(features(tmp_path / "a.h5")) == ["img0", "img1", "img2"]
+
+
+def test_weights_fingerprint_follows_the_weights_and_the_seed_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = GridFeatureExtractor("resnet18", pretrained=False, image_size=32, seed=5)
+    assert torch.equal(torch.rand(3), expected_next)
+    again = GridFeatureExtractor("resnet18", pretrained=False, image_size=32, seed=5)
+    assert first.weights_sha256 == again.weights_sha256 == weights_fingerprint(again.model)
+    with torch.no_grad():
+        next(again.model.parameters()).view(-1)[0] += 1.0
+    assert weights_fingerprint(again.model) != first.weights_sha256

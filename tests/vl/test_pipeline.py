@@ -230,6 +230,31 @@ def test_vqa_target_is_the_most_common_normalised_answer_without_multiple_choice
     assert row["references"]["answers"] == human
 
 
+def test_vqa_rows_carry_the_answer_type_and_the_evaluator_reports_each_type(tmp_path):
+    questions = {"data_subtype": "val2014", "questions": [
+        {"question_id": 1, "image_id": 7, "question": "Is it red?"},
+        {"question_id": 2, "image_id": 7, "question": "How many?"},
+        {"question_id": 3, "image_id": 8, "question": "What color?"},
+    ]}
+    annotations = {"annotations": [
+        {"question_id": 1, "answer_type": "yes/no", "multiple_choice_answer": "yes",
+         "answers": [{"answer": "yes"}] * 10},
+        {"question_id": 2, "answer_type": "number", "multiple_choice_answer": "2",
+         "answers": [{"answer": "2"}] * 3 + [{"answer": "3"}] * 7},
+        {"question_id": 3, "answer_type": "other", "multiple_choice_answer": "red",
+         "answers": [{"answer": "red"}] * 10},
+    ]}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    (tmp_path / "a.json").write_text(json.dumps(annotations))
+    rows = read_vqa(tmp_path / "q.json", tmp_path / "a.json")
+    assert [row["references"]["answer_type"] for row in rows] == ["yes/no", "number", "other"]
+    metrics = VLEvaluator(["vqa"], tokenizer=None).compute_metrics(["yes", "two", "blue"],
+                                                                 [row["references"] for row in rows])
+    # yes: 10 humans -> 1.0; "two" -> "2", 3 humans -> 0.9; blue: no human -> 0.
+    assert metrics == pytest.approx({"vqa_accuracy": 100 * 1.9 / 3, "vqa_accuracy_yes_no": 100.0,
+                                     "vqa_accuracy_number": 90.0, "vqa_accuracy_other": 0.0})
+
+
 def test_evaluator_scores_each_task_by_hand():
     evaluator = VLEvaluator(["vqa", "nlvr"], tokenizer=None)
     ten = ["red"] * 2 + ["blue"] * 8

@@ -1,0 +1,114 @@
+"""`dept-serve`: an HTTP server for many DePT adapters over one frozen base model, in mixed dynamic batches.
+
+    dept-serve --model_name_or_path t5-base --adapter sst2=outputs/sst2 --adapter rte=outputs/rte \\
+        --adapter_root outputs --host 127.0.0.1 --port 8000 --max_batch_size 32 --max_wait_ms 5
+
+The base model's kind (text: T5, decoder-only or encoder classifier; or VL-T5) comes from the first adapter's
+`training_task.json`, or from `--modality` / `--model_family`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from dept import AdapterMismatchError, ConfigError
+from dept_serve.errors import ServeError
+from dept_serve.schemas import Limits
+
+
+def _adapter_spec(value: str) -> tuple[str, str]:
+    name, sep, directory = value.partition("=")
+    if not sep or not name or not directory:
+        raise argparse.ArgumentTypeError(f"{value!r}: write --adapter NAME=DIR.")
+    return name, directory
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dept-serve", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True, help="The frozen base model the adapters share.")
+    parser.add_argument("--adapter", action="append", default=[], type=_adapter_spec, metavar="NAME=DIR",
+                        help="An adapter to load at start; repeat for several.")
+    parser.add_argument("--adapter_root", help="POST /v1/adapters may load adapters from under this directory "
+                                               "only (without it, loading through the API is off).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max_batch_size", type=int, default=Limits.max_batch_size, help="Most rows per batch.")
+    parser.add_argument("--max_wait_ms", type=float, default=Limits.max_wait_ms,
+                        help="Longest a batch's first row waits for more rows.")
+    parser.add_argument("--max_inputs", type=int, default=Limits.max_inputs, help="Most inputs per request.")
+    parser.add_argument("--max_new_tokens", type=int, default=Limits.max_new_tokens,
+                        help="Largest max_new_tokens a request may ask for.")
+    parser.add_argument("--max_num_beams", type=int, default=Limits.max_num_beams)
+    parser.add_argument("--max_body_bytes", type=int, default=Limits.max_body_bytes,
+                        help="Larger request bodies are refused (413).")
+    parser.add_argument("--modality", choices=("text", "vl"), help="Default: the first adapter's.")
+    parser.add_argument("--model_family", choices=("seq2seq", "causal", "cls"),
+                        help="Text bases: default the first adapter's, else detected from the model's config.")
+    parser.add_argument("--num_labels", type=int, help="Classifier bases: default from the first adapter's task.")
+    parser.add_argument("--tokenizer_name", help="Tokenizer, if not the base model's own.")
+    parser.add_argument("--feat_dim", type=int, help="VL bases: feature size, default the first adapter's.")
+    parser.add_argument("--feature_file", help="VL: stored features (.h5/.npy/npz dir; join files with +) that "
+                                               "requests name by feature_id.")
+    parser.add_argument("--backbone", help="VL: timm backbone for uploaded images, for adapters that record none.")
+    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                        help="VL: the --backbone's pretrained weights.")
+    parser.add_argument("--image_size", type=int, help="VL: the --backbone's input size (default: its own).")
+    parser.add_argument("--device", help="Default: cuda if available, else cpu.")
+    parser.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"))
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("max_batch_size", "max_inputs", "max_new_tokens", "max_num_beams", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1.")
+    if args.max_wait_ms < 0:
+        parser.error("--max_wait_ms must be >= 0.")
+    names = [name for name, _ in args.adapter]
+    if len(set(names)) != len(names):
+        parser.error(f"--adapter names must be unique, got {names}.")
+    return args
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    return Limits(max_inputs=args.max_inputs, max_new_tokens=args.max_new_tokens, max_num_beams=args.max_num_beams,
+                  max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size,
+                  max_wait_ms=args.max_wait_ms)
+
+
+def build_app(args: argparse.Namespace):
+    """The app for parsed flags: the base model and the --adapter adapters are loaded here."""
+    from dept_serve.app import create_app
+    from dept_serve.engine import ServingEngine
+    from dept_serve.service import DePTService
+
+    image_features = ({"backbone": args.backbone, "pretrained": args.pretrained, "image_size": args.image_size}
+                      if args.backbone else None)
+    engine = ServingEngine.load(
+        args.model_name_or_path, dict(args.adapter), modality=args.modality, model_family=args.model_family,
+        tokenizer_name=args.tokenizer_name, num_labels=args.num_labels, feat_dim=args.feat_dim,
+        feature_file=args.feature_file, image_features=image_features, device=args.device)
+    return create_app(DePTService(engine, limits_from_args(args), args.adapter_root))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import uvicorn
+
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper())
+    try:
+        app = build_app(args)
+    except (AdapterMismatchError, ConfigError, FileNotFoundError, ValueError, ServeError) as err:
+        print(f"dept-serve: error: {err}", file=sys.stderr)
+        raise SystemExit(f"dept-serve: error: {err}") from None
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""The model side of `dept-serve`: one frozen base, its tokenizer, the loaded adapters, and batch runs.
+
+`ServingEngine` knows nothing of HTTP or asyncio. The server calls it from one thread only (its compute
+thread), so loading, unloading and batches never overlap:
+
+    engine = ServingEngine.load("t5-base", {"sst2": "adapters/sst2"})
+    rows = [EngineRow("sst2", ids) for ids in engine.encode(engine.adapters["sst2"], ["sentence: a fine film"])]
+    engine.generate(rows, max_new_tokens=3, num_beams=1)   # [{"text": "1", "token_ids": [...]}]
+
+Inputs are tokenized as in training (`dept_nlp.preprocess.encode_source`; the decoder-only separator included)
+and are never truncated: an input over its adapter's `max_length` is refused. The rows of one batch may name
+different adapters; `dept.MultiAdapterModel` routes each row to its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoConfig
+
+from dept import ConfigError, DePTConfig, MultiAdapterModel
+from dept_nlp.modeling import detect_family, load_model
+from dept_nlp.modeling import load_tokenizer as load_text_tokenizer
+from dept_nlp.preprocess import encode_source, pad
+from dept_nlp.tasks import TASKS as TEXT_TASKS
+from dept_serve.errors import InvalidInputError, NotFoundError
+from dept_vl.data import open_feature_files, visual_inputs
+from dept_vl.features import FeatureStoreError, GridFeatureExtractor, MissingFeaturesError
+from dept_vl.pipeline import VLModelArguments, load_vl_base_model
+from dept_vl.pipeline import load_tokenizer as load_vl_tokenizer
+
+TASK_FILE = "training_task.json"
+MODALITIES = ("text", "vl")
+
+
+@dataclass
+class ServedAdapter:
+    """What the server knows of a loaded adapter."""
+
+    name: str
+    path: Path
+    config: DePTConfig
+    modality: str
+    tasks: list[str] = field(default_factory=list)
+    label_words: list[str] | None = None
+    image_features: dict | None = None  # backbone settings that turn an uploaded image into its features
+
+    @property
+    def endpoint(self) -> str:
+        return "score" if self.config.task_type == "cls" else "generate"
+
+    def info(self) -> dict:
+        return {"name": self.name, "path": str(self.path), "modality": self.modality, "tasks": self.tasks,
+                "task_type": self.config.task_type, "endpoint": f"/v1/{self.endpoint}",
+                "num_virtual_tokens": self.config.num_virtual_tokens, "r": self.config.r,
+                "max_length": self.config.max_length, "label_words": self.label_words,
+                "accepts_images": self.modality == "vl" and self.image_features is not None}
+
+
+@dataclass
+class EngineRow:
+    """One input of a batch: its adapter, its token ids, and for VL its (features, boxes)."""
+
+    adapter: str
+    input_ids: list[int]
+    visual: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def read_training_task(path: Path) -> dict | None:
+    """The adapter's `training_task.json` (written by the training CLIs), or None for an official checkpoint."""
+    file = path / TASK_FILE
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{file} should hold a JSON object, as the training CLIs write it.")
+    return record
+
+
+def _base_settings(adapter_dirs: list[Path], modality: str | None, model_family: str | None,
+                   num_labels: int | None, feat_dim: int | None) -> dict:
+    """The base model's modality, family, label count and feature size, from the flags or the first adapter."""
+    record = next((r for r in map(read_training_task, adapter_dirs) if r is not None), None) or {}
+    modality = modality or record.get("modality", "text")
+    if modality not in MODALITIES:
+        raise ConfigError(f"Unknown modality {modality!r}: choose from {list(MODALITIES)}.")
+    if modality == "vl":
+        feat_dim = feat_dim or record.get("feat_dim")
+        if not isinstance(feat_dim, int):
+            raise ConfigError("A VL-T5 base needs its feature size: pass --feat_dim, or an --adapter saved by "
+                              "dept-train-vl (its training_task.json records feat_dim).")
+        return {"modality": modality, "family": "seq2seq", "feat_dim": feat_dim}
+    family = model_family or record.get("model_family")
+    if num_labels is None:
+        tasks = [TEXT_TASKS[name] for name in record.get("task_names", []) if name in TEXT_TASKS]
+        num_labels = max(tasks[0].num_labels, 1) if tasks else 2
+    return {"modality": modality, "family": family, "num_labels": num_labels}
+
+
+class ServingEngine:
+    """One frozen base model serving many DePT adapters in mixed batches (see the module docstring).
+
+    Args:
+        base_model: the frozen Hugging Face model (T5, LLaMA-style, BERT-style, or VL-T5).
+        tokenizer: its tokenizer.
+        modality: "text" or "vl".
+        family: "seq2seq", "causal" or "cls".
+        feature_store: for VL, the stored features that a request names by `feature_id`.
+        image_features: for VL, the backbone settings used for uploaded images when an adapter records none.
+    """
+
+    def __init__(self, base_model, tokenizer, *, modality: str, family: str, model_name_or_path: str = "",
+                 feature_store=None, image_features: dict | None = None, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.multi = MultiAdapterModel(base_model.to(self.device))
+        self.tokenizer = tokenizer  # decodes, on the compute thread
+        # Requests are encoded on the event loop's thread: a fast tokenizer must not be used by two threads at once.
+        self._request_tokenizer = copy.deepcopy(tokenizer)
+        self.modality, self.family = modality, family
+        self.model_name_or_path = model_name_or_path
+        self.feature_store = feature_store
+        self.image_features = image_features
+        self.adapters: dict[str, ServedAdapter] = {}
+        self._extractors: dict[tuple, GridFeatureExtractor] = {}
+
+    @classmethod
+    def load(cls, model_name_or_path: str, adapters: dict[str, str | Path] | None = None, *,
+             modality: str | None = None, model_family: str | None = None, tokenizer_name: str | None = None,
+             num_labels: int | None = None, feat_dim: int | None = None, feature_file: str | None = None,
+             image_features: dict | None = None, device: str | torch.device | None = None) -> ServingEngine:
+        """Load the base model and its tokenizer (what it is comes from the flags, else from the first adapter's
+        training_task.json), then the adapters."""
+        adapters = adapters or {}
+        settings = _base_settings([Path(p) for p in adapters.values()], modality, model_family, num_labels, feat_dim)
+        if settings["modality"] == "vl":
+            tokenizer = load_vl_tokenizer(VLModelArguments(model_name_or_path, tokenizer_name=tokenizer_name))
+            base = load_vl_base_model(model_name_or_path, settings["feat_dim"])
+        else:
+            settings["family"] = settings["family"] or detect_family(AutoConfig.from_pretrained(model_name_or_path))
+            tokenizer = load_text_tokenizer(tokenizer_name or model_name_or_path, settings["family"])
+            base = load_model(model_name_or_path, settings["family"], num_labels=settings["num_labels"])
+        store = open_feature_files(feature_file) if feature_file else None
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        engine = cls(base.eval(), tokenizer, modality=settings["modality"], family=settings["family"],
+                     model_name_or_path=model_name_or_path, feature_store=store, image_features=image_features,
+                     device=device)
+        for name, path in adapters.items():
+            engine.add_adapter(name, path)
+        return engine
+
+    @property
+    def base_model(self):
+        return self.multi.base_model
+
+    # ------------------------------------------------------------------------------------------------ adapters
+    def describe(self, name: str, path: str | Path) -> ServedAdapter:
+        """Read an adapter's config and training record and check that it fits this server; no tensor is read."""
+        path = Path(path)
+        if not path.is_dir():
+            raise NotFoundError(f"Adapter directory {path} does not exist.")
+        config = DePTConfig.from_pretrained(path)
+        record = read_training_task(path) or {}
+        modality = record.get("modality", "text")
+        if modality != self.modality:
+            raise InvalidInputError(f"{path} is a {modality} adapter, but this server's base model is "
+                                    f"{self.modality}: serve it from a {modality} base.")
+        if config.task_type != self.family:
+            raise InvalidInputError(f"{path} is a {config.task_type!r} adapter, but this server's base model is "
+                                    f"a {self.family!r} model: it was trained on another base model.")
+        if modality == "vl" and record.get("feat_dim") != self.base_model.config.feat_dim:
+            raise InvalidInputError(f"{path} reads {record.get('feat_dim')}-dimensional image features, but this "
+                                    f"VL-T5 reads {self.base_model.config.feat_dim}-dimensional ones.")
+        label_words = record.get("label_words")
+        return ServedAdapter(name, path, config, modality, list(record.get("task_names", [])),
+                             list(label_words) if isinstance(label_words, list | tuple) else None,
+                             (record.get("image_features") or self.image_features) if modality == "vl" else None)
+
+    def add_adapter(self, name: str, path: str | Path) -> ServedAdapter:
+        """Check, then load an adapter: one for another base model is refused before any compute."""
+        adapter = self.describe(name, path)
+        self.multi.add_adapter(name, adapter.path)
+        self.adapters[name] = adapter
+        return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        self.multi.remove_adapter(name)
+        del self.adapters[name]
+
+    # ------------------------------------------------------------------------------------------------ inputs
+    def encode(self, adapter: ServedAdapter, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text as in training; an input over the adapter's max_length is refused (422)."""
+        encoded = [encode_source(self._request_tokenizer, self.family, text) for text in texts]
+        limit = adapter.config.max_length
+        for i, ids in enumerate(encoded):
+            if len(ids) > limit:
+                raise InvalidInputError(
+                    f"inputs[{i}] has {len(ids)} tokens, but adapter {adapter.name!r} has max_length {limit}: "
+                    f"shorten it to at most {limit} tokens.", max_length=limit, input_index=i, num_tokens=len(ids))
+        return encoded
+
+    def stored_features(self, feature_ids: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(features, boxes) of each feature id in the server's --feature_file."""
+        if self.feature_store is None:
+            raise InvalidInputError("This server has no --feature_file, so feature_ids cannot be looked up: send "
+                                    "images instead, or start dept-serve with --feature_file.")
+        try:
+            return [self.feature_store[feature_id] for feature_id in feature_ids]
+        except MissingFeaturesError as err:
+            raise InvalidInputError(str(err)) from None
+        except (FeatureStoreError, ValueError) as err:
+            raise InvalidInputError(f"Cannot read the stored features: {err}") from None
+
+    def extractor_for(self, adapter: ServedAdapter) -> GridFeatureExtractor:
+        """The backbone that turns an uploaded image into this adapter's features (built once per settings)."""
+        settings = adapter.image_features
+        if settings is None:
+            raise InvalidInputError(
+                f"Adapter {adapter.name!r} was trained on stored features and records no backbone, so an image "
+                "cannot be turned into its features: send feature_ids, or start dept-serve with --backbone.")
+        key = (settings["backbone"], bool(settings.get("pretrained", True)), settings.get("image_size"))
+        if key not in self._extractors:
+            extractor = GridFeatureExtractor(key[0], pretrained=key[1], image_size=key[2], device=self.device)
+            if extractor.feat_dim != self.base_model.config.feat_dim:
+                raise InvalidInputError(f"The backbone {key[0]} gives {extractor.feat_dim}-dimensional features, "
+                                        f"but this VL-T5 reads {self.base_model.config.feat_dim}-dimensional ones.")
+            self._extractors[key] = extractor
+        return self._extractors[key]
+
+    def image_features_for(self, adapter: ServedAdapter, images: list[Image.Image]):
+        """(features, boxes) of each image through the adapter's backbone (as in its training, from raw images)."""
+        return self.extractor_for(adapter)(images)
+
+    # ------------------------------------------------------------------------------------------------ batches
+    def _batch(self, rows: list[EngineRow]) -> dict:
+        side = "left" if self.family == "causal" else "right"  # decoder-only models continue at the right end
+        ids = [row.input_ids for row in rows]
+        batch = {"input_ids": pad(ids, self.tokenizer.pad_token_id, side),
+                 "attention_mask": pad([[1] * len(row) for row in ids], 0, side)}
+        if self.modality == "vl":
+            batch.update(visual_inputs([[row.visual] for row in rows]))
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    @torch.no_grad()
+    def generate(self, rows: list[EngineRow], max_new_tokens: int, num_beams: int, min_new_tokens: int = 0) -> list[dict]:
+        """Greedy (or beam) generation for a mixed batch: each row's text and new token ids (through eos).
+        `min_new_tokens` (benchmarks) holds the length fixed whatever the adapters answer."""
+        generated = self.multi.generate(
+            **self._batch(rows), adapter_names=[row.adapter for row in rows], max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id)
+        return [{"text": self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                 "token_ids": self.new_tokens(ids)} for ids in generated.tolist()]
+
+    def new_tokens(self, ids: list[int]) -> list[int]:
+        """The generated tokens of one row: without the decoder's start token, up to and with the first eos."""
+        if self.family == "seq2seq":
+            ids = ids[1:]
+        eos = self.tokenizer.eos_token_id
+        return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+    @torch.no_grad()
+    def score(self, rows: list[EngineRow]) -> list[dict]:
+        """Classifier outputs for a mixed batch, each row through its adapter's head: the label and the
+        probabilities, or the score of a regression head."""
+        logits = self.multi(**self._batch(rows), adapter_names=[row.adapter for row in rows]).logits.float()
+        if logits.shape[-1] == 1:
+            return [{"label": None, "probabilities": None, "score": value} for value in logits[:, 0].tolist()]
+        outputs = []
+        for row, probabilities in zip(rows, torch.softmax(logits, dim=-1).tolist()):
+            words = self.adapters[row.adapter].label_words
+            labels = words if words and len(words) == len(probabilities) else [str(i) for i in range(len(probabilities))]
+            best = max(range(len(probabilities)), key=probabilities.__getitem__)
+            outputs.append({"label": labels[best], "probabilities": dict(zip(labels, probabilities)), "score": None})
+        return outputs

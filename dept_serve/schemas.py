@@ -1,0 +1,127 @@
+"""The JSON bodies of the API, as pydantic models (they make the OpenAPI spec at /openapi.json).
+
+The request models carry the server's limits (inputs per request, `max_new_tokens`, `num_beams`), so the spec
+states what this server accepts; `request_models(limits)` builds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
+
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, and how batches form."""
+
+    max_inputs: int = 64
+    max_new_tokens: int = 256
+    max_num_beams: int = 8
+    max_body_bytes: int = 16 * 2**20
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+
+
+class Timing(BaseModel):
+    queue_ms: float = Field(description="Longest wait of the request's inputs before their batch started.")
+    compute_ms: float = Field(description="Compute time of the batches the request's inputs ran in.")
+    total_ms: float = Field(description="From arrival to answer.")
+    batch_sizes: list[int] = Field(description="Rows in the batch of each input (all adapters together).")
+
+
+class GeneratedOutput(BaseModel):
+    text: str = Field(description="The decoded generation, special tokens removed.")
+    token_ids: list[int] = Field(description="The generated token ids, through the first eos.")
+
+
+class GenerateResponse(BaseModel):
+    adapter: str
+    outputs: list[GeneratedOutput]
+    timing: Timing
+
+
+class ScoreOutput(BaseModel):
+    label: str | None = Field(description="The most probable label (None for a regression head).")
+    probabilities: dict[str, float] | None = Field(description="Each label's probability (softmax of the head).")
+    score: float | None = Field(description="The regression head's output (None for a classifier).")
+
+
+class ScoreResponse(BaseModel):
+    adapter: str
+    outputs: list[ScoreOutput]
+    timing: Timing
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    path: str
+    modality: str = Field(description="'text' or 'vl'.")
+    tasks: list[str] = Field(description="The tasks it was trained on (empty for official DePT checkpoints).")
+    task_type: str = Field(description="'seq2seq', 'causal' or 'cls'.")
+    endpoint: str = Field(description="Where to send its inputs: /v1/generate or /v1/score.")
+    num_virtual_tokens: int
+    r: int
+    max_length: int = Field(description="The longest input it takes, in tokens.")
+    label_words: list[str] | None
+    accepts_images: bool = Field(description="VL adapters: whether uploaded images work (else feature_ids).")
+
+
+class AdapterList(BaseModel):
+    base_model: str
+    adapters: list[AdapterInfo]
+
+
+class LoadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="The name requests will use.")
+    path: str = Field(min_length=1, max_length=4096, description="The adapter directory, relative to --adapter_root.")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="What is wrong and how to fix it.")
+    loaded_adapters: list[str] | None = None
+    max_length: int | None = None
+    detail: Any = None
+
+
+class Health(BaseModel):
+    status: str
+    adapters: int
+    queue_depth: int
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    generate: type[BaseModel]
+    score: type[BaseModel]
+
+
+def request_models(limits: Limits) -> RequestModels:
+    """The /v1/generate and /v1/score request bodies with this server's limits."""
+    def inputs_field():
+        return Field(min_length=1, max_length=limits.max_inputs,
+                     description="The input texts, formatted as in training (e.g. 'sentence: ...', 'vqa: ...').")
+
+    class GenerateRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        adapter: str = Field(description="A loaded adapter's name (GET /v1/adapters).")
+        inputs: list[str] = inputs_field()
+        max_new_tokens: int = Field(min(20, limits.max_new_tokens), ge=1, le=limits.max_new_tokens)
+        num_beams: int = Field(1, ge=1, le=limits.max_num_beams, description="1 is greedy decoding.")
+        images: list[Base64Bytes] | None = Field(
+            None, max_length=limits.max_inputs,
+            description="VL adapters: one base64-encoded image file per input (JPEG, PNG, ...).")
+        feature_ids: list[str] | None = Field(
+            None, max_length=limits.max_inputs,
+            description="VL adapters: one image id of the server's --feature_file per input.")
+
+    class ScoreRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        adapter: str = Field(description="A loaded classifier adapter's name.")
+        inputs: list[str] = inputs_field()
+
+    return RequestModels(GenerateRequest, ScoreRequest)

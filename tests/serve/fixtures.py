@@ -1,0 +1,85 @@
+"""Tiny bases and DePT adapters saved the real way, for the server tests and the serving benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dept import DePTConfig, DePTModel, get_dept_model
+from dept.testing import save_tiny_model
+from dept_nlp.modeling import load_model, load_tokenizer
+from dept_nlp.preprocess import encode_source
+from tests.dept.test_multi_adapter import ADAPTERS as ADAPTER_SIZES  # different m and r, r = 0, m = 0
+
+WORDS = [
+    "the movie was great and the actors were wonderful",
+    "a dull and boring film with terrible acting",
+    "sentence: premise: hypothesis: question: context: what color is the sky blue red green",
+    "vqa: gqa: caption: what shape is on the left circle square triangle",
+]
+TEXTS = [
+    "sentence: the movie was great",
+    "sentence: a dull and boring film with terrible acting",
+    "premise: the sky is blue hypothesis: the sky is red",
+    "question: what color is the sky?",
+    "sentence: wonderful actors",
+]
+
+
+def save_base(family: str, directory: Path, **config) -> Path:
+    return save_tiny_model(family, directory, WORDS, **config)
+
+
+def save_adapter(family: str, base_dir: Path, directory: Path, seed: int, label_words=("0", "1"), **sizes) -> Path:
+    """A train-free stand-in for a trained adapter: its own P, a non-zero B (and for classifiers its own head),
+    saved with the training_task.json that dept-train writes."""
+    base = load_model(str(base_dir), family)
+    tokenizer = load_tokenizer(str(base_dir), family)
+    config = DePTConfig(prompt_init="vocab", init_seed=seed, task_type=family, **sizes)
+    model = get_dept_model(base, config, tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.prompt_encoder.lora_embedding_B.normal_(0, 0.5, generator=generator)
+        if family == "cls":
+            base.classifier.weight.normal_(0, 1.0, generator=generator)
+    model.save_pretrained(directory)
+    record = {"task_names": ["sst2"], "modality": "text", "label_words": list(label_words), "model_family": family}
+    (directory / "training_task.json").write_text(json.dumps(record))
+    return directory
+
+
+def save_adapters(family: str, base_dir: Path, root: Path, sizes: dict | None = None) -> dict[str, Path]:
+    return {name: save_adapter(family, base_dir, root / name, seed, **size)
+            for seed, (name, size) in enumerate((sizes or ADAPTER_SIZES).items())}
+
+
+class OfflineReference:
+    """The same adapters run the offline way: one DePTModel per adapter on its own base, one input at a time
+    (decoder-only: without the prompt KV cache, the path the cached one must match)."""
+
+    def __init__(self, family: str, base_dir: Path, adapters: dict[str, Path]):
+        self.family = family
+        self.tokenizer = load_tokenizer(str(base_dir), family)
+        self.models = {name: DePTModel.from_pretrained(load_model(str(base_dir), family), path)
+                       for name, path in adapters.items()}
+
+    def inputs(self, text: str) -> dict:
+        ids = torch.tensor([encode_source(self.tokenizer, self.family, text)])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    @torch.no_grad()
+    def generate(self, adapter: str, text: str, max_new_tokens: int, num_beams: int = 1) -> list[int]:
+        uncached = {"use_prompt_cache": False} if self.family == "causal" else {}  # the reference path
+        output = self.models[adapter].generate(**self.inputs(text), max_new_tokens=max_new_tokens,
+                                               num_beams=num_beams, do_sample=False,
+                                               pad_token_id=self.tokenizer.pad_token_id, **uncached)[0].tolist()
+        if self.family == "seq2seq":
+            output = output[1:]  # the decoder's start token
+        eos = self.tokenizer.eos_token_id
+        return output[: output.index(eos) + 1] if eos in output else output
+
+    @torch.no_grad()
+    def probabilities(self, adapter: str, text: str) -> list[float]:
+        return torch.softmax(self.models[adapter](**self.inputs(text)).logits[0].float(), dim=-1).tolist()
