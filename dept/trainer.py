@@ -49,6 +49,7 @@ from dept.checkpointing import (
     latest_checkpoint,
     load_trainable_state_dict,
     read_checkpoint,
+    remove_temporary_checkpoints,
     restore_rng_state,
     rotate_checkpoints,
     temporary_checkpoint_dir,
@@ -63,6 +64,7 @@ from dept.distributed import (
     uses_fsdp,
     whole_parameters_for_evaluation,
 )
+from dept.errors import UserError
 from dept.optim import build_optimizer, build_scheduler, learning_rates
 from dept.training_args import TrainingArguments
 
@@ -97,11 +99,11 @@ class Evaluator(Protocol):
         ...
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN or infinite and `skip_nan_steps` is off."""
 
 
-class OutputDirExistsError(FileExistsError):
+class OutputDirExistsError(UserError, FileExistsError):
     """`output_dir` holds the results of another run and neither overwriting nor resuming was asked for."""
 
 
@@ -603,6 +605,9 @@ class Trainer:
             return None
         if wanted == "auto":
             found = latest_checkpoint(self.output_dir)
+            if self.accelerator.is_main_process:
+                remove_temporary_checkpoints(self.output_dir)  # never complete, so never resumed or kept
+            self.accelerator.wait_for_everyone()
             if found is None:
                 logger.info(f"No complete checkpoint in {self.output_dir}: starting from scratch.")
             return found
