@@ -15,11 +15,15 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import HfArgumentParser
 
 from .config import OFFICIAL_INIT_TEXT, DePTConfig
+from .errors import FlagError, UserError
 from .methods import PEFT_TYPES
 
+DEFAULT_PREFIX_LENGTH = 60
 DEFAULT_DEPT_RANK = 30
 DEFAULT_LORA_RANK = 8  # the LoRA baseline of the DePT paper's comparison
 
@@ -45,10 +49,15 @@ class MethodArguments:
         default="PROMPT_TUNING_LORA",
         metadata={"help": "PROMPT_TUNING_LORA (DePT), PROMPT_TUNING, LORA or FULL.", "choices": list(PEFT_TYPES)},
     )
-    prefix_length: int = field(default=60, metadata={"help": "m: number of prompt vectors."})
+    prefix_length: int | None = field(
+        default=None,
+        metadata={"help": f"m: number of prompt vectors (default {DEFAULT_PREFIX_LENGTH}, or the --peft_model_id "
+                          "adapter's; 0 trains A·B alone)."},
+    )
     r: int | None = field(
         default=None,
-        metadata={"help": "Rank: of DePT's A @ B (default 30), or of LoRA with --peft_type LORA (default 8)."},
+        metadata={"help": f"Rank: of DePT's A @ B (default {DEFAULT_DEPT_RANK}, or the --peft_model_id adapter's), "
+                          f"or of LoRA with --peft_type LORA (default {DEFAULT_LORA_RANK})."},
     )
     lora_alpha: float = field(default=8.0, metadata={"help": "DePT scales A @ B by lora_alpha / sqrt(r)."})
     prompt_init: str = field(default="text", metadata={"help": "P starts from 'text', 'vocab' or 'random'."})
@@ -61,6 +70,9 @@ class MethodArguments:
     )
 
     def __post_init__(self):
+        if self.peft_model_id:  # before the defaults fill in what was not given
+            self.check_agrees_with_adapter(DePTConfig.from_pretrained(self.peft_model_id))
+        self.prefix_length = DEFAULT_PREFIX_LENGTH if self.prefix_length is None else self.prefix_length
         both = self.r is not None and self.lora_r is not None
         if self.peft_type == "LORA" and both and self.r != self.lora_r:
             raise ValueError(
@@ -73,6 +85,20 @@ class MethodArguments:
         else:
             self.r = DEFAULT_DEPT_RANK if self.r is None else self.r
             self.lora_r = DEFAULT_LORA_RANK if self.lora_r is None else self.lora_r
+
+    def check_agrees_with_adapter(self, adapter: DePTConfig) -> None:
+        """Refuse --prefix_length / --r given next to --peft_model_id when they differ from the adapter's: the
+        adapter's sizes are the ones trained, so the flags would be silently ignored."""
+        given = {"--prefix_length": (self.prefix_length, adapter.num_virtual_tokens)}
+        if self.peft_type == "PROMPT_TUNING_LORA":
+            given["--r"] = (self.r, adapter.r)
+        conflicts = [f"{flag} {value} (the adapter has {own})" for flag, (value, own) in given.items()
+                     if value is not None and value != own]
+        if conflicts:
+            raise FlagError(
+                f"--peft_model_id {self.peft_model_id} fixes the adapter's sizes, but {', '.join(conflicts)}. "
+                "Drop these flags to continue from the adapter, or drop --peft_model_id to train new sizes."
+            )
 
     def dept_config(self, max_length: int, task_type: str, base_model_name_or_path: str | None = None,
                     seed: int = 0) -> DePTConfig:
@@ -89,11 +115,31 @@ class MethodArguments:
         )
 
 
+def check_model_name_or_path(name: str, flag: str = "--model_name_or_path") -> None:
+    """Refuse, before anything loads, a base model that is neither a local directory nor a possible hub id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise FlagError(f"{flag} {name}: is a file; pass the model's directory (with config.json) or a hub id.")
+    looks_like_a_path = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        looks_like_a_path = True
+    if looks_like_a_path:
+        raise FlagError(f"{flag} {name}: not found: no such directory, and not a hub id (hub ids look like "
+                        "'t5-base' or 'org/name'). Check the path.")
+
+
 def yaml_to_argv(path: str | Path) -> list[str]:
     """A YAML mapping of flag -> value, as command-line words (later flags on the real command line win)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise FlagError(f"--config {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must be a YAML mapping of flag names to values.")
+        raise FlagError(f"{path} must be a YAML mapping of flag names to values.")
     argv = []
     for key, value in data.items():
         if value is None:
@@ -116,11 +162,16 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None, aliases: dic
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
-            raise SystemExit("--config needs a YAML file path.")
+            raise FlagError("--config needs a YAML file path.")
         argv = yaml_to_argv(argv[index + 1]) + argv[:index] + argv[index + 2:]
     argv = [_rename_flag(word, aliases or {}) for word in argv]
     parser = HfArgumentParser(dataclass_types)
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except UserError:
+        raise
+    except ValueError as err:  # a dataclass's own check of its flags (e.g. "Nothing to do: pass --do_train")
+        raise FlagError(str(err)) from err
 
 
 def _rename_flag(word: str, aliases: dict[str, str]) -> str:

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from .config import CONFIG_NAME, DePTConfig
+from .errors import UserError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 OFFICIAL_WEIGHTS_NAME = "adapter_model.bin"
@@ -23,8 +26,27 @@ OFFICIAL_KEYS = {
 }
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError, ValueError):
     """A pickle that holds more than tensors, refused by torch's weights_only loader."""
+
+
+class DamagedAdapterError(UserError, ValueError):
+    """An adapter weights file that is truncated or corrupt."""
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of `tensors`, with the metadata in sorted key order.
+
+    safetensors keeps the metadata in a Rust HashMap, whose order changes from one save to the next, so
+    identical tensors would give files with other bytes (and another sha256). The header is rewritten with the
+    same keys sorted: same length, same offsets, and identical bytes for identical tensors.
+    """
+    data = save(tensors, metadata=metadata)
+    header_length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return data[:8] + text.ljust(header_length) + data[8 + header_length :]
 
 
 def save_adapter(save_directory: str | Path, config: DePTConfig, tensors: dict[str, torch.Tensor]) -> Path:
@@ -33,9 +55,9 @@ def save_adapter(save_directory: str | Path, config: DePTConfig, tensors: dict[s
     path.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
     handle, tmp_name = tempfile.mkstemp(prefix=".adapter_model.", suffix=".tmp", dir=path)
-    os.close(handle)
     try:
-        save_file(tensors, tmp_name, metadata={"format": "pt", "peft_type": "DEPT"})
+        with os.fdopen(handle, "wb") as file:
+            file.write(safetensors_bytes(tensors, {"format": "pt", "peft_type": "DEPT"}))
         os.replace(tmp_name, path / WEIGHTS_NAME)
     finally:
         if os.path.exists(tmp_name):
@@ -78,10 +100,21 @@ def load_adapter(directory: str | Path) -> tuple[DePTConfig, dict[str, torch.Ten
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: is it a DePT adapter directory?")
     config = DePTConfig.from_pretrained(path)
     if (path / WEIGHTS_NAME).is_file():
-        return config, load_file(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME)
+        return config, load_weights(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME)
     if (path / OFFICIAL_WEIGHTS_NAME).is_file():
         return config, load_official_weights(path / OFFICIAL_WEIGHTS_NAME), str(path / OFFICIAL_WEIGHTS_NAME)
     raise FileNotFoundError(
         f"{path} has {CONFIG_NAME} but no weights: expected {WEIGHTS_NAME} (ours) or {OFFICIAL_WEIGHTS_NAME} "
         "(official DePT)."
     )
+
+
+def load_weights(weights_path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an `adapter_model.safetensors`; a truncated or corrupt file is named as damaged."""
+    try:
+        return load_file(weights_path)
+    except SafetensorError as err:
+        raise DamagedAdapterError(
+            f"{weights_path} is damaged (truncated or corrupt: {err}). Copy the adapter again, or save it again "
+            "from its training run (its checkpoint-* directories hold the same parameters)."
+        ) from None

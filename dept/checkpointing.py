@@ -37,6 +37,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dept.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -48,9 +50,10 @@ TRAINER_STATE_NAME = "trainer_state.json"
 # The engine's own files differ by engine; trainer_state.json, written last, vouches for them.
 CHECKPOINT_FILES = (TRAINABLE_PARAMETERS_NAME, SCHEDULER_NAME, RNG_STATE_NAME, TRAINER_STATE_NAME)
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+_TEMPORARY_CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+\.tmp-\d+$")
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(UserError, RuntimeError):
     """A checkpoint or result file could not be written (disk full, read-only directory, ...)."""
 
 
@@ -303,6 +306,21 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     if skipped:
         logger.warning("Skipping incomplete checkpoints (interrupted or foreign writes): %s", ", ".join(skipped))
     return checkpoints[-1] if checkpoints else None
+
+
+def is_temporary_checkpoint(path: str | Path) -> bool:
+    """A `checkpoint-<step>.tmp-<pid>` directory: a write that never finished (it is renamed once complete)."""
+    return bool(_TEMPORARY_CHECKPOINT_DIR.match(Path(path).name))
+
+
+def remove_temporary_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Delete the `.tmp-*` checkpoint directories that interrupted runs left in `output_dir`; return them."""
+    output_dir = Path(output_dir)
+    stale = sorted(p for p in output_dir.iterdir() if is_temporary_checkpoint(p)) if output_dir.is_dir() else []
+    for path in stale:
+        logger.warning("Removing %s, a checkpoint whose write was interrupted.", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

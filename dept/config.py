@@ -8,14 +8,16 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError
+
 CONFIG_NAME = "adapter_config.json"
 TASK_TYPES = ("seq2seq", "causal", "cls")
 PROMPT_INITS = ("text", "vocab", "random")
 OFFICIAL_INIT_TEXT = "Classify this text is postive or not:"  # sic: the official default, typo included
 
 
-class ConfigError(ValueError):
-    """An adapter config that cannot describe a valid DePT adapter."""
+class ConfigError(UserError, ValueError):
+    """An adapter config that cannot describe a valid DePT adapter, or settings that cannot run together."""
 
 
 @dataclass

@@ -39,10 +39,14 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .arguments import check_model_name_or_path
 from .config import ConfigError
+from .console import run_console
+from .errors import UserError
 from .model import AdapterMismatchError, DePTModel
 from .multi_adapter import MultiAdapterModel
 from .trainer import Evaluator, split_batch
+from .training_args import check_output_dir_is_writable
 
 EVALUATION_PLUGINS = {"text": "dept_nlp.eval_components", "vl": "dept_vl.eval_components"}
 """Modality -> the module whose `PLUGIN` evaluates its tasks (imported lazily: `dept` imports no modality)."""
@@ -51,7 +55,7 @@ RESULT_PREFIX = "dept_eval"
 SPLITS = ("validation", "test")
 
 
-class TaskMismatchError(ValueError):
+class TaskMismatchError(UserError, ValueError):
     """A task whose labels (or kind of answer) differ from those the adapter was trained to produce."""
 
 
@@ -345,8 +349,8 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         base, tokenizer = bases.get(pair, plugins[pair.modality], device)
         components[pair.name] = plugins[pair.modality].build_eval_components(
             pair.task_name, tokenizer, base, max_length=pair.max_length, split=args.split, data_args=args)
-    evaluate = evaluate_mixed if args.mixed else evaluate_one_at_a_time
-    evaluate(pairs, plugins, bases, components, args, device)
+    evaluate_pairs = evaluate_mixed if args.mixed else evaluate_one_at_a_time
+    evaluate_pairs(pairs, plugins, bases, components, args, device)
     report = {"model_name_or_path": args.model_name_or_path, "split": args.split, "mixed": args.mixed,
               "results": [pair.result for pair in pairs]}
     table = results_table(report)
@@ -458,11 +462,11 @@ def run_comparison(args: argparse.Namespace) -> str:
 # --------------------------------------------------------------------------------------------------- the CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dept-eval", description="Evaluate DePT adapters (ours or official DePT checkpoints) on tasks.",
-        epilog="Each modality adds its own data flags (text: --train_file/--validation_file/--test_file, "
-               "--generation_max_length, ...); they are listed once an adapter of that modality is given.",
+        epilog="Each modality adds its own data flags (listed above by group). --debug shows the traceback of "
+               "an error.", add_help=add_help,
     )
     parser.add_argument("--model_name_or_path", help="The base model the adapters were trained on.")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR[:TASK]",
@@ -481,9 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Generic flags first; then the flags of the plugins of the adapters' modalities."""
+    """Generic flags first; then the flags of the plugins of the adapters' modalities (of every installed
+    modality for `--help` without adapters)."""
+    known, _ = build_parser(add_help=False).parse_known_args(argv)
     parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
     if known.compare:
         return parser.parse_args(argv)
     modalities = {known.modality} if known.modality else set()
@@ -492,24 +497,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         path = Path(directory) if sep and not Path(spec).exists() else Path(spec)
         record = _read_training_task(path) if path.is_dir() else None
         modalities.add((record or {}).get("modality", "text"))
-    for modality in sorted(modalities):
-        load_plugin(modality).add_arguments(parser)
+    asks_for_help = any(word in ("-h", "--help") for word in (argv if argv is not None else sys.argv[1:]))
+    for modality in sorted(modalities or (EVALUATION_PLUGINS if asks_for_help else ())):
+        try:
+            plugin = load_plugin(modality)
+        except ConfigError:
+            if modalities:
+                raise
+            continue  # --help lists the modalities that are installed
+        plugin.add_arguments(parser)
     args = parser.parse_args(argv)
     if not args.model_name_or_path:
         parser.error("--model_name_or_path is required to evaluate adapters.")
+    check_model_name_or_path(args.model_name_or_path)
+    if args.output_dir:
+        check_output_dir_is_writable(args.output_dir)
     if args.per_device_eval_batch_size < 1:
         parser.error("--per_device_eval_batch_size must be >= 1.")
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict | str:
-    try:
-        args = parse_args(argv)
-        return run_comparison(args) if args.compare else run_evaluation(args)
-    except (AdapterMismatchError, TaskMismatchError, ConfigError, FileExistsError, FileNotFoundError) as err:
-        print(f"dept-eval: error: {err}", file=sys.stderr)
-        raise SystemExit(f"dept-eval: error: {err}") from None
+def evaluate(argv: Sequence[str] | None = None) -> dict | str:
+    """Parse the flags, then evaluate (returns the report) or compare (returns the table); the table is printed
+    once to stdout. For Python callers: errors are raised as they are."""
+    args = parse_args(argv)
+    return run_comparison(args) if args.compare else run_evaluation(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `dept-eval` console script: exit status 0, or 2 with a one-line message (see `dept.console`)."""
+    return run_console("dept-eval", evaluate, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,6 +25,7 @@ from .checkpoint import load_adapter, save_adapter
 from .config import ConfigError, DePTConfig
 from .distributed import full_shape, gathered_parameters, needs_synced_generation
 from .embedding import PADDING_OFFSET_MODEL_TYPES, DePTEmbedding, real_token_position_ids
+from .errors import UserError
 from .prompt_cache import (
     PromptKVCache,
     PromptStates,
@@ -44,7 +45,7 @@ CLASSIFIER_HEAD_NAMES = ("classifier", "score")
 ABSOLUTE_POSITION_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "gpt2")
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(UserError, ValueError):
     """An adapter that does not fit the model it is loaded into."""
 
 

@@ -37,7 +37,10 @@ def parameter_groups(model: nn.Module, args: TrainingArguments) -> list[dict]:
             "Attach an adapter (or unfreeze something) before training."
         )
     grouped = {id(p) for group in groups for p in group["params"]}
-    left_out = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
+    # An empty tensor (P with num_virtual_tokens=0) has nothing to update and needs no group.
+    left_out = [
+        name for name, p in model.named_parameters() if p.requires_grad and p.numel() > 0 and id(p) not in grouped
+    ]
     if left_out:
         raise ValueError(
             f"{type(model).__name__}.optimizer_param_groups leaves trainable parameters out of every group, so they "

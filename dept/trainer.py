@@ -49,6 +49,7 @@ from dept.checkpointing import (
     latest_checkpoint,
     load_trainable_state_dict,
     read_checkpoint,
+    remove_temporary_checkpoints,
     restore_rng_state,
     rotate_checkpoints,
     temporary_checkpoint_dir,
@@ -63,6 +64,7 @@ from dept.distributed import (
     uses_fsdp,
     whole_parameters_for_evaluation,
 )
+from dept.errors import UserError
 from dept.optim import build_optimizer, build_scheduler, learning_rates
 from dept.training_args import TrainingArguments
 
@@ -97,11 +99,11 @@ class Evaluator(Protocol):
         ...
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN or infinite and `skip_nan_steps` is off."""
 
 
-class OutputDirExistsError(FileExistsError):
+class OutputDirExistsError(UserError, FileExistsError):
     """`output_dir` holds the results of another run and neither overwriting nor resuming was asked for."""
 
 
@@ -214,6 +216,9 @@ class Trainer:
         evaluator: an `Evaluator`; without one, evaluation reports only `eval_loss`.
         train_dataset, eval_dataset, test_dataset: map-style datasets of examples for `collate_fn`.
         accelerator: an `Accelerator` to use; by default one is made from `args`.
+        on_evaluate: called as `on_evaluate(global_step, metrics)` after each evaluation during training, on every
+            process. It may raise to stop the run (a hyperparameter search's pruner raises `optuna.TrialPruned`);
+            the checkpoints written so far stay, so the run can resume.
 
     Example:
         >>> trainer = Trainer(model, TrainingArguments(output_dir="out"), collate_fn=collate,  # doctest: +SKIP
@@ -233,6 +238,7 @@ class Trainer:
         eval_dataset: Dataset | None = None,
         test_dataset: Dataset | None = None,
         accelerator: Accelerator | None = None,
+        on_evaluate: Callable[[int, dict[str, float]], None] | None = None,
     ):
         self.model = model
         self.args = args
@@ -241,6 +247,7 @@ class Trainer:
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.test_dataset = test_dataset
+        self.on_evaluate = on_evaluate
         self.output_dir = Path(args.output_dir)
         self.accelerator = accelerator or Accelerator(
             cpu=not torch.cuda.is_available(),
@@ -552,6 +559,8 @@ class Trainer:
         self.accelerator.log({f"eval/{k[len('eval_') :]}": v for k, v in metrics.items()}, step=self.state.global_step)
         main = metrics.get(self.metric_for_best_model)
         logger.info(f"step {self.state.global_step}: {self.metric_for_best_model} = {main}", main_process_only=True)
+        if self.on_evaluate is not None:
+            self.on_evaluate(self.state.global_step, metrics)
         return metrics
 
     # ------------------------------------------------------------------------------------------- helpers
@@ -596,6 +605,9 @@ class Trainer:
             return None
         if wanted == "auto":
             found = latest_checkpoint(self.output_dir)
+            if self.accelerator.is_main_process:
+                remove_temporary_checkpoints(self.output_dir)  # never complete, so never resumed or kept
+            self.accelerator.wait_for_everyone()
             if found is None:
                 logger.info(f"No complete checkpoint in {self.output_dir}: starting from scratch.")
             return found

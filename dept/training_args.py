@@ -7,7 +7,11 @@ build a command line from it.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from dept.errors import FlagError
 
 EVAL_STRATEGIES = ("steps", "epoch", "no")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -131,6 +135,7 @@ class TrainingArguments:
                              f"got {self.mixed_precision!r}.")
         if not self.output_dir:
             raise ValueError("TrainingArguments.output_dir is required: pass the directory the run writes to.")
+        check_output_dir_is_writable(self.output_dir)
         for name, allowed in (
             ("eval_strategy", EVAL_STRATEGIES),
             ("save_strategy", EVAL_STRATEGIES),
@@ -174,3 +179,20 @@ class TrainingArguments:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_output_dir_is_writable(output_dir: str, flag: str = "--output_dir") -> None:
+    """Refuse an output directory that is a file, or under one, or that cannot be written, before any work."""
+    path = Path(output_dir).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {existing}, which is a file"
+        raise FlagError(f"{flag} {output_dir} {where}: pass a directory (new or existing).")
+    try:  # a real write: os.access says yes to root on a read-only file system
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise FlagError(f"{flag} {output_dir}: {existing} is not writable (creating a file there failed: "
+                        f"{err.strerror or err}). Choose a directory you can write to.") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dept.arguments import RunStages
+from dept.arguments import RunStages, check_model_name_or_path
 from dept_nlp.preprocess import CAUSAL_TEMPLATE, check_causal_template
 
 # Flags of the official DePT README or older transformers, accepted as spelled there.
@@ -23,6 +23,9 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the hub. Off unless you ask for it."}
     )
+
+    def __post_init__(self):
+        check_model_name_or_path(self.model_name_or_path)
 
 
 @dataclass

@@ -25,6 +25,7 @@ formatting pads punctuation with spaces, as the official code does; see `dept_nl
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from typing import Any
 import datasets
 import torch
 
+from dept.errors import UserError
 from dept_nlp.tasks import SPLITS, ColumnType, SplitRule, TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,12 @@ VALIDATION_HOLDOUT = 1000
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError, ValueError):
     """A data row does not fit its task. The message names the file (or hub split), the row and what was expected."""
+
+
+class HubDataError(UserError, RuntimeError):
+    """The task's dataset could not be loaded from the Hugging Face Hub (offline, unknown config, ...)."""
 
 
 def load_task_datasets(
@@ -223,7 +229,7 @@ def _load_hub_split(task: TaskSpec, config: str | None, split: str, needed: list
                                      cache_dir=None if cache_dir is None else str(cache_dir))
     except ValueError as err:
         if "split" in str(err).lower():  # datasets: 'Unknown split "x". Should be one of [...]'
-            raise ValueError(
+            raise DataValidationError(
                 f"{task.hub_path} ({config}): {err} Task {task.name} needs the splits {needed}. "
                 "Pass the split as a file instead."
             ) from err
@@ -232,8 +238,8 @@ def _load_hub_split(task: TaskSpec, config: str | None, split: str, needed: list
         raise _hub_error(task, config, err) from err
 
 
-def _hub_error(task: TaskSpec, config: str | None, err: Exception) -> RuntimeError:
-    return RuntimeError(
+def _hub_error(task: TaskSpec, config: str | None, err: Exception) -> HubDataError:
+    return HubDataError(
         f"Could not load {task.hub_path!r} (config {config!r}) for task {task.name!r}: {err}\n"
         "Without the Hub, pass every split you need as a file (--train_file, --validation_file, --test_file; "
         f"json, jsonl, csv or parquet) with the columns {task.required_columns}."
@@ -282,6 +288,9 @@ def read_table(path: Path) -> _Table:
     JSON is parsed here rather than by `datasets`, whose loader turns a column of mixed types into JSON values
     and so cannot tell the label 1 from the label "1".
     """
+    if path.is_dir():
+        raise DataValidationError(f"{path} is a directory, not a data file: pass the file itself "
+                                  f"({', '.join(sorted(SUPPORTED_FORMATS))}).")
     if not path.is_file():
         raise FileNotFoundError(f"Data file not found: {path}")
     kind = SUPPORTED_FORMATS.get(path.suffix.lower())
@@ -293,8 +302,21 @@ def read_table(path: Path) -> _Table:
     return table
 
 
+def _read_text(path: Path) -> str:
+    """The file as text (UTF-8, with or without a byte-order mark); other encodings name the line to fix."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataValidationError(
+            f"{path}: line {line} is not UTF-8 (byte {data[err.start]:#04x} at offset {err.start}). Save the file "
+            "as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT."
+        ) from None
+
+
 def _read_json(path: Path) -> _Table:
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_text(path)
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -338,10 +360,9 @@ def _is_one_json_object(text: str) -> bool:
 
 
 def _read_csv(path: Path) -> _Table:
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        rows = list(reader)
-        names = [name for name in reader.fieldnames or [] if name is not None]
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    rows = list(reader)
+    names = [name for name in reader.fieldnames or [] if name is not None]
     # A short row gives None for the cells it lacks: treated as missing.
     columns = {name: [row.get(name) for row in rows] for name in names}
     return _Table(columns, len(rows), values_are_text=True, row_name=lambda index: f"row {index} (after the header)")

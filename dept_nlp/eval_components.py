@@ -14,6 +14,7 @@ from collections.abc import Hashable
 
 from transformers import AutoConfig
 
+from dept.config import ConfigError
 from dept.evaluation_cli import TaskMismatchError
 from dept_nlp.data_files import load_task_datasets, split_is_shuffled, subsample
 from dept_nlp.evaluation import TextEvaluator
@@ -76,13 +77,12 @@ def build_text_eval_components(task_name: str, tokenizer, model=None, *, max_len
             `max_eval_samples` / `max_predict_samples`, `max_target_length`, `generation_max_length`, `num_beams`, and the `family`.
     """
     task = get_task(task_name)
-    data = load_task_datasets(
-        task_name, dataset_config_name=data_args.dataset_config_name, train_file=data_args.train_file,
-        validation_file=data_args.validation_file, test_file=data_args.test_file, seed=data_args.data_seed,
-        splits=(split,),
-    )[split]
+    files = {f"{name}_file": file_for_task(getattr(data_args, f"{name}_file"), task_name)
+             for name in ("train", "validation", "test")}
+    data = load_task_datasets(task_name, dataset_config_name=data_args.dataset_config_name, **files,
+                              seed=data_args.data_seed, splits=(split,))[split]
     cap = data_args.max_eval_samples if split == "validation" else getattr(data_args, "max_predict_samples", None)
-    from_file = getattr(data_args, f"{split}_file", None) is not None
+    from_file = files[f"{split}_file"] is not None
     data = subsample(data, cap, data_args.data_seed, already_shuffled=split_is_shuffled(task, split, from_file))
     family = data_args.family
     template = getattr(data_args, "causal_template", None) or CAUSAL_TEMPLATE
@@ -93,14 +93,38 @@ def build_text_eval_components(task_name: str, tokenizer, model=None, *, max_len
     return dataset, TextCollator(tokenizer, family), evaluator
 
 
+def task_file(spec: str) -> tuple[str | None, str]:
+    """`--test_file` values: `TASK=PATH` (that task's file) or `PATH` (every task's) -> (task or None, path)."""
+    task_name, sep, path = spec.partition("=")
+    if sep and task_name in TASKS:
+        if not path:
+            raise argparse.ArgumentTypeError(f"{spec!r} names no file after '='.")
+        return task_name, path
+    return None, spec
+
+
+def file_for_task(specs: list[tuple[str | None, str]] | None, task_name: str) -> str | None:
+    """The file of `task_name` among repeated `--*_file` values: its own `TASK=PATH`, else a plain `PATH`."""
+    own = [path for task, path in specs or [] if task == task_name]
+    shared = [path for task, path in specs or [] if task is None]
+    for found in (own, shared):
+        if len(found) > 1:
+            raise ConfigError(f"Several files of one split for task {task_name}: {found}. Give one PATH for every "
+                              "task, or one TASK=PATH per task.")
+    return (own or shared or [None])[0]
+
+
 class TextEvaluationPlugin:
     """`dept.evaluation_cli.EvaluationPlugin` for text tasks (T5, decoder-only LMs, encoder classifiers)."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("text tasks")
-        group.add_argument("--train_file", help="Local training data, as in training (some split rules read it).")
-        group.add_argument("--validation_file", help="Local validation data (json/jsonl/csv/parquet, hub schema).")
-        group.add_argument("--test_file", help="Local test data.")
+        files = dict(type=task_file, action="append", metavar="[TASK=]PATH")
+        group.add_argument("--train_file", **files, help="Local training data, as in training (some split rules "
+                                                           "read it). TASK=PATH for one task; repeat per task.")
+        group.add_argument("--validation_file", **files, help="Local validation data (json/jsonl/csv/parquet, hub "
+                                                                "schema): PATH for every task, or TASK=PATH, repeated.")
+        group.add_argument("--test_file", **files, help="Local test data: PATH, or TASK=PATH repeated per task.")
         group.add_argument("--dataset_config_name", help="Another hub config of the task's dataset.")
         group.add_argument("--data_seed", type=int, default=42, help="Seed of the official split shuffles.")
         group.add_argument("--max_eval_samples", type=int,

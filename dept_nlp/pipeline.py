@@ -74,7 +74,7 @@ def build_model(model_args: ModelArguments, method_args: MethodArguments, task, 
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
-        training_args: TrainingArguments) -> dict[str, float]:
+        training_args: TrainingArguments, on_evaluate=None) -> dict[str, float]:
     task = get_task(data_args.task_name)
     data = load_splits(data_args, training_args.seed)
     tokenizer, family, model = build_model(model_args, method_args, task, data_args.max_seq_length,
@@ -90,7 +90,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     trainer = Trainer(
         model, training_args, collate_fn=TextCollator(tokenizer, family), evaluator=evaluator,
         train_dataset=tokenized.get("train"), eval_dataset=tokenized.get("validation"),
-        test_dataset=tokenized.get("test"),
+        test_dataset=tokenized.get("test"), on_evaluate=on_evaluate,
     )
     logger.info("Running %s with %s on %d process(es).", task.name, method_args.peft_type,
                 trainer.accelerator.num_processes)

@@ -8,21 +8,32 @@ flags on the command line override:
         --vqa_dir data/vqa --gqa_dir data/gqa --nlvr_dir data/nlvr2 --caption_file data/dataset_coco.json \\
         --feature_file data/features.h5 --peft_type PROMPT_TUNING_LORA --prefix_length 40 --r 45 \\
         --do_train --do_eval --do_predict --output_dir outputs/vl-multitask
+
+`main` is the console script (exit status 0, or 2 with a one-line message; see `dept.console`); `train` is the
+same run for Python callers, which returns the results and raises errors as they are.
 """
 
 from __future__ import annotations
 
+import sys
+
 from dept.arguments import MethodArguments, run_command_line
+from dept.console import run_console
 from dept.training_args import TrainingArguments
 from dept_vl.pipeline import VLDataArguments, VLModelArguments, run
 
 FLAG_ALIASES = {"--evaluation_strategy": "--eval_strategy", "--task_name": "--tasks"}
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def train(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse the flags, train/evaluate/predict, print the results as JSON to stdout and return them."""
     return run_command_line((VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments), run, argv,
                             FLAG_ALIASES)
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_console("dept-train-vl", train, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,7 +25,13 @@ import datasets
 import numpy as np
 import torch
 
-from dept_vl.features import FeatureStore, GridFeatureExtractor, MissingFeaturesError, OnTheFlyFeatures
+from dept_vl.features import (
+    FeatureStore,
+    GridFeatureExtractor,
+    MissingFeaturesError,
+    OnTheFlyFeatures,
+    UnreadableImagesError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +148,27 @@ def check_features_cover(dataset: datasets.Dataset, sources: Mapping[str, Featur
                     f"{task} {split}: no features for image id {image_id!r} in {where}. Extract features for it "
                     "(scripts/extract_features.py) or point --feature_file / --image_dir at the right place."
                 )
+
+
+def check_images_load(datasets_by_split: Mapping[str, datasets.Dataset], sources: Mapping[str, FeatureSource],
+                      shown: int = 20) -> None:
+    """Before training on raw images (`--image_dir`), load every image a row refers to, and report all that fail
+    at once, counted, by path (as `scripts/extract_features.py` does), instead of stopping at the first one."""
+    wanted: dict[str, list[str]] = {}
+    for rows in datasets_by_split.values():
+        for task, image_ids in zip(rows["task"], rows["image_ids"]):
+            if isinstance(sources[task], OnTheFlyFeatures):
+                wanted.setdefault(task, []).extend(image_ids)
+    failures, checked = [], 0
+    for task, image_ids in wanted.items():
+        checked += len(set(image_ids))
+        failures += sources[task].unreadable(image_ids)
+    if failures:
+        listed = "; ".join(f"{failure.path}: {failure.reason}" for failure in failures[:shown])
+        more = f"; ... and {len(failures) - shown} more" if len(failures) > shown else ""
+        raise UnreadableImagesError(
+            f"{len(failures)} of the {checked} images the data refers to cannot be loaded: {listed}{more}. "
+            "Replace or remove these files (or the rows that use them), then run again.", failures)
 
 
 def tokenize_vl_rows(

@@ -31,6 +31,7 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from dept.errors import UserError
 from dept_vl.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, resolve_image_path
 
 __all__ = [
@@ -49,8 +50,16 @@ _BOX_TOLERANCE = 1e-5  # VL-T5's reader asserts the same bound before clamping t
 _PROVENANCE_KEYS = ("backbone", "pretrained", "feat_dim", "n_regions")
 
 
-class FeatureStoreError(ValueError):
+class FeatureStoreError(UserError, ValueError):
     """Stored features are malformed (wrong shape, boxes out of range) or the store is unusable."""
+
+
+class UnreadableImagesError(FeatureStoreError):
+    """Images that rows of the data refer to and that cannot be loaded; `failures` holds one error per image."""
+
+    def __init__(self, message: str, failures: Sequence[ImageLoadError]):
+        super().__init__(message)
+        self.failures = list(failures)
 
 
 class MissingFeaturesError(FeatureStoreError, KeyError):
@@ -442,6 +451,16 @@ class OnTheFlyFeatures:
             self._cache[image_id] = self.extractor([load_image(self.images[image_id])])[0]
         features, boxes = self._cache[image_id]
         return features.copy(), boxes.copy()  # copies, so a caller cannot change the cache
+
+    def unreadable(self, image_ids: Sequence[str]) -> list[ImageLoadError]:
+        """Load each of `image_ids` once (without the backbone) and return the errors of those that fail."""
+        failures = []
+        for image_id in dict.fromkeys(map(str, image_ids)):
+            try:
+                load_image(self.images[image_id])
+            except ImageLoadError as error:
+                failures.append(error)
+        return failures
 
 
 # ----------------------------------------------------------------------------------------------------------------

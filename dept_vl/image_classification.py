@@ -31,6 +31,7 @@ from timm.data import create_transform, resolve_data_config
 
 from dept.arguments import MethodArguments, RunStages, run_command_line
 from dept.config import ConfigError
+from dept.console import run_console
 from dept.model import DePTModel
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
@@ -314,8 +315,8 @@ def run(model_args: ImageModelArguments, data_args: ImageDataArguments, method_a
     return results
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """`dept-train-vision` / `scripts/train_vision.py`:
+def train(argv: list[str] | None = None) -> dict[str, float]:
+    """`scripts/train_vision.py` for Python callers: print the results as JSON, return them, raise errors as they are.
 
         accelerate launch scripts/train_vision.py --model_name_or_path vit_base_patch16_224 \\
             --data_dir data/flowers --peft_type PROMPT_TUNING_LORA --prefix_length 60 --r 31 \\
@@ -323,3 +324,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """
     return run_command_line((ImageModelArguments, ImageDataArguments, VisionMethodArguments, TrainingArguments),
                             run, argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dept-train-vision`: exit status 0, or 2 with a one-line message (see `dept.console`)."""
+    return run_console("dept-train-vision", train, argv)

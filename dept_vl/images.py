@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from dept.errors import UserError
+
 __all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "ImagePathError", "decode_image", "load_image", "resolve_image_path", "to_rgb"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -22,11 +24,11 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _BACKGROUND = (255, 255, 255)
 
 
-class ImagePathError(ValueError):
+class ImagePathError(UserError, ValueError):
     """An image path from an annotation file points outside the image root."""
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(UserError):
     """An image file is missing, empty, truncated, corrupt or not an image. `path` names the file."""
 
     def __init__(self, path: str | Path, reason: str):

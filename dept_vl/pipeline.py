@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from dept.arguments import MethodArguments, RunStages
+from dept.arguments import MethodArguments, RunStages, check_model_name_or_path
 from dept.config import ConfigError
 from dept.model import DePTModel
 from dept.trainer import Trainer
@@ -27,6 +27,7 @@ from dept_vl.data import (
     VLCollator,
     build_feature_sources,
     check_features_cover,
+    check_images_load,
     feature_dim,
     tokenize_vl_rows,
 )
@@ -51,6 +52,9 @@ class VLModelArguments:
     visual_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the visual projection (DePT/PT); default lora_embedding_lr."}
     )
+
+    def __post_init__(self):
+        check_model_name_or_path(self.model_name_or_path)
 
 
 @dataclass
@@ -162,6 +166,7 @@ def build_vl_eval_components(task_name: str, tokenizer, model=None, *, max_lengt
     sources = build_feature_sources([task_name], data_args.feature_file, data_args.image_dir, data_args.backbone,
                                     data_args.pretrained, data_args.image_size)
     check_features_cover(rows, sources, split)
+    check_images_load({split: rows}, sources)
     if model is not None:
         expected = _model_feat_dim(model)
         found = feature_dim(sources[task_name], rows[0]["image_ids"][0])
@@ -183,7 +188,7 @@ def _model_feat_dim(model) -> int | None:
 
 
 def run(model_args: VLModelArguments, data_args: VLDataArguments, method_args: MethodArguments,
-        training_args: TrainingArguments) -> dict[str, float]:
+        training_args: TrainingArguments, on_evaluate=None) -> dict[str, float]:
     task_names = data_args.task_names
     data = load_task_splits(task_names, data_args.sources, data_args.needed_splits(), data_args.data_seed,
                             data_args.max_train_samples, data_args.max_eval_samples)
@@ -191,6 +196,7 @@ def run(model_args: VLModelArguments, data_args: VLDataArguments, method_args: M
                                     data_args.pretrained, data_args.image_size)
     for split, rows in data.items():
         check_features_cover(rows, sources, split)
+    check_images_load(data, sources)
     feat_dims = {task: feature_dim(sources[task]) for task in task_names}
     if len(set(feat_dims.values())) != 1:
         raise ConfigError(f"The tasks' features differ in size {feat_dims}: one model needs one feature size.")
@@ -207,7 +213,7 @@ def run(model_args: VLModelArguments, data_args: VLDataArguments, method_args: M
     trainer = Trainer(
         model, training_args, collate_fn=VLCollator(tokenizer, sources), evaluator=evaluator,
         train_dataset=tokenized.get("train"), eval_dataset=tokenized.get("validation"),
-        test_dataset=tokenized.get("test"),
+        test_dataset=tokenized.get("test"), on_evaluate=on_evaluate,
     )
     results: dict[str, float] = {}
     if data_args.do_train:

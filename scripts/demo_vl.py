@@ -32,7 +32,7 @@ from transformers import T5ForConditionalGeneration  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from dept.testing import build_word_tokenizer, tiny_t5_config  # noqa: E402
-from dept_vl.cli import main as cli_main  # noqa: E402
+from dept_vl.cli import train as cli_main  # noqa: E402
 from dept_vl.data import task_file_paths  # noqa: E402
 from dept_vl.features import GridFeatureExtractor, extract_to_h5  # noqa: E402
 from dept_vl.synthetic import make_synthetic_vl_dataset  # noqa: E402

@@ -4,7 +4,9 @@
         --output_dir eval/sst2
 """
 
+import sys
+
 from dept.evaluation_cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

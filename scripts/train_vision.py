@@ -3,7 +3,9 @@
 See `dept_vl/image_classification.py` for the flags.
 """
 
+import sys
+
 from dept_vl.image_classification import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

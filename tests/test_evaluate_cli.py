@@ -11,13 +11,14 @@ import pytest
 import torch
 from transformers import T5ForConditionalGeneration
 
-from dept import DePTConfig, get_dept_model
-from dept.evaluation_cli import main as dept_eval
+from dept import AdapterMismatchError, DePTConfig, get_dept_model
+from dept.evaluation_cli import TaskMismatchError
+from dept.evaluation_cli import evaluate as dept_eval
 from dept.testing import save_tiny_model, tiny_t5_config
-from dept_nlp.cli import main as dept_train
+from dept_nlp.cli import train as dept_train
 from dept_nlp.evaluation import TextEvaluator
 from dept_nlp.tasks import get_task
-from dept_vl.cli import main as vl_train
+from dept_vl.cli import train as vl_train
 from dept_vl.data import task_file_paths
 from dept_vl.evaluation import VLEvaluator
 from tests.conftest import OFFICIAL_CHECKPOINTS, T5_TOKENIZER_DIR
@@ -97,7 +98,7 @@ def test_evaluation_reproduces_the_training_runs_metrics(trained, tmp_path, spli
                    for line in (tmp_path / "eval" / f"dept_eval_{split}_predictions.jsonl").read_text().splitlines()]
     assert predictions == training_predictions
 
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(FileExistsError, match="already exists"):
         _eval(trained["model"], [(adapter, "sst2", files)], split, tmp_path / "eval")
 
 
@@ -180,7 +181,7 @@ def test_adapter_for_another_width_stops_before_evaluating_any_pair(trained, tmp
         tmp_path / "wide")
     files = trained["files"]["sst2"]
     pairs = [(trained["adapters"]["sst2"], "sst2", files), (tmp_path / "wide", "sst2", files)]
-    with pytest.raises(SystemExit, match=r"wide.*token_dim=48.*Nothing was evaluated"):
+    with pytest.raises(AdapterMismatchError, match=r"wide.*token_dim=48.*Nothing was evaluated"):
         _eval(trained["model"], pairs, "validation", tmp_path / "eval")
     assert no_evaluation == []
     assert not (tmp_path / "eval").exists()
@@ -191,7 +192,7 @@ def test_task_with_other_labels_stops_before_evaluating_any_pair(trained, tmp_pa
     argv = ["--model_name_or_path", str(trained["model"]), "--adapter", f"{trained['adapters']['sst2']}:sst2",
             "--adapter", f"{trained['adapters']['sst2']}:{task_name}", "--output_dir", str(tmp_path / "eval"),
             *_file_flags(trained["files"]["sst2"], "validation")]
-    with pytest.raises(SystemExit, match=rf"trained on \['sst2'\].*{task_name} needs {needs}"):
+    with pytest.raises(TaskMismatchError, match=rf"trained on \['sst2'\].*{task_name} needs {needs}"):
         dept_eval(argv)
     assert no_evaluation == []
     assert not (tmp_path / "eval").exists()
@@ -269,7 +270,7 @@ def test_vl_adapter_on_a_task_it_was_not_trained_on_stops_before_evaluating(trai
     original = VLEvaluator.predict_step
     monkeypatch.setattr(VLEvaluator, "predict_step", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     argv = _vl_eval_argv(fixture, [f"{adapter}:vqa", f"{adapter}:gqa"], tmp_path / "eval")
-    with pytest.raises(SystemExit, match=r"trained on \['vqa'\], not on gqa.*Nothing was evaluated"):
+    with pytest.raises(TaskMismatchError, match=r"trained on \['vqa'\], not on gqa.*Nothing was evaluated"):
         dept_eval(argv)
     assert calls == []
     assert not (tmp_path / "eval").exists()

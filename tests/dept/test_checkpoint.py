@@ -1,5 +1,6 @@
 """Saving and loading adapters: ours bit-exact, the official release, and clear errors for bad files."""
 
+import hashlib
 import json
 import os
 import warnings
@@ -112,3 +113,15 @@ def test_official_cola_checkpoint_matches_formula(t5_base_dims_model):
         embeds, mask = model.embed(input_ids)
     torch.testing.assert_close(embeds[0], expected, atol=1e-6, rtol=0)
     assert mask.shape == (1, 80 + 5)
+
+
+def test_saving_the_same_adapter_again_writes_the_same_bytes(t5_model, tokenizer, tmp_path):
+    # safetensors orders the metadata by a per-save random hash; the adapter file sorts it.
+    dept_model = attach("t5", t5_model, tokenizer)
+    digests = set()
+    for i in range(16):
+        dept_model.save_pretrained(tmp_path / str(i))
+        digests.add(hashlib.sha256((tmp_path / str(i) / "adapter_model.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    header = (tmp_path / "0" / "adapter_model.safetensors").read_bytes()[8:80]
+    assert header.startswith(b'{"__metadata__":{"format":"pt","peft_type":"DEPT"}')

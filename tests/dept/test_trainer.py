@@ -339,3 +339,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(t5_model, tokenizer):
     assert t5_model.is_gradient_checkpointing
     for with_checkpointing, without in zip(gradients(), plain):
         torch.testing.assert_close(with_checkpointing, without, atol=1e-6, rtol=0)
+
+
+def test_on_evaluate_sees_every_evaluation_and_can_stop_the_run(tmp_path):
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def on_evaluate(step, metrics):
+        seen.append((step, metrics["eval_loss"]))
+        if step == 8:
+            raise Stop
+
+    trainer = toy_trainer(toy_args(tmp_path, save_total_limit=None), on_evaluate=on_evaluate)
+    with pytest.raises(Stop):
+        trainer.train()
+    logged = [(entry["step"], entry["eval_loss"]) for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert seen == logged and [step for step, _ in seen] == [4, 8]
+    # Stopped before anything else happened at step 8: the run resumes from its last checkpoint.
+    assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-4"]
+    assert not (tmp_path / "adapter_model.safetensors").exists()

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from dept.testing import save_tiny_model
-from dept_nlp.cli import main
+from dept_nlp.cli import train as main
 from dept_nlp.data_files import sample_sst2_files
 from tests.conftest import REPO_ROOT, free_port
 from tests.nlp.fixtures import hub_rows, write_task_fixture

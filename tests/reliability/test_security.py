@@ -15,7 +15,7 @@ import pytest
 from dept_vl.images import ImagePathError, resolve_image_path
 from tests.conftest import REPO_ROOT
 
-SHIPPED_SOURCES = ("dept", "dept_nlp", "dept_vl", "dept_serve", "scripts")
+SHIPPED_SOURCES = ("dept", "dept_nlp", "dept_vl", "dept_serve", "dept_tune", "scripts")
 
 
 def _python_files() -> list[Path]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dept.config import ConfigError
+from dept.config import ConfigError, DePTConfig
 from dept_vl.image_classification import (
     ImageClassificationEvaluator,
     ImageDataArguments,
@@ -23,6 +23,7 @@ from dept_vl.image_classification import (
     load_image_splits,
     main,
     select_splits,
+    train,
 )
 from tests.conftest import free_port
 from tests.vl.test_vit import tiny_vit
@@ -95,11 +96,11 @@ def test_data_must_be_named_exactly_once_and_columns_must_exist(image_folder):
 
 def test_transforms_are_timms_own_at_the_models_input_size():
     vit = tiny_vit()
-    train, evaluate = image_transforms(vit)
+    train_transform, eval_transform = image_transforms(vit)
     image = Image.new("RGB", (50, 70), (255, 0, 0))
-    assert evaluate(image).shape == train(image).shape == (3, 32, 32)
+    assert eval_transform(image).shape == train_transform(image).shape == (3, 32, 32)
     # vit_tiny's pretrained config normalises with mean = std = 0.5: pure red is (1, -1, -1)
-    torch.testing.assert_close(evaluate(image)[:, 16, 16], torch.tensor([1.0, -1.0, -1.0]))
+    torch.testing.assert_close(eval_transform(image)[:, 16, 16], torch.tensor([1.0, -1.0, -1.0]))
 
 
 def test_top1_and_top5_accuracy_are_counted_by_class_name():
@@ -127,7 +128,7 @@ def run_flags(image_folder: Path, output_dir: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_end_to_end_loss_falls_and_a_reloaded_adapter_gives_the_same_accuracy(image_folder, tmp_path):
     trained_dir = tmp_path / "dept"
-    results = main(run_flags(image_folder, trained_dir, "--do_train", "--do_eval", "--do_predict",
+    results = train(run_flags(image_folder, trained_dir, "--do_train", "--do_eval", "--do_predict",
                              "--prefix_length", "4", "--r", "4", "--max_steps", "40", "--learning_rate", "0.1",
                              "--lora_embedding_lr", "0.02"))
 
@@ -142,7 +143,7 @@ def test_end_to_end_loss_falls_and_a_reloaded_adapter_gives_the_same_accuracy(im
     predictions = [json.loads(line) for line in (trained_dir / "predictions_test.jsonl").read_text().splitlines()]
     assert len(predictions) == 12 and predictions[0]["prediction"]["label"] in CLASSES
 
-    reloaded = main(run_flags(image_folder, tmp_path / "reloaded", "--do_eval", "--do_predict",
+    reloaded = train(run_flags(image_folder, tmp_path / "reloaded", "--do_eval", "--do_predict",
                               "--peft_model_id", str(trained_dir)))
     for key in ("eval_accuracy", "eval_top5_accuracy", "test_accuracy"):
         assert reloaded[key] == results[key]
@@ -152,7 +153,7 @@ def test_end_to_end_loss_falls_and_a_reloaded_adapter_gives_the_same_accuracy(im
 @pytest.mark.slow
 def test_vpt_and_lora_baselines_run_through_the_same_pipeline(image_folder, tmp_path):
     for peft_type in ("PROMPT_TUNING", "LORA"):
-        results = main(run_flags(image_folder, tmp_path / peft_type, "--do_train", "--do_eval",
+        results = train(run_flags(image_folder, tmp_path / peft_type, "--do_train", "--do_eval",
                                  "--peft_type", peft_type, "--prefix_length", "4", "--max_steps", "2",
                                  "--max_eval_samples", "6"))
         assert results["total_steps"] == 2 and results["eval_samples"] == 6
@@ -161,13 +162,27 @@ def test_vpt_and_lora_baselines_run_through_the_same_pipeline(image_folder, tmp_
     assert record["trainable_parameters"]["other"] > 0  # LoRA's A and B on qkv
 
 
-def test_an_adapter_for_other_classes_is_refused_before_any_compute(image_folder, tmp_path):
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
+def adapter_for_other_classes(adapter: Path) -> Path:
+    """An adapter directory whose run record names other classes than the image folder's."""
+    DePTConfig(num_virtual_tokens=4, r=4, max_length=16).save_pretrained(adapter)
     (adapter / "image_classification.json").write_text(json.dumps(
         {"model_name_or_path": "vit_tiny_patch16_224", "class_names": ["cat", "dog"]}))
+    return adapter
+
+
+def test_an_adapter_for_other_classes_is_refused_before_any_compute(image_folder, tmp_path):
+    adapter = adapter_for_other_classes(tmp_path / "adapter")
     with pytest.raises(ConfigError, match=r"trained on the classes \['cat', 'dog'\]"):
-        main(run_flags(image_folder, tmp_path / "out", "--do_eval", "--peft_model_id", str(adapter)))
+        train(run_flags(image_folder, tmp_path / "out", "--do_eval", "--peft_model_id", str(adapter)))
+
+
+def test_the_console_entry_reports_a_refused_adapter_in_one_line_with_exit_status_2(image_folder, tmp_path, capsys):
+    adapter = adapter_for_other_classes(tmp_path / "adapter")
+    status = main(run_flags(image_folder, tmp_path / "out", "--do_eval", "--peft_model_id", str(adapter)))
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "dept-train-vision: error:" in err and "trained on the classes ['cat', 'dog']" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -191,7 +206,7 @@ def test_two_processes_under_accelerate_launch_train_and_match_the_one_process_e
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["data_order"]["num_processes"] == 2 and state["global_step"] == 3
     two_process = json.loads((output_dir / "all_results.json").read_text())
-    one_process = main(run_flags(image_folder, tmp_path / "one", "--do_eval", "--peft_model_id", str(output_dir)))
+    one_process = train(run_flags(image_folder, tmp_path / "one", "--do_eval", "--peft_model_id", str(output_dir)))
     assert one_process["eval_samples"] == two_process["eval_samples"] == 12
     assert one_process["eval_accuracy"] == pytest.approx(two_process["eval_accuracy"])
     assert one_process["eval_loss"] == pytest.approx(two_process["eval_loss"], abs=1e-5)

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration
 from dept.testing import build_word_tokenizer, tiny_t5_config
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
-from dept_vl.cli import main
+from dept_vl.cli import train as main
 from dept_vl.data import task_file_paths
 from dept_vl.evaluation import VLEvaluator
 from dept_vl.features import GridFeatureExtractor, MissingFeaturesError, extract_to_h5

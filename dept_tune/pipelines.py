@@ -1,0 +1,80 @@
+"""The two pipelines a study can drive, text and vision-language, behind one small interface.
+
+Both parse the same way (`dept.arguments.parse_arguments`, `--config FILE.yaml` first) into
+`(model_args, data_args, method_args, training_args)` and train through the one trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from dept.arguments import MethodArguments, parse_arguments, yaml_to_argv
+from dept.training_args import TrainingArguments
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """How to parse, name and run one training run of a modality."""
+
+    modality: str
+    dataclass_types: tuple
+    run: Callable[..., dict]
+    aliases: dict[str, str]
+
+    def parse(self, argv: list[str]) -> tuple:
+        return tuple(parse_arguments(self.dataclass_types, argv, self.aliases))
+
+    def task_label(self, parsed: tuple) -> str:
+        data_args = parsed[1]
+        return data_args.task_name if self.modality == "text" else "+".join(data_args.task_names)
+
+    def main_metric(self, parsed: tuple) -> str:
+        """The metric that ranks runs of this task, without the `eval_` prefix (higher is better)."""
+        data_args = parsed[1]
+        if self.modality == "text":
+            from dept_nlp.tasks import get_task
+
+            return get_task(data_args.task_name).main_metric
+        from dept_vl.evaluation import VLEvaluator
+
+        return VLEvaluator(data_args.task_names, tokenizer=None).main_metric
+
+    @staticmethod
+    def hidden_size(parsed: tuple) -> int:
+        """d of the base model, read from its config (no weights are loaded)."""
+        model_args = parsed[0]
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                            trust_remote_code=getattr(model_args, "trust_remote_code", False))
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for name in ("d_model", "hidden_size", "n_embd"):
+            if getattr(config, name, None):
+                return int(getattr(config, name))
+        raise ValueError(f"Cannot read the hidden size of {model_args.model_name_or_path} from its config.")
+
+
+def text_pipeline() -> Pipeline:
+    from dept_nlp.arguments import FLAG_ALIASES, DataArguments, ModelArguments
+    from dept_nlp.pipeline import run
+
+    return Pipeline("text", (ModelArguments, DataArguments, MethodArguments, TrainingArguments), run, FLAG_ALIASES)
+
+
+def vl_pipeline() -> Pipeline:
+    from dept_vl.cli import FLAG_ALIASES
+    from dept_vl.pipeline import VLDataArguments, VLModelArguments, run
+
+    return Pipeline("vl", (VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments), run, FLAG_ALIASES)
+
+
+def detect_pipeline(argv: list[str]) -> Pipeline:
+    """The VL pipeline when the run names VL tasks (`--tasks`, in a recipe or on the command line), else text."""
+    words = list(argv)
+    if "--config" in words:
+        index = words.index("--config")
+        if index + 1 < len(words) and Path(words[index + 1]).is_file():
+            words += yaml_to_argv(words[index + 1])
+    return vl_pipeline() if "--tasks" in words else text_pipeline()

@@ -1,0 +1,389 @@
+"""One worker of a DePT hyperparameter study: take a planned trial, train it, report it, until none is left.
+
+The study is planned when it is created: `n_trials` trials are queued (Optuna's `enqueue_trial`), empty for
+TPE and random search, or one per point for the grid. A worker pops a queued trial atomically, so any number
+of workers, on one machine or many, run each planned trial exactly once and the study ends with exactly
+`n_trials` of them. A trial whose worker died (killed, machine lost) is failed and queued again with the same
+parameters and output dir; the retry resumes from that trial's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from dept.checkpointing import CHECKPOINT_PREFIX
+from dept.trainer import ADAPTER_FILES, NonFiniteLossError
+from dept_tune.pipelines import Pipeline
+from dept_tune.space import BUDGET_PARAMETERS, Budget, ParamSpec, budget_choices, grid_points, suggest
+
+logger = logging.getLogger("dept_tune")
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+NOT_SCORES = ("runtime", "samples", "samples_per_second", "steps_per_second")  # result-file bookkeeping
+WORKER_ATTR, OUTPUT_ATTR, RETRY_ATTR = "worker", "output_dir", "retry_of"
+PLAN_ATTR = "planned_trials"
+
+
+class StudyMismatchError(ValueError):
+    """An existing study was started with another metric or search space than this command asks for."""
+
+
+@dataclass
+class StudySettings:
+    """Everything a worker needs, fixed before the first trial (see `dept_tune.cli` for each flag)."""
+
+    pipeline: Pipeline
+    argv: list[str]  # the pipeline's flags, without the searched ones
+    base: tuple  # those flags parsed: (model_args, data_args, method_args, training_args)
+    specs: dict[str, ParamSpec]
+    metric: str  # without the eval_ prefix
+    direction: str
+    n_trials: int
+    sampler: str
+    keep_all: bool = False
+    budget_pairs: list[tuple[int, int]] | None = None
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.base[3].output_dir)
+
+    @property
+    def task_label(self) -> str:
+        return self.pipeline.task_label(self.base)
+
+
+def make_settings(pipeline: Pipeline, argv: list[str], specs: dict[str, ParamSpec], *, metric: str | None,
+                  n_trials: int | None, sampler: str, keep_all: bool) -> StudySettings:
+    """Parse and check the pipeline's flags and the search space together: every error comes before training."""
+    base = pipeline.parse([*argv, "--do_train", "true", "--do_eval", "true"])
+    metric = (metric or pipeline.main_metric(base)).removeprefix("eval_")
+    direction = "minimize" if metric.endswith("loss") else "maximize"
+    budget_pairs = None
+    budget_specs = [spec for name, spec in specs.items() if name in BUDGET_PARAMETERS]
+    if budget_specs:
+        method_args, data_args = base[2], base[1]
+        budget = Budget(method_args.prefix_length, method_args.r, data_args.max_seq_length,
+                        Pipeline.hidden_size(base))
+        budget_pairs = budget_choices(budget_specs[0], budget)
+    if sampler == "grid":
+        points = len(grid_points(specs))
+        if n_trials is not None and n_trials != points:
+            raise ValueError(f"--sampler grid runs every grid point once: {points} trials, but --n_trials is "
+                             f"{n_trials}. Drop --n_trials, or change the grid.")
+        n_trials = points
+    n_trials = 20 if n_trials is None else n_trials
+    if n_trials < 1:
+        raise ValueError(f"--n_trials must be >= 1, got {n_trials}.")
+    return StudySettings(pipeline, list(argv), base, specs, metric, direction, n_trials, sampler, keep_all,
+                         budget_pairs)
+
+
+# ------------------------------------------------------------------------------------------- the study
+
+
+def describe_space(settings: StudySettings) -> dict:
+    """What the study searches, stored with it so that a resume with another space is refused."""
+    return {name: {"low": s.low, "high": s.high, "choices": s.choices} for name, s in settings.specs.items()}
+
+
+def create_or_load_study(settings: StudySettings, storage, study_name: str, sampler, pruner,
+                         load_sampler=None) -> optuna.Study:
+    """Create and plan the study (the first worker, with `sampler`), or load it (every later worker and a resume,
+    with `load_sampler`, by default `sampler`)."""
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, direction=settings.direction,
+                                    sampler=sampler, pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=study_name, sampler=load_sampler or sampler,
+                                  pruner=pruner)
+        _check_same_study(study, settings)
+        _extend_plan(study, settings)
+        return study
+    study.set_user_attr("metric", settings.metric)
+    study.set_user_attr("search_space", describe_space(settings))
+    study.set_user_attr("sampler", settings.sampler)
+    study.set_user_attr("flags", settings.argv)
+    points = grid_points(settings.specs) if settings.sampler == "grid" else [{}] * settings.n_trials
+    for point in points:
+        study.enqueue_trial(point, skip_if_exists=False)
+    study.set_user_attr(PLAN_ATTR, len(points))  # last: other workers wait for it
+    return study
+
+
+def _check_same_study(study: optuna.Study, settings: StudySettings, wait_s: float = 60.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while PLAN_ATTR not in study.user_attrs:  # its creator is still queueing the planned trials
+        if time.monotonic() > deadline:
+            raise StudyMismatchError(f"Study {study.study_name!r} exists but was never planned (its creator died "
+                                     "while creating it): choose another --study_name.")
+        time.sleep(0.2)
+    attrs = study.user_attrs
+    expected = json.loads(json.dumps(describe_space(settings)))
+    for name, value, wanted in (("metric", attrs.get("metric"), settings.metric),
+                                ("search space", attrs.get("search_space"), expected),
+                                ("sampler", attrs.get("sampler"), settings.sampler)):
+        if value != wanted:
+            raise StudyMismatchError(
+                f"Study {study.study_name!r} was started with {name} {value}, but this command asks for {wanted}. "
+                "Resume it with the same settings, or start a new study with another --study_name."
+            )
+    if attrs.get("flags") != settings.argv:
+        logger.warning("Study %r was started with the flags %s; this worker trains with %s.", study.study_name,
+                       attrs.get("flags"), settings.argv)
+
+
+def _extend_plan(study: optuna.Study, settings: StudySettings) -> None:
+    planned = study.user_attrs[PLAN_ATTR]
+    if settings.n_trials > planned and settings.sampler != "grid":
+        for _ in range(settings.n_trials - planned):
+            study.enqueue_trial({}, skip_if_exists=False)
+        study.set_user_attr(PLAN_ATTR, settings.n_trials)
+        logger.info("Study %r: %d more trials planned (%d in all).", study.study_name,
+                    settings.n_trials - planned, settings.n_trials)
+    elif settings.n_trials < planned:
+        logger.warning("Study %r plans %d trials; --n_trials %d does not remove any.", study.study_name, planned,
+                       settings.n_trials)
+
+
+def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a failed trial again with its parameters and output dir, so that its run resumes."""
+    user_attrs = {RETRY_ATTR: trial.number}
+    if OUTPUT_ATTR in trial.user_attrs:
+        user_attrs[OUTPUT_ATTR] = trial.user_attrs[OUTPUT_ATTR]
+    study.enqueue_trial(trial.params, user_attrs=user_attrs, skip_if_exists=False)
+    logger.warning("Trial %d's worker stopped before it finished: queued again with the same parameters.",
+                   trial.number)
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def recover_dead_trials(study: optuna.Study, storage) -> int:
+    """Fail and queue again the running trials of this machine whose worker process is gone; return how many.
+
+    Trials of other machines are left to the RDB heartbeat (`optuna.storages.fail_stale_trials`).
+    """
+    host = socket.gethostname()
+    recovered = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
+        if worker_host != host or not pid.isdigit() or _process_is_alive(int(pid)):
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        retry_trial(study, trial)
+        recovered += 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # RDB heartbeats: trials of dead workers anywhere
+    return recovered
+
+
+def pop_planned_trial(study: optuna.Study, storage, worker: str) -> optuna.Trial | None:
+    """The next queued trial, now running in this worker; None when the plan is used up.
+
+    Unlike `Study.ask`, this never creates an unplanned trial when another worker took the last queued one.
+    """
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if not storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        storage.set_trial_user_attr(frozen._trial_id, WORKER_ATTR, worker)
+        return optuna.Trial(study, frozen._trial_id)
+    return None
+
+
+@contextmanager
+def heartbeat(storage, trial_id: int):
+    """Send the RDB heartbeat of a running trial from a thread, as `Study.optimize` does."""
+    interval = storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            storage.record_heartbeat(trial_id)
+            stop.wait(interval)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ------------------------------------------------------------------------------------------- one trial
+
+
+def format_rate(value: float) -> str:
+    """A learning rate as scripts/sweep.sh's run names spell it: 0.3 -> 3e-1, 0.0005 -> 5e-4, 0.00123 -> 1.23e-3."""
+    mantissa, exponent = f"{value:.2e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def run_name(task: str, values: dict) -> str:
+    """scripts/sweep.sh's (and the official README's) directory name of a run."""
+    return (f"{task}_lr{format_rate(values['learning_rate'])}_loralr{format_rate(values['lora_embedding_lr'])}"
+            f"_pl{values['prefix_length']}_r{values['r']}_st{values['max_steps']}")
+
+
+def claim_output_dir(settings: StudySettings, trial: optuna.Trial, values: dict) -> Path:
+    """The trial's own directory: its retry's, or a new one named as sweep.sh names runs (created atomically,
+    so two workers never share one; a taken name gets `_trial<number>`)."""
+    if OUTPUT_ATTR in trial.user_attrs:
+        path = settings.root / trial.user_attrs[OUTPUT_ATTR]
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    settings.root.mkdir(parents=True, exist_ok=True)
+    path = settings.root / run_name(settings.task_label, values)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        path = path.with_name(f"{path.name}_trial{trial.number}")
+        path.mkdir(exist_ok=True)
+    trial.set_user_attr(OUTPUT_ATTR, path.name)
+    return path
+
+
+def trial_values(settings: StudySettings, trial: optuna.Trial) -> dict:
+    """The searched values of this trial, completed with the recipe's for what is not searched."""
+    model_args, data_args, method_args, training_args = settings.base
+    values = {"learning_rate": training_args.learning_rate, "lora_embedding_lr": training_args.lora_embedding_lr,
+              "prefix_length": method_args.prefix_length, "r": method_args.r,
+              "max_steps": training_args.max_steps, "warmup_steps": training_args.warmup_steps}
+    values.update(suggest(trial, settings.specs, settings.budget_pairs))
+    return values
+
+
+def scores(results: dict, prefix: str) -> dict[str, float]:
+    return {key: value for key, value in results.items()
+            if key.startswith(f"{prefix}_") and not key.removeprefix(f"{prefix}_").endswith(NOT_SCORES)}
+
+
+def run_trial(settings: StudySettings, study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
+    """Train one trial through the pipeline, report each evaluation to the pruner, and tell the study."""
+    values = trial_values(settings, trial)
+    output_dir = claim_output_dir(settings, trial, values)
+    flags = [*settings.argv, "--do_train", "true", "--do_eval", "true", "--output_dir", str(output_dir),
+             "--resume_from_checkpoint", "auto", "--overwrite_output_dir", "true",
+             "--metric_for_best_model", settings.metric]
+    for name, value in values.items():
+        flags += [f"--{name}", str(value)]
+    parsed = settings.pipeline.parse(flags)
+    eval_key = f"eval_{settings.metric}"
+
+    def on_evaluate(step: int, metrics: dict[str, float]) -> None:
+        trial.report(metrics[eval_key], step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"{eval_key}={metrics[eval_key]:.4g} at step {step}")
+
+    logger.info("trial %d: %s -> %s", trial.number, _short(values, settings), output_dir)
+    try:
+        results = settings.pipeline.run(*parsed, on_evaluate=on_evaluate)
+    except optuna.TrialPruned as pruned:
+        logger.info("trial %d pruned: %s", trial.number, pruned)
+        return study.tell(trial, state=TrialState.PRUNED)
+    except NonFiniteLossError as error:  # a learning rate too high for this run: a result, not a crash
+        trial.set_user_attr("error", str(error).split(". ")[0])
+        logger.warning("trial %d failed: %s", trial.number, error)
+        return study.tell(trial, state=TrialState.FAIL)
+    except BaseException:  # interrupted or broken: queue it again so that a resumed study runs it
+        frozen = study.tell(trial, state=TrialState.FAIL)
+        retry_trial(study, frozen)
+        raise
+    trial.set_user_attr("validation", scores(results, "eval"))
+    trial.set_user_attr("test", scores(results, "test"))
+    return study.tell(trial, results[eval_key])
+
+
+def _short(values: dict, settings: StudySettings) -> str:
+    shown = [name for name in values if name in settings.specs or (name == "prefix_length" and "r" in settings.specs)
+             or (name == "r" and "prefix_length" in settings.specs)]
+    return ", ".join(f"{name}={values[name]:.4g}" if isinstance(values[name], float) else f"{name}={values[name]}"
+                     for name in shown)
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
+
+def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's trials that count towards its plan: all but the failed ones that were queued again."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs[RETRY_ATTR] for t in trials if RETRY_ATTR in t.user_attrs}
+    return [t for t in trials if not (t.state == TrialState.FAIL and t.number in retried)]
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no complete trial yet
+        return None
+
+
+def tidy_outputs(study: optuna.Study, root: Path, keep_all: bool) -> None:
+    """Drop what only a resume needs: the checkpoints of finished trials, and the adapters of every trial but the
+    best one. With `keep_all`, nothing is deleted."""
+    if keep_all:
+        return
+    best = best_trial(study)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if OUTPUT_ATTR not in trial.user_attrs:
+            continue
+        path = root / trial.user_attrs[OUTPUT_ATTR]
+        if not path.is_dir():
+            continue
+        for checkpoint in path.glob(f"{CHECKPOINT_PREFIX}*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        if best is None or trial.number != best.number:
+            for name in ADAPTER_FILES:
+                (path / name).unlink(missing_ok=True)
+
+
+def work(settings: StudySettings, study: optuna.Study, storage,
+         on_trial_end: Callable[[FrozenTrial], None] | None = None) -> list[int]:
+    """Run planned trials until none is left; return the numbers of the trials this worker finished."""
+    finished = []
+    while True:
+        recover_dead_trials(study, storage)
+        trial = pop_planned_trial(study, storage, settings.worker)
+        if trial is None:
+            break
+        with heartbeat(storage, trial._trial_id):
+            frozen = run_trial(settings, study, trial)
+        finished.append(frozen.number)
+        tidy_outputs(study, settings.root, settings.keep_all)
+        if on_trial_end is not None:
+            on_trial_end(frozen)
+    return finished

@@ -1,0 +1,149 @@
+"""What a new user meets at the console when things go right, or a run is killed: exit code 0 and the results
+printed once, a run SIGKILLed at its first checkpoint restarted with `auto`, byte-identical adapters from two
+processes, one local file per task in dept-eval, its --help, and --prefix_length 0.
+
+Every test runs the installed console scripts as subprocesses (see `tests/reliability/console.py`); the expected
+errors are in test_console_errors.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from dept.checkpointing import complete_checkpoints
+from tests.reliability.console import (
+    ENV,
+    REPO_ROOT,
+    make_text_setup,
+    printed_results,
+    run,
+    script,
+    sha256,
+    train_flags,
+)
+from tests.vl.test_pipeline import build_vl_fixture
+
+pytestmark = pytest.mark.slow
+
+TABLE_HEADER = "| adapter | task | metrics | examples | examples/s | trainable params |"
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    return make_text_setup(tmp_path_factory.mktemp("console"))
+
+
+@pytest.fixture(scope="module")
+def reference(text):
+    """One finished dept-train run (PYTHONHASHSEED=1) and what it printed."""
+    output_dir = text["root"] / "reference"
+    finished = run("dept-train", *train_flags(text, output_dir), env={"PYTHONHASHSEED": "1"})
+    return output_dir, finished
+
+
+# --------------------------------------------------------------------------------------------- success
+
+
+def test_dept_train_exits_0_and_prints_its_results_once_to_stdout(reference):
+    output_dir, finished = reference
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results = printed_results(finished.stdout)
+    assert results["total_steps"] == 4 and "eval_accuracy" in results and "test_accuracy" in results
+    assert "'train_loss'" not in finished.stderr  # the results dict is no longer echoed as an exit message
+    assert (output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_dept_eval_takes_one_local_file_per_task_and_prints_its_table_once(text, reference, tmp_path):
+    adapter = reference[0]
+    files = text["files"]
+    finished = run("dept-eval", "--model_name_or_path", text["model"], "--adapter", f"{adapter}:sst2",
+                   "--adapter", f"{adapter}:rte", "--validation_file", f"sst2={files['sst2']['validation_file']}",
+                   "--validation_file", f"rte={files['rte']['validation_file']}", "--generation_max_length", "3",
+                   "--output_dir", tmp_path / "a")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count(TABLE_HEADER) == 1 and finished.stderr.count(TABLE_HEADER) == 0
+    report = json.loads((tmp_path / "a" / "dept_eval_validation.json").read_text())
+    assert [(r["task"], r["num_examples"]) for r in report["results"]] == [("sst2", 4), ("rte", 6)]
+
+    compared = run("dept-eval", "--compare", tmp_path / "a", tmp_path / "a")
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert compared.stdout.count("| task | adapter (A) |") == 1 and "| task |" not in compared.stderr
+
+
+def test_dept_eval_help_lists_the_data_flags_of_the_adapters_modality(reference):
+    finished = run("dept-eval", "--adapter", reference[0], "--help")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    for flag in ("--validation_file", "--test_file", "--generation_max_length", "--model_family", "TASK=]PATH"):
+        assert flag in finished.stdout, flag
+
+
+@pytest.fixture(scope="module")
+def vl(tmp_path_factory):
+    return build_vl_fixture(tmp_path_factory.mktemp("console-vl"), n_images=12)
+
+
+def test_dept_train_vl_exits_0_and_prints_its_results_once(vl, tmp_path):
+    finished = run("dept-train-vl", *vl.argv("vqa", tmp_path / "run", "--max_steps", "2", "--do_predict", "false"))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert printed_results(finished.stdout)["total_steps"] == 2
+    assert "'total_steps'" not in finished.stderr
+
+
+def test_prefix_length_0_trains_the_embedding_update_alone(text, tmp_path):
+    finished = run("dept-train", *train_flags(text, tmp_path / "run", "--prefix_length", "0",
+                                              "--lora_embedding_lr", "0.05"))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert (config["num_virtual_tokens"], config["r"]) == (0, 2)
+    tensors = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert tuple(tensors["prompt_embeddings"].shape) == (0, 32)
+    assert tensors["lora_embedding_B"].abs().sum() > 0  # B starts at zero: A·B really trained
+
+
+# --------------------------------------------------------------------------------------------- killed at the first checkpoint
+
+
+@pytest.fixture(scope="module")
+def restarted(text, tmp_path_factory):
+    """A run SIGKILLed the moment its first checkpoint-*.tmp-* appears, then run again with `auto`."""
+    output_dir = tmp_path_factory.mktemp("killed") / "run"
+    argv = train_flags(text, output_dir, "--save_steps", "1", "--eval_steps", "1")
+    child = subprocess.Popen([script("dept-train"), *map(str, argv)], env=ENV, cwd=REPO_ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while child.poll() is None and time.monotonic() < deadline:
+            if output_dir.is_dir() and any(".tmp-" in entry.name for entry in os.scandir(output_dir)):
+                break
+            time.sleep(0.001)
+    finally:
+        child.kill()
+        child.wait()
+    left = sorted(path.name for path in output_dir.iterdir())
+    assert any(".tmp-" in name for name in left) and not complete_checkpoints(output_dir), left
+    finished = run("dept-train", *train_flags(text, output_dir, "--resume_from_checkpoint", "auto"),
+                   env={"PYTHONHASHSEED": "2"})
+    return output_dir, finished, left
+
+
+def test_auto_after_a_kill_during_the_first_checkpoint_starts_afresh_and_cleans_up(restarted, reference):
+    output_dir, finished, _ = restarted
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert not [path for path in output_dir.iterdir() if ".tmp-" in path.name]
+    adapter, expected = (load_file(d / "adapter_model.safetensors") for d in (output_dir, reference[0]))
+    assert adapter.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert (adapter[name] == tensor).all(), name  # the same run as one never interrupted
+
+
+def test_identical_adapters_from_two_processes_have_the_same_bytes(restarted, reference):
+    # Two processes (PYTHONHASHSEED 1 and 2) that trained the same adapter write the same file.
+    assert sha256(restarted[0] / "adapter_model.safetensors") == sha256(reference[0] / "adapter_model.safetensors")
+
+

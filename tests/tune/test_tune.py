@@ -1,0 +1,251 @@
+"""dept-tune end to end on a tiny T5: pruning, the seed's grid, a SIGKILLed study resumed, parallel workers on a
+journal file and on a real PostgreSQL server, and bad input refused before training."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from safetensors.torch import load_file
+
+from dept.checkpointing import complete_checkpoints
+from dept_tune.cli import tune
+from dept_tune.space import SEED_GRID, Budget
+from dept_tune.storage import StorageError, open_storage
+from dept_tune.study import counted_trials, format_rate
+from tests.conftest import REPO_ROOT
+from tests.tune.fixtures import TASK, write_tiny_task
+
+POSTGRES_URL_VAR = "DEPT_TEST_POSTGRES_URL"
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory) -> list[str]:
+    return write_tiny_task(tmp_path_factory.mktemp("tiny-task"))
+
+
+def _argv(tiny_task: list[str], output_dir: Path, *extra: str) -> list[str]:
+    return [*tiny_task, "--output_dir", str(output_dir), *extra]
+
+
+def _load(storage: str, study_name: str) -> optuna.Study:
+    return optuna.load_study(study_name=study_name, storage=open_storage(storage))
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    return sorted(path for path in root.iterdir() if path.is_dir() and path.name.startswith(f"{TASK}_"))
+
+
+def _worker(argv: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "dept_tune.cli", *argv], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=env)
+
+
+@pytest.mark.slow
+def test_six_trials_with_pruning_keep_the_best_adapter_and_report(tiny_task, tmp_path):
+    root = tmp_path / "study"
+    report = tune(_argv(tiny_task, root, "--n_trials", "6", "--metric", "loss", "--n_startup_trials", "2",
+                        "--search", "learning_rate=1e-3:1", "--search", "lora_embedding_lr=1e-4:1e-1"))
+    study = _load(str(root / "optuna_journal.log"), "study")
+    trials = study.get_trials()
+    states = [t.state for t in trials]
+    assert len(trials) == 6 and set(states) <= {TrialState.COMPLETE, TrialState.PRUNED}
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert pruned, "the median pruner stopped no trial"
+    for trial in pruned:  # stopped at an evaluation before the last step (8)
+        assert max(trial.intermediate_values) < 8
+    values = [t.value for t in complete]
+    best = study.best_trial
+    assert best.value == min(values) < max(values)  # eval_loss: lower is better, and the best beats the worst
+    # Each trial's reported evaluations are the ones its trainer logged.
+    state = json.loads((root / best.user_attrs["output_dir"] / "trainer_state.json").read_text())
+    logged = {entry["step"]: entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry}
+    assert logged == best.intermediate_values
+    # Only the best trial keeps its adapter; every trial that finished keeps its result files, no checkpoint stays.
+    with_adapter = [p.name for p in _run_dirs(root) if (p / "adapter_model.safetensors").is_file()]
+    assert with_adapter == [best.user_attrs["output_dir"]]
+    assert not list(root.glob("*/checkpoint-*"))
+    assert all((root / t.user_attrs["output_dir"] / "eval_results.json").is_file() for t in complete)
+    # The report: best parameters with validation and test metrics, a table of trials, and the plots.
+    assert report["best"]["params"] == best.params and report["best"]["validation"]["eval_loss"] == best.value
+    assert "test_accuracy" in report["best"]["test"]
+    table = (root / "tune_report.md").read_text()
+    assert all(f"| {t.number} | {t.state.name.lower()} |" in table for t in trials)
+    for name in ("optimization_history", "param_importances", "contour_learning_rate_lora_embedding_lr"):
+        assert (root / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+@pytest.mark.slow
+def test_grid_sampler_runs_exactly_the_seed_grid_in_sweep_sh_directories(tiny_task, tmp_path):
+    root = tmp_path / "grid"
+    argv = _argv(tiny_task, root, "--sampler", "grid", "--pruner", "none", "--max_steps", "2")
+    tune(argv)
+    report = tune(argv)  # the same command on a finished study trains nothing more
+    assert report["counts"] == {"COMPLETE": 6} and tune([*argv, "--report_only"])["trials"] == report["trials"]
+    study = _load(str(root / "optuna_journal.log"), "grid")
+    assert len(study.trials) == 6
+    points = sorted((t.params["lora_embedding_lr"], t.params["learning_rate"]) for t in study.get_trials())
+    assert points == sorted(itertools.product(SEED_GRID["lora_embedding_lr"], SEED_GRID["learning_rate"]))
+    assert all(t.state == TrialState.COMPLETE for t in study.get_trials())
+    # The directories are the ones scripts/sweep.sh (the official README's loop) would use for the same runs.
+    dry_run = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "sweep.sh")], capture_output=True, text=True,
+                             env={**os.environ, "DRY_RUN": "1", "TASKS": TASK, "ROOT": str(tmp_path / "sweep"), "PREFIX_LENGTH": "4",
+                                  "R": "2", "MAX_STEPS": "2"}, check=True)
+    expected = sorted(Path(d).name for d in re.findall(r"--output_dir (\S+)", dry_run.stdout))
+    assert len(expected) == 6 and [p.name for p in _run_dirs(root)] == expected
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_study_killed_mid_trial_resumes_without_losing_or_repeating_a_trial(tiny_task, tmp_path):
+    root = tmp_path / "killed"
+    argv = _argv(tiny_task, root, "--n_trials", "4", "--pruner", "none", "--keep_all",
+                 "--search", "learning_rate=1e-2:1", "--search", "lora_embedding_lr=1e-4:1e-1")
+    storage = str(root / "optuna_journal.log")
+    worker = _worker(argv, tmp_path / "first.log")
+    deadline = time.monotonic() + 240
+    victim = None
+    while victim is None and time.monotonic() < deadline and worker.poll() is None:
+        time.sleep(0.2)
+        if not Path(storage).is_file():
+            continue
+        trials = _load(storage, "killed").get_trials()
+        running = [t for t in trials if t.state == TrialState.RUNNING and "output_dir" in t.user_attrs]
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        if done and running and complete_checkpoints(root / running[0].user_attrs["output_dir"]):
+            victim = running[0]
+    assert victim is not None, (tmp_path / "first.log").read_text()[-3000:]
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    checkpoint = complete_checkpoints(root / victim.user_attrs["output_dir"])[-1]
+    resumed_at = int(checkpoint.name.removeprefix("checkpoint-"))
+    before = {t.number: t for t in _load(storage, "killed").get_trials() if t.state == TrialState.COMPLETE}
+
+    tune(argv)  # the same command again resumes the study
+
+    study = _load(storage, "killed")
+    counted = counted_trials(study)
+    assert len(counted) == 4 and all(t.state == TrialState.COMPLETE for t in counted)
+    after = {t.number: t for t in counted}
+    for number, trial in before.items():  # finished trials are kept as they were, not run again
+        assert after[number].value == trial.value and after[number].params == trial.params
+    retries = [t for t in counted if t.user_attrs.get("retry_of") == victim.number]
+    assert len(retries) == 1  # the killed trial runs again exactly once, with its parameters and directory
+    retry = retries[0]
+    assert retry.params == victim.params and retry.user_attrs["output_dir"] == victim.user_attrs["output_dir"]
+    # It resumed from the checkpoint the killed run left: only the later evaluations (every 2 steps) were run.
+    assert sorted(retry.intermediate_values) == list(range(resumed_at + 2, 9, 2))
+    assert len({tuple(sorted(t.params.items())) for t in counted}) == 4
+
+
+def _two_workers(argv: list[str], storage: str, study_name: str, tmp_path: Path) -> None:
+    """A worker process, and this test process as the second worker once the first one runs a trial."""
+    worker = _worker(argv, tmp_path / "worker.log")
+    deadline = time.monotonic() + 240
+    while worker.poll() is None and time.monotonic() < deadline:
+        try:
+            if _load(storage, study_name).get_trials(states=(TrialState.RUNNING,)):
+                break
+        except (KeyError, ValueError, StorageError):  # the study (or its directory) is not created yet
+            pass
+        time.sleep(0.2)
+    tune(argv)
+    assert worker.wait(timeout=240) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+
+
+def _assert_shared_fairly(study: optuna.Study, n_trials: int) -> None:
+    trials = study.get_trials()
+    assert len(trials) == n_trials and all(t.state == TrialState.COMPLETE for t in trials)
+    by_worker = Counter(t.user_attrs["worker"] for t in trials)
+    assert len(by_worker) == 2 and sum(by_worker.values()) == n_trials, by_worker  # both ran trials, none twice
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == n_trials  # no duplicate parameters
+    assert len({t.user_attrs["output_dir"] for t in trials}) == n_trials
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_workers_on_one_journal_file_share_the_trials(tiny_task, tmp_path):
+    root = tmp_path / "parallel"
+    argv = _argv(tiny_task, root, "--n_trials", "6", "--pruner", "none", "--max_steps", "2")
+    storage = str(root / "optuna_journal.log")
+    _two_workers(argv, storage, "parallel", tmp_path)
+    _assert_shared_fairly(_load(storage, "parallel"), 6)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(POSTGRES_URL_VAR not in os.environ,
+                    reason=f"{POSTGRES_URL_VAR} names no PostgreSQL server (.ci/run starts one)")
+def test_two_workers_share_a_study_on_postgresql(tiny_task, tmp_path):
+    url = os.environ[POSTGRES_URL_VAR]
+    study_name = f"dept-test-{os.getpid()}-{time.time_ns()}"
+    argv = _argv(tiny_task, tmp_path / "pg", "--n_trials", "4", "--pruner", "none", "--max_steps", "2",
+                 "--storage", url, "--study_name", study_name, "--heartbeat_interval", "5", "--grace_period", "30")
+    _two_workers(argv, url, study_name, tmp_path)
+    _assert_shared_fairly(_load(url, study_name), 4)
+    optuna.delete_study(study_name=study_name, storage=url)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--search", "dropout=0.1:0.2"], "unknown parameter 'dropout'"),
+        (["--search", "learning_rate=4e-1:3e-1"], "is an empty range"),
+        (["--search", "r=100:200"], "nothing to search"),
+        (["--storage", "postgresql://dept:secret@127.0.0.1:1/optuna"], "Cannot reach the study storage"),
+        (["--sampler", "grid", "--n_trials", "5"], "runs every grid point once: 6 trials"),
+    ],
+)
+def test_bad_search_or_storage_is_refused_before_any_training(tiny_task, tmp_path, capsys, extra, message):
+    root = tmp_path / "refused"
+    with pytest.raises(SystemExit) as stopped:
+        tune(_argv(tiny_task, root, "--n_trials", "2", *extra))
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and "secret" not in error, error
+    assert not root.exists() or not _run_dirs(root)
+
+
+def test_budget_pairs_are_the_papers_equal_budget_configurations():
+    # DESIGN.md: t5-base (d = 768) with s = 256 spends 76,800 parameters at (m, r) = (60, 30), (40, 45) and as
+    # PT with l = 100; the official MRQA runs use (60, 24) at s = 512, the same budget.
+    pairs = Budget(prefix_length=60, r=30, max_length=256, hidden_size=768).pairs()
+    assert Budget(60, 30, 256, 768).total == 76_800
+    assert {(100, 0), (60, 30), (40, 45), (80, 15)} <= set(pairs)
+    assert all(m * 768 + r * (256 + 768) == 76_800 for m, r in pairs)
+    assert (60, 24) in Budget(60, 24, 512, 768).pairs() and Budget(60, 24, 512, 768).total == 76_800
+
+
+@pytest.mark.parametrize(("value", "name"), [(0.3, "3e-1"), (4e-1, "4e-1"), (5e-3, "5e-3"), (5e-4, "5e-4"),
+                                             (1.2345e-3, "1.23e-3"), (1.0, "1e0")])
+def test_learning_rates_are_spelled_as_in_the_official_run_names(value, name):
+    assert format_rate(value) == name
+
+
+@pytest.mark.slow
+def test_searching_r_keeps_the_parameter_budget_and_max_steps_sets_the_steps(tiny_task, tmp_path):
+    # The tiny task: m = 4, r = 2, s = 32, d = 32, so 4·32 + 2·(32 + 32) = 256 trainable parameters.
+    root = tmp_path / "budget"
+    tune(_argv(tiny_task, root, "--sampler", "grid", "--search", "r=1,3", "--search", "max_steps=2,4",
+               "--search", "learning_rate=3e-1", "--pruner", "none", "--keep_all"))
+    sizes = {}
+    for path in _run_dirs(root):
+        adapter = load_file(path / "adapter_model.safetensors")
+        config = json.loads((path / "adapter_config.json").read_text())
+        steps = json.loads((path / "trainer_state.json").read_text())["global_step"]
+        assert path.name.endswith(f"_pl{config['num_virtual_tokens']}_r{config['r']}_st{steps}")
+        sizes[(config["num_virtual_tokens"], config["r"], steps)] = sum(t.numel() for t in adapter.values())
+    assert sizes == {(6, 1, 2): 256, (6, 1, 4): 256, (2, 3, 2): 256, (2, 3, 4): 256}
