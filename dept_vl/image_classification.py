@@ -1,7 +1,7 @@
 """Image classification with visual DePT (or VPT, LoRA, full fine-tuning) on a timm ViT, on the shared trainer.
 
-    >>> from dept_vl.image_classification import run
-    >>> results = run(model_args, data_args, method_args, training_args)   # the CLI fills these from flags
+    from dept_vl.image_classification import run
+    results = run(model_args, data_args, method_args, training_args)   # the CLI fills these from flags
 
 Data: an image folder with one subfolder per class (and optionally `train/`, `validation/`, `test/` above
 them), separate `--train_dir/--validation_dir/--test_dir` folders, or a Hugging Face dataset with `image` and
