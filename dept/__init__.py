@@ -1,16 +1,16 @@
 """DePT: Decomposed Prompt Tuning (ICLR 2024).
 
-    >>> from transformers import T5ForConditionalGeneration
+    >>> from transformers import T5Config, T5ForConditionalGeneration
     >>> from dept import DePTConfig, get_dept_model
-    >>> from dept.testing import build_word_tokenizer, tiny_t5_config   # any HF model and tokenizer will do
-    >>> tokenizer = build_word_tokenizer(["Classify this text is postive or not:"])
-    >>> hf_model = T5ForConditionalGeneration(tiny_t5_config(len(tokenizer), d_model=32))
-    >>> model = get_dept_model(hf_model, DePTConfig(num_virtual_tokens=60, r=30, max_length=256), tokenizer)
+    >>> hf_model = T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=32, d_ff=64, num_layers=1, num_heads=2,
+    ...                                                d_kv=16))  # or T5ForConditionalGeneration.from_pretrained("t5-base")
+    >>> config = DePTConfig(num_virtual_tokens=60, r=30, max_length=256, prompt_init="vocab")
+    >>> model = get_dept_model(hf_model, config)
     >>> model.num_trainable_parameters()   # m*d = 60*32 for P, s_max*r + r*d = 256*30 + 30*32 for A and B
     {'prompt': 1920, 'lora_embedding': 8640, 'dept': 10560, 'total': 10560}
 """
 
-from .checkpoint import UnsafeCheckpointError, load_adapter, save_adapter
+from .adapter_files import UnsafeCheckpointError, load_adapter, save_adapter
 from .config import ConfigError, DePTConfig
 from .embedding import DePTEmbedding, InputTooLongError
 from .model import (

@@ -3,7 +3,7 @@
 Every error a user can fix (bad data, bad flags, an adapter that is damaged or made for another base, a task
 that does not fit, an output directory that cannot be used) derives from `UserError`, next to the built-in type
 it already was (`ConfigError` is a `UserError` and a `ValueError`). Its message says what is wrong, where, and
-the fix. `dept.console.run_console` prints it as one line and exits with status 2; `--debug` shows the traceback.
+the fix. `dept.command_line.run_console` prints it as one line and exits with status 2; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -15,3 +15,7 @@ class UserError(Exception):
 
 class FlagError(UserError, ValueError):
     """A flag value, or a combination of flags, that cannot run; raised while parsing, before any work."""
+
+
+class TaskMismatchError(UserError, ValueError):
+    """A task whose labels (or kind of answer) differ from those the adapter was trained to produce."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_adapter, save_adapter
+from .adapter_files import load_adapter, save_adapter
 from .config import ConfigError, DePTConfig
 from .distributed import full_shape, gathered_parameters, needs_synced_generation
 from .embedding import PADDING_OFFSET_MODEL_TYPES, DePTEmbedding, real_token_position_ids
@@ -511,9 +511,8 @@ def get_dept_model(model: nn.Module, config: DePTConfig, tokenizer=None, **kwarg
     """Freeze `model` and attach a freshly initialised DePT adapter described by `config`.
 
     Example:
-        >>> from transformers import T5ForConditionalGeneration
-        >>> from dept.testing import tiny_t5_config
-        >>> base = T5ForConditionalGeneration(tiny_t5_config(vocab_size=100))
+        >>> from transformers import T5Config, T5ForConditionalGeneration
+        >>> base = T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=32, num_layers=1, num_heads=2))
         >>> model = get_dept_model(base, DePTConfig(num_virtual_tokens=4, r=2, max_length=16, prompt_init="vocab"))
         >>> model.num_trainable_parameters()["total"]  # 4*32 + 16*2 + 2*32
         224

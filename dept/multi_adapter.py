@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_adapter
+from .adapter_files import load_adapter
 from .config import ConfigError, DePTConfig
 from .embedding import DePTEmbedding, InputTooLongError, prompt_layout
 from .model import (

@@ -14,7 +14,7 @@ latest checkpoint and ends bit-identical to an uninterrupted run (same seed, sam
 
 Distribution is accelerate's. Checkpoints go through `accelerator.save_state` / `load_state`, so DeepSpeed and
 FSDP write and read their own optimizer shards; the trainable weights are saved whole next to them, and the
-frozen base never is (`dept.checkpointing`). What sharded parameters need is in `dept.distributed`.
+frozen base never is (`dept.resume_state`). What sharded parameters need is in `dept.distributed`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from dept.checkpointing import (
+from dept.distributed import (
+    full_trainable_state_dict,
+    load_state_kwargs,
+    save_state_kwargs,
+    uses_deepspeed,
+    uses_fsdp,
+    whole_parameters_for_evaluation,
+)
+from dept.errors import UserError
+from dept.optim import build_optimizer, build_scheduler, learning_rates
+from dept.resume_state import (
     CHECKPOINT_PREFIX,
     TRAINER_STATE_NAME,
     CheckpointWriteError,
@@ -56,16 +66,6 @@ from dept.checkpointing import (
     write_checkpoint,
     write_text_atomically,
 )
-from dept.distributed import (
-    full_trainable_state_dict,
-    load_state_kwargs,
-    save_state_kwargs,
-    uses_deepspeed,
-    uses_fsdp,
-    whole_parameters_for_evaluation,
-)
-from dept.errors import UserError
-from dept.optim import build_optimizer, build_scheduler, learning_rates
 from dept.training_args import TrainingArguments
 
 logger = get_logger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dept.arguments import RunStages, check_model_name_or_path
+from dept.command_line import RunStages, check_model_name_or_path
 from dept_nlp.preprocess import CAUSAL_TEMPLATE, check_causal_template
 
 # Flags of the official DePT README or older transformers, accepted as spelled there.

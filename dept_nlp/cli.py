@@ -4,7 +4,7 @@
         --learning_rate 3e-1 --lora_embedding_lr 5e-3 --task_name sst2 --model_name_or_path t5-base \\
         --do_train --do_eval --do_predict --max_seq_length 256 --max_steps 30000 --output_dir outputs/sst2
 
-`main` is the console script (exit status 0, or 2 with a one-line message; see `dept.console`); `train` is the
+`main` is the console script (exit status 0, or 2 with a one-line message; see `dept.command_line`); `train` is the
 same run for Python callers, which returns the results and raises errors as they are.
 """
 
@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from dept.arguments import MethodArguments, run_command_line
-from dept.console import run_console
+from dept.command_line import MethodArguments, run_command_line, run_console
 from dept.training_args import TrainingArguments
 from dept_nlp.arguments import FLAG_ALIASES, DataArguments, ModelArguments
 from dept_nlp.pipeline import run

@@ -15,7 +15,7 @@ from collections.abc import Hashable
 from transformers import AutoConfig
 
 from dept.config import ConfigError
-from dept.evaluation_cli import TaskMismatchError
+from dept.errors import TaskMismatchError
 from dept_nlp.data_files import load_task_datasets, split_is_shuffled, subsample
 from dept_nlp.evaluation import TextEvaluator
 from dept_nlp.modeling import FAMILIES, detect_family, load_model, load_tokenizer
@@ -115,7 +115,7 @@ def file_for_task(specs: list[tuple[str | None, str]] | None, task_name: str) ->
 
 
 class TextEvaluationPlugin:
-    """`dept.evaluation_cli.EvaluationPlugin` for text tasks (T5, decoder-only LMs, encoder classifiers)."""
+    """`dept_eval.cli.EvaluationPlugin` for text tasks (T5, decoder-only LMs, encoder classifiers)."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("text tasks")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from dept.arguments import MethodArguments
+from dept.command_line import MethodArguments
 from dept.config import ConfigError
 from dept.methods import LoraSettings, count_trainable_parameters, prepare_model
 from dept.trainer import Trainer

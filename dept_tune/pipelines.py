@@ -1,6 +1,6 @@
 """The two pipelines a study can drive, text and vision-language, behind one small interface.
 
-Both parse the same way (`dept.arguments.parse_arguments`, `--config FILE.yaml` first) into
+Both parse the same way (`dept.command_line.parse_arguments`, `--config FILE.yaml` first) into
 `(model_args, data_args, method_args, training_args)` and train through the one trainer.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from dept.arguments import MethodArguments, parse_arguments, yaml_to_argv
+from dept.command_line import MethodArguments, parse_arguments, yaml_to_argv
 from dept.training_args import TrainingArguments
 
 

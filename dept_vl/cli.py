@@ -9,7 +9,7 @@ flags on the command line override:
         --feature_file data/features.h5 --peft_type PROMPT_TUNING_LORA --prefix_length 40 --r 45 \\
         --do_train --do_eval --do_predict --output_dir outputs/vl-multitask
 
-`main` is the console script (exit status 0, or 2 with a one-line message; see `dept.console`); `train` is the
+`main` is the console script (exit status 0, or 2 with a one-line message; see `dept.command_line`); `train` is the
 same run for Python callers, which returns the results and raises errors as they are.
 """
 
@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from dept.arguments import MethodArguments, run_command_line
-from dept.console import run_console
+from dept.command_line import MethodArguments, run_command_line, run_console
 from dept.training_args import TrainingArguments
 from dept_vl.pipeline import VLDataArguments, VLModelArguments, run
 

@@ -239,7 +239,7 @@ def visual_inputs(per_row: list[list[tuple[np.ndarray, np.ndarray]]]) -> dict[st
 
 
 def task_file_paths(root: str | Path) -> dict[str, str]:
-    """The per-task data flags for a directory laid out as `dept_vl.synthetic` writes it (and as in the docs)."""
+    """The per-task data flags for a directory laid out as `scripts.synthetic_vl_data` writes it (and as in the docs)."""
     root = Path(root)
     return {"vqa_dir": str(root / "vqa"), "gqa_dir": str(root / "gqa" / "questions"),
             "nlvr_dir": str(root / "nlvr2" / "data"), "caption_file": str(root / "coco" / "dataset_coco.json")}

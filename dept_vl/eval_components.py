@@ -19,7 +19,7 @@ from collections.abc import Hashable
 from transformers.hf_argparser import string_to_bool
 
 from dept.config import ConfigError
-from dept.evaluation_cli import TaskMismatchError
+from dept.errors import TaskMismatchError
 from dept_vl.pipeline import (
     VLDataArguments,
     VLModelArguments,
@@ -65,7 +65,7 @@ def vl_data_arguments(task_name: str, max_length: int, args: argparse.Namespace)
 
 
 class VLEvaluationPlugin:
-    """`dept.evaluation_cli.EvaluationPlugin` for VQAv2, GQA, NLVR2 and COCO captions on VL-T5.
+    """`dept_eval.cli.EvaluationPlugin` for VQAv2, GQA, NLVR2 and COCO captions on VL-T5.
 
     It has no `adapter_model_kwargs`: `DePTModel.from_pretrained` brings back the `visual_embedding` the adapter
     file holds, and leaves the base's own (frozen, seeded) projection when training kept it frozen.

@@ -29,9 +29,8 @@ from datasets import ClassLabel, DatasetDict, load_dataset
 from PIL import ImageOps
 from timm.data import create_transform, resolve_data_config
 
-from dept.arguments import MethodArguments, RunStages, run_command_line
+from dept.command_line import MethodArguments, RunStages, run_command_line, run_console
 from dept.config import ConfigError
-from dept.console import run_console
 from dept.model import DePTModel
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
@@ -327,5 +326,5 @@ def train(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`dept-train-vision`: exit status 0, or 2 with a one-line message (see `dept.console`)."""
+    """`dept-train-vision`: exit status 0, or 2 with a one-line message (see `dept.command_line`)."""
     return run_console("dept-train-vision", train, argv)

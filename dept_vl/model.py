@@ -41,7 +41,7 @@ from transformers.models.t5.modeling_t5 import T5LayerNorm, T5Stack
 from transformers.utils.output_capturing import capture_outputs
 
 from dept import DePTConfig, DePTModelForSeq2SeqLM, get_dept_model
-from dept.checkpoint import WEIGHTS_NAME
+from dept.adapter_files import WEIGHTS_NAME
 from dept.methods import LoraSettings, prepare_model
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from dept.arguments import MethodArguments, RunStages, check_model_name_or_path
+from dept.command_line import MethodArguments, RunStages, check_model_name_or_path
 from dept.config import ConfigError
 from dept.model import DePTModel
 from dept.trainer import Trainer

@@ -40,10 +40,10 @@ from pathlib import Path
 import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from tiny_models import build_word_tokenizer, tiny_t5_config
 from transformers import T5ForConditionalGeneration
 
 from dept import DePTConfig, get_dept_model
-from dept.testing import build_word_tokenizer, tiny_t5_config
 from dept_serve.client import wait_until_healthy
 
 WORDS = ("the a movie film was is great dull boring wonderful terrible acting actors plot story music scene "

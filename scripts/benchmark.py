@@ -5,7 +5,7 @@
     python scripts/benchmark.py --sizes tiny --steps 2 --output_dir /tmp/smoke           # seconds
 
 Writes results.json, results.md (tables and the targets) and results.png (time and memory against model size)
-to --output_dir, and refuses a directory that already holds results unless --overwrite. See dept/benchmark.py
+to --output_dir, and refuses a directory that already holds results unless --overwrite. See dept_bench/throughput.py
 for what each method, workload and figure is.
 """
 
@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from dept.benchmark import METHODS, SIZES, WORKLOADS, Settings, check_output_dir, models_for_sizes, run_benchmark
-from dept.benchmark import write_results as write
+from dept_bench.throughput import METHODS, SIZES, WORKLOADS, Settings, check_output_dir, models_for_sizes, run_benchmark
+from dept_bench.throughput import write_results as write
 
 
 def _names(choices):

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dept.benchmark import check_output_dir
-from dept_vl.vit_benchmark import MODELS, Settings, run_benchmark, write_results
+from dept_bench.throughput import check_output_dir
+from dept_bench.vit import MODELS, Settings, run_benchmark, write_results
 
 
 def main(argv: list[str] | None = None) -> int:

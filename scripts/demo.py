@@ -20,10 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tiny_models import save_tiny_model
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from dept import DePTModel
-from dept.testing import save_tiny_model
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
 from dept_nlp.cli import train as train_nlp

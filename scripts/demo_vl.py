@@ -1,6 +1,6 @@
 """The vision-language demo: DePT teaches a tiny VL-T5 to answer questions about images, offline, in about a minute.
 
-1. Make a small image set of coloured shapes (`dept_vl.synthetic`) with VQAv2, GQA and Karpathy COCO files in
+1. Make a small image set of coloured shapes (`scripts.synthetic_vl_data`) with VQAv2, GQA and Karpathy COCO files in
    the real formats, and grid features from a random-weight resnet18 (`extract_to_h5`).
 2. Build a tiny T5 and a word tokenizer from the synthetic texts, and fully train it on the COCO captions and
    the GQA questions (FULL, through the same CLI and trainer as every other run), as VL-T5 is pretrained on
@@ -28,14 +28,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from synthetic_vl_data import make_synthetic_vl_dataset  # noqa: E402
+from tiny_models import build_word_tokenizer, tiny_t5_config  # noqa: E402
 from transformers import T5ForConditionalGeneration  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from dept.testing import build_word_tokenizer, tiny_t5_config  # noqa: E402
 from dept_vl.cli import train as cli_main  # noqa: E402
 from dept_vl.data import task_file_paths  # noqa: E402
 from dept_vl.features import GridFeatureExtractor, extract_to_h5  # noqa: E402
-from dept_vl.synthetic import make_synthetic_vl_dataset  # noqa: E402
 from dept_vl.tasks import SPLITS, TaskSources, load_task_splits  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

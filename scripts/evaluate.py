@@ -6,7 +6,7 @@
 
 import sys
 
-from dept.evaluation_cli import main
+from dept_eval.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU machine (one GPU, under 8 minutes), printing one table:
 #   1. the efficiency benchmark, --device cuda --bf16, at t5-base, t5-large and a LLaMA-7B-shaped model with
-#      4 layers (dept.benchmark's "gpu" sizes): the targets of dept.benchmark.TARGETS, measured against their goals;
+#      4 layers (dept_bench.throughput's "gpu" sizes): the targets of dept_bench.throughput.TARGETS, measured against their goals;
 #   2. a short DePT training (sst2 sample data, a small random T5, fp32 so that runs are comparable) under
 #      accelerate's single-GPU, DeepSpeed ZeRO-2, ZeRO-3 (with zero3_init_flag, so the prompt init reads a
 #      ZeRO-3 shard where the model is built after the Accelerator) and FSDP 1 / FSDP 2 configs, one process each, in parallel:
@@ -92,7 +92,7 @@ fi
 # data: no download needed.
 run "$PY" - "$OUT/model" "$CPU" <<'EOF'
 import json, sys
-from dept.testing import save_tiny_model
+from scripts.tiny_models import save_tiny_model
 from dept_nlp.data_files import sample_sst2_files
 texts = [json.loads(line)["sentence"] for path in sample_sst2_files().values() for line in open(path)]
 shape = {} if sys.argv[2] == "1" else dict(d_model=256, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=64,

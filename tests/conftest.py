@@ -1,4 +1,7 @@
-"""Shared tiny-model fixtures. Every test builds models from these, never its own config by hand."""
+"""Shared tiny-model fixtures. Every test builds models from these, never its own config by hand.
+
+The builders come from `scripts/tiny_models.py`, which the demos use too; test modules import them from here.
+"""
 
 from __future__ import annotations
 
@@ -18,13 +21,17 @@ from transformers import (  # noqa: E402
     T5ForConditionalGeneration,
 )
 
-from dept.testing import (  # noqa: E402
+from scripts.tiny_models import (  # noqa: E402
     build_word_tokenizer,
+    save_tiny_model,
     tiny_bert_config,
     tiny_gpt2_config,
     tiny_llama_config,
     tiny_t5_config,
 )
+
+__all__ = ["build_word_tokenizer", "save_tiny_model", "tiny_bert_config", "tiny_gpt2_config", "tiny_llama_config",
+           "tiny_t5_config"]  # the tiny-model builders, for the test modules
 
 torch.set_num_threads(1)  # the suite runs two workers on two cores
 

@@ -12,16 +12,15 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 from dept import AdapterMismatchError, DePTConfig, get_dept_model
-from dept.evaluation_cli import TaskMismatchError
-from dept.evaluation_cli import evaluate as dept_eval
-from dept.testing import save_tiny_model, tiny_t5_config
+from dept.errors import TaskMismatchError
+from dept_eval.cli import evaluate as dept_eval
 from dept_nlp.cli import train as dept_train
 from dept_nlp.evaluation import TextEvaluator
 from dept_nlp.tasks import get_task
 from dept_vl.cli import train as vl_train
 from dept_vl.data import task_file_paths
 from dept_vl.evaluation import VLEvaluator
-from tests.conftest import OFFICIAL_CHECKPOINTS, T5_TOKENIZER_DIR
+from tests.conftest import OFFICIAL_CHECKPOINTS, T5_TOKENIZER_DIR, save_tiny_model, tiny_t5_config
 from tests.nlp.fixtures import hub_row, write_task_fixture
 from tests.nlp.test_pipeline import _flags
 from tests.vl.test_pipeline import build_vl_fixture

@@ -12,9 +12,9 @@ import pytest
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from dept import DePTModel, MultiAdapterModel
-from dept.testing import save_tiny_model
 from dept_nlp.cli import train as dept_train
 from dept_nlp.tasks import get_task
+from tests.conftest import save_tiny_model
 from tests.nlp.fixtures import hub_row, write_task_fixture
 from tests.nlp.test_pipeline import _flags
 

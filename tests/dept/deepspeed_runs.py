@@ -7,8 +7,8 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 from dept import DePTConfig, get_dept_model
-from dept.testing import build_word_tokenizer, tiny_t5_config
 from dept.trainer import Trainer
+from tests.conftest import build_word_tokenizer, tiny_t5_config
 from tests.dept._toy import ToyAdapterModel, toy_trainer
 
 TEXTS = ["the movie was great", "a dull and boring film", "the actors were wonderful", "terrible acting"]

@@ -44,7 +44,7 @@ def test_adapter_for_another_width_is_refused_before_compute(t5_model, tokenizer
     attach("t5", t5_model, tokenizer).save_pretrained(tmp_path)
     from transformers import T5ForConditionalGeneration
 
-    from dept.testing import tiny_t5_config
+    from tests.conftest import tiny_t5_config
 
     wider = T5ForConditionalGeneration(tiny_t5_config(len(tokenizer), d_model=64))
     with pytest.raises(AdapterMismatchError, match="token_dim=32"):

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from dept import DePTConfig, DePTEmbedding, InputTooLongError, get_dept_model
-from dept.testing import tiny_t5_config
-from tests.conftest import T5_TOKENIZER_DIR
+from tests.conftest import T5_TOKENIZER_DIR, tiny_t5_config
 from tests.dept.helpers import TASK_TYPES, attach, base_forward, dept_forward
 
 TEXTS = ["the movie was great", "a dull and boring film with terrible acting and actors", "red circle"]

@@ -181,7 +181,7 @@ def test_from_dept_models_refuses_a_different_base(t5_model, tokenizer, tmp_path
 def test_adapter_for_another_width_is_refused_on_load(t5_model, tokenizer, tmp_path):
     from transformers import T5ForConditionalGeneration
 
-    from dept.testing import tiny_t5_config
+    from tests.conftest import tiny_t5_config
 
     attach("t5", t5_model, tokenizer).save_pretrained(tmp_path / "narrow")
     wider = T5ForConditionalGeneration(tiny_t5_config(len(tokenizer), d_model=64))

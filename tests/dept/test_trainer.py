@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import HfArgumentParser
 
-from dept.checkpointing import (
+from dept.resume_state import (
     complete_checkpoints,
     read_checkpoint,
     rotate_checkpoints,

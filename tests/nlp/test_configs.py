@@ -17,7 +17,7 @@ from accelerate.commands.launch import launch_command_parser
 from accelerate.utils import DistributedType
 from transformers import HfArgumentParser
 
-from dept.arguments import MethodArguments, parse_arguments
+from dept.command_line import MethodArguments, parse_arguments
 from dept.training_args import TrainingArguments
 from dept_nlp.arguments import FLAG_ALIASES, DataArguments, ModelArguments
 from dept_nlp.tasks import TASKS, get_task

@@ -6,13 +6,13 @@ import datasets
 import pytest
 import torch
 
-from dept.testing import build_word_tokenizer
 from dept_nlp.arguments import DataArguments
 from dept_nlp.data_files import sample_sst2_files
 from dept_nlp.evaluation import TextEvaluator
 from dept_nlp.pipeline import load_splits
 from dept_nlp.preprocess import tokenize_rows
 from dept_nlp.tasks import get_task
+from tests.conftest import build_word_tokenizer
 from tests.nlp.fixtures import hub_dataset_dict
 
 # Words of the test vocabulary, one token each, none an article (SQuAD normalisation drops a/an/the).

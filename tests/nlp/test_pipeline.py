@@ -13,10 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dept.testing import save_tiny_model
 from dept_nlp.cli import train as main
 from dept_nlp.data_files import sample_sst2_files
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT, free_port, save_tiny_model
 from tests.nlp.fixtures import hub_rows, write_task_fixture
 
 FAMILIES = {"t5": "seq2seq", "llama": "causal", "bert": "cls"}
@@ -128,7 +127,7 @@ def test_baselines_run_through_the_same_trainer_and_train_what_their_method_trai
 
 
 def test_lora_rank_comes_from_r_and_a_disagreeing_lora_r_is_refused(tmp_path):
-    from dept.arguments import MethodArguments
+    from dept.command_line import MethodArguments
 
     assert MethodArguments(peft_type="LORA", r=16).lora_r == 16
     assert MethodArguments(peft_type="LORA", lora_r=4).lora_r == 4

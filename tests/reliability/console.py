@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dept.testing import save_tiny_model
 from dept_nlp.tasks import get_task
+from tests.conftest import save_tiny_model
 from tests.nlp.fixtures import hub_row, write_task_fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

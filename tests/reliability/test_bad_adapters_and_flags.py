@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dept import AdapterMismatchError, ConfigError, DePTConfig, DePTModel
-from dept.arguments import MethodArguments, parse_arguments
+from dept.command_line import MethodArguments, parse_arguments
 from dept.methods import check_max_length, prepare_model
 from dept.training_args import TrainingArguments
 from dept_nlp.arguments import FLAG_ALIASES, DataArguments, ModelArguments

@@ -15,10 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaForCausalLM, T5ForConditionalGeneration
 
-from dept.testing import build_word_tokenizer, tiny_llama_config, tiny_t5_config
 from dept_nlp.metrics import compute
 from dept_nlp.tasks import TASKS, ColumnType, get_task, pad_punctuation, remove_markup
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, build_word_tokenizer, tiny_llama_config, tiny_t5_config
 from tests.dept.helpers import attach, dept_forward
 
 PAD_ID, EOS_ID = 0, 1

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dept.checkpointing import (
+from dept.resume_state import (
     OPTIMIZER_NAME,
     TRAINABLE_PARAMETERS_NAME,
     CheckpointWriteError,

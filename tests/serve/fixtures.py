@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from dept import DePTConfig, DePTModel, get_dept_model
-from dept.testing import save_tiny_model
 from dept_nlp.modeling import load_model, load_tokenizer
 from dept_nlp.preprocess import encode_source
+from tests.conftest import save_tiny_model
 from tests.dept.test_multi_adapter import ADAPTERS as ADAPTER_SIZES  # different m and r, r = 0, m = 0
 
 WORDS = [

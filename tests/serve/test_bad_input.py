@@ -10,8 +10,8 @@ import pytest
 from transformers import T5ForConditionalGeneration
 
 from dept import DePTConfig, get_dept_model
-from dept.testing import tiny_t5_config
 from dept_serve.cli import parse_args
+from tests.conftest import tiny_t5_config
 from tests.serve.conftest import served, t5_engine
 from tests.serve.fixtures import TEXTS
 

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from dept import DePTConfig, DePTModel
-from dept.testing import build_word_tokenizer, tiny_t5_config
 from dept_serve import ServingEngine
 from dept_vl.data import open_feature_files, visual_inputs
 from dept_vl.features import extract_to_h5
 from dept_vl.images import load_image
 from dept_vl.model import VLT5Config, VLT5ForConditionalGeneration, get_dept_vl_model
 from dept_vl.pipeline import load_vl_base_model
+from tests.conftest import build_word_tokenizer, tiny_t5_config
 from tests.serve.conftest import served
 from tests.serve.fixtures import WORDS
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dept.testing import save_tiny_model
 from dept_nlp.tasks import get_task
+from tests.conftest import save_tiny_model
 from tests.nlp.fixtures import hub_rows, write_task_fixture
 
 TASK = "sst2"

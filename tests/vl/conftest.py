@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dept.testing import tiny_t5_config
 from dept_vl.model import VLT5Config, VLT5ForConditionalGeneration
+from tests.conftest import tiny_t5_config
 
 FEAT_DIM = 16
 N_REGIONS = 4

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dept.arguments import MethodArguments, parse_arguments
+from dept.command_line import MethodArguments, parse_arguments
 from dept.training_args import TrainingArguments
 from dept_vl.cli import FLAG_ALIASES
 from dept_vl.cli import train as main

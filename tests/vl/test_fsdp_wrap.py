@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from accelerate.utils.dataclasses import get_module_class_from_name
 
-from dept.testing import tiny_t5_config
 from dept_vl.model import VLT5Config, VLT5ForConditionalGeneration
+from tests.conftest import tiny_t5_config
 
 
 def test_vl_t5_blocks_are_t5_blocks_so_the_t5_fsdp_config_wraps_them():

@@ -11,7 +11,6 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from dept import DePTConfig
 from dept.methods import PEFT_TYPES
-from dept.testing import tiny_t5_config
 from dept_vl.model import (
     VisualEmbedding,
     VLT5Config,
@@ -20,6 +19,7 @@ from dept_vl.model import (
     load_dept_vl_model,
     prepare_vl_model,
 )
+from tests.conftest import tiny_t5_config
 from tests.vl.conftest import FEAT_DIM, N_REGIONS, make_regions
 
 # Logits of the tiny random T5 are ~10, so reordering a float sum moves them by a few 1e-6.

@@ -1,6 +1,6 @@
 """The vision-language pipeline end to end on a tiny VL-T5: every task trains, evaluates, predicts, saves and reloads.
 
-The data are `dept_vl.synthetic` images with annotations in each official schema (VQAv2, GQA, NLVR2, Karpathy
+The data are `scripts.synthetic_vl_data` images with annotations in each official schema (VQAv2, GQA, NLVR2, Karpathy
 COCO); the features come from a random-weight resnet18 at 64 px (a 2 x 2 grid of 512-d regions).
 """
 
@@ -16,7 +16,6 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from dept.testing import build_word_tokenizer, tiny_t5_config
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
 from dept_vl.cli import train as main
@@ -25,8 +24,9 @@ from dept_vl.evaluation import VLEvaluator
 from dept_vl.features import GridFeatureExtractor, MissingFeaturesError, extract_to_h5
 from dept_vl.model import load_dept_vl_model
 from dept_vl.pipeline import VLDataArguments, build_vl_eval_components, load_vl_base_model
-from dept_vl.synthetic import make_synthetic_vl_dataset
 from dept_vl.tasks import SPLITS, TASKS, TaskSources, load_task_splits, read_vqa
+from scripts.synthetic_vl_data import make_synthetic_vl_dataset
+from tests.conftest import build_word_tokenizer, tiny_t5_config
 
 TASK_METRICS = {name: [f"{name}_{metric}" for metric in spec.metrics] for name, spec in TASKS.items()}
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dept_vl.synthetic import (
+from scripts.synthetic_vl_data import (
     COLORS,
     SHAPE_RADIUS,
     Scene,

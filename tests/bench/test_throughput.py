@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dept.benchmark import METHODS, WORKLOADS, check_output_dir, evaluate_targets, make_batches
+from dept_bench.throughput import METHODS, WORKLOADS, check_output_dir, evaluate_targets, make_batches
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MODELS = ("t5-tiny", "llama-tiny")

@@ -39,24 +39,19 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .arguments import check_model_name_or_path
-from .config import ConfigError
-from .console import run_console
-from .errors import UserError
-from .model import AdapterMismatchError, DePTModel
-from .multi_adapter import MultiAdapterModel
-from .trainer import Evaluator, split_batch
-from .training_args import check_output_dir_is_writable
+from dept.command_line import check_model_name_or_path, run_console
+from dept.config import ConfigError
+from dept.errors import TaskMismatchError
+from dept.model import AdapterMismatchError, DePTModel
+from dept.multi_adapter import MultiAdapterModel
+from dept.trainer import Evaluator, split_batch
+from dept.training_args import check_output_dir_is_writable
 
 EVALUATION_PLUGINS = {"text": "dept_nlp.eval_components", "vl": "dept_vl.eval_components"}
 """Modality -> the module whose `PLUGIN` evaluates its tasks (imported lazily: `dept` imports no modality)."""
 TASK_FILE = "training_task.json"
 RESULT_PREFIX = "dept_eval"
 SPLITS = ("validation", "test")
-
-
-class TaskMismatchError(UserError, ValueError):
-    """A task whose labels (or kind of answer) differ from those the adapter was trained to produce."""
 
 
 class EvaluationPlugin(Protocol):
@@ -525,7 +520,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict | str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The `dept-eval` console script: exit status 0, or 2 with a one-line message (see `dept.console`)."""
+    """The `dept-eval` console script: exit status 0, or 2 with a one-line message (see `dept.command_line`)."""
     return run_console("dept-eval", evaluate, argv)
 
 

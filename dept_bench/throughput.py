@@ -11,7 +11,7 @@ Each figure is the median over `steps` steps after `warmup` steps. Models have r
 architectures' dims. Every method sees the same seeded batches. On CPU each (method, phase) runs in a fresh
 process, forked from a server that has already imported torch, so peak RSS belongs to that method alone.
 
-    from dept.benchmark import Settings, run_benchmark, write_results
+    from dept_bench.throughput import Settings, run_benchmark, write_results
 
     if __name__ == "__main__":  # fresh processes re-import the main module
         results = run_benchmark(Settings(device="cpu", steps=2), ["t5-tiny"], ["short"])
@@ -45,8 +45,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from .config import DePTConfig
-from .model import DePTModel, get_dept_model
+from dept.config import DePTConfig
+from dept.model import DePTModel, get_dept_model
 
 # The budgets compared: PT with l = 100 against DePT with m = 60, r = 30 (equal at d = 768, s = 256).
 PT_LENGTH = 100
@@ -520,7 +520,7 @@ class FreshProcessRunner:
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         self.context = multiprocessing.get_context(method)
         if method == "forkserver":
-            preload = ["dept.benchmark"] + (["peft"] if importlib.util.find_spec("peft") else [])
+            preload = ["dept_bench.throughput"] + (["peft"] if importlib.util.find_spec("peft") else [])
             self.context.set_forkserver_preload(preload)
 
     def __call__(self, job: Job, settings: Settings) -> dict:

@@ -16,7 +16,7 @@ real loaders read them unchanged:
 
 `scenes.json` records what each image shows (relative image path -> list of shapes), for tests and debugging.
 
-    python -m dept_vl.synthetic data/synthetic --n_images 200
+    python -m scripts.synthetic_vl_data data/synthetic --n_images 200
 """
 
 from __future__ import annotations

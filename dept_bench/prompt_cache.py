@@ -19,7 +19,7 @@ Two sweeps report how the gap to PEFT grows: with the prompt length (PEFT PT l =
 cache) and with the request rate (the measured per-request prefill time in an M/D/1 queue: one server, Poisson
 arrivals, requests served one at a time; plus the per-request time when a busy server batches).
 
-    from dept.benchmark_prompt_cache import PromptCacheSettings, run, write_results
+    from dept_bench.prompt_cache import PromptCacheSettings, run, write_results
 
     write_results(run(PromptCacheSettings(model="llama-tiny", steps=1)), "bench_output")
 """
@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .benchmark import DEPT_NUM_VIRTUAL_TOKENS, DEPT_R, MODELS, PT_LENGTH, WORKLOADS, _environment, make_batches
-from .config import DePTConfig
-from .model import get_dept_model
+from dept.config import DePTConfig
+from dept.model import get_dept_model
+
+from .throughput import DEPT_NUM_VIRTUAL_TOKENS, DEPT_R, MODELS, PT_LENGTH, WORKLOADS, _environment, make_batches
 
 RESULT_FILES = ("prompt_cache.json", "prompt_cache.md")
 METHODS = {
@@ -54,7 +55,7 @@ TARGET = ("prefill with the prompt cache vs the limit", "dept_cached", "prefill_
 
 @dataclass(frozen=True)
 class PromptCacheSettings:
-    """What to run: a model from `dept.benchmark.MODELS`, workloads, batch size, generated tokens, rounds, CPU
+    """What to run: a model from `dept_bench.throughput.MODELS`, workloads, batch size, generated tokens, rounds, CPU
     threads (None: torch's default), prompt lengths for the length sweep, batch sizes for the rate sweep."""
 
     model: str = "llama-small"
@@ -240,7 +241,7 @@ def run(settings: PromptCacheSettings, log: Callable[[str], None] = print) -> di
 
 
 def _as_benchmark_settings(settings: PromptCacheSettings):
-    from .benchmark import Settings
+    from .throughput import Settings
 
     return Settings(device=settings.device, threads=settings.threads, isolation="inline")
 

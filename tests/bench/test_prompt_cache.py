@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dept.benchmark_prompt_cache import (
+from dept_bench.prompt_cache import (
     METHODS,
     PromptCacheSettings,
     Timings,
