@@ -1,23 +1,26 @@
 """Training checkpoints that hold only what training changes, written atomically.
 
 A checkpoint is a directory `checkpoint-<step>` in the run's output directory. accelerate's `save_state` writes
-the optimizer (and any gradient scaler) the way the engine shards it, each process its own part:
+what each engine shards or keeps per process, each process its own part:
 
     optimizer.bin                      plain and DDP runs (the trainer keeps the model weights out of it)
     pytorch_model/                     DeepSpeed: its ZeRO shards, trainable weights only
     optimizer_0/, pytorch_model_fsdp*  FSDP: its optimizer and model state, as fsdp_state_dict_type says
-    random_states_<i>.pkl, scaler.pt   accelerate's RNG states and fp16 scaler
+    random_states_<i>.pkl              process i's python / numpy / torch / cuda RNG (and accelerate's step)
+    scaler.pt                          the fp16 gradient scaler
 
-and the main process adds what no engine shards:
+and the main process adds what accelerate either does not save or would save differently:
 
-    trainable_parameters.safetensors   every parameter with requires_grad=True, whole (never the frozen base)
-    scheduler.pt                       the learning-rate schedule's state_dict
-    rng_state.pt                       python / numpy / torch / cuda RNG states, one entry per process
+    trainable_parameters.safetensors   every parameter with requires_grad=True, whole and fp32 whatever the
+                                       engine (never the frozen base): what the best-model reload reads
+    scheduler.pt                       the schedule, stepped by hand once per optimizer step (accelerate's
+                                       prepared scheduler would step once per process, and DeepSpeed skips it)
     trainer_state.json                 step, epoch, data-order position, best metric, log history (last)
 
-Everything is written under `checkpoint-<step>.tmp-<pid>`, every file fsync'd, and renamed to `checkpoint-<step>`
-only when complete. A directory named `checkpoint-<step>` is therefore complete; `complete_checkpoints` still
-checks the files, so that a directory left by hand or by another tool is never resumed from.
+accelerate writes straight into its directory, so everything goes under `checkpoint-<step>.tmp-<pid>`, is
+fsync'd, and renamed to `checkpoint-<step>` only when complete. A directory named `checkpoint-<step>` is therefore
+complete; `complete_checkpoints` still checks the files, so that a directory left by hand or by another tool is
+never resumed from.
 """
 
 from __future__ import annotations
@@ -25,14 +28,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -45,10 +46,9 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAINABLE_PARAMETERS_NAME = "trainable_parameters.safetensors"
 OPTIMIZER_NAME = "optimizer.bin"  # accelerate's name, for runs without DeepSpeed or FSDP
 SCHEDULER_NAME = "scheduler.pt"
-RNG_STATE_NAME = "rng_state.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
 # The engine's own files differ by engine; trainer_state.json, written last, vouches for them.
-CHECKPOINT_FILES = (TRAINABLE_PARAMETERS_NAME, SCHEDULER_NAME, RNG_STATE_NAME, TRAINER_STATE_NAME)
+CHECKPOINT_FILES = (TRAINABLE_PARAMETERS_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME)
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 _TEMPORARY_CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+\.tmp-\d+$")
 
@@ -64,7 +64,6 @@ class Checkpoint:
     path: Path
     trainable_parameters: dict[str, torch.Tensor]
     scheduler: dict
-    rng_states: list[dict]
     trainer_state: dict
     optimizer: dict | None = None  # accelerate's optimizer.bin, when the run had no DeepSpeed or FSDP
 
@@ -98,44 +97,20 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) 
 # ----------------------------------------------------------------------------------------------- RNG
 
 
-def capture_rng_state() -> dict:
-    """This process's python, numpy, torch and cuda RNG states, in types `torch.load(weights_only=True)` accepts."""
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": {
-            "name": name,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "position": int(position),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+def rng_state_file(checkpoint: str | Path, process_index: int) -> Path:
+    """accelerate's per-process RNG file in `checkpoint`, which `load_state` restores from.
 
-
-def restore_rng_state(state: dict) -> None:
-    """Inverse of `capture_rng_state`."""
-    random.setstate(_as_tuples(state["python"]))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            numpy_state["name"],
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["position"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
+    Raises:
+        FileNotFoundError: when it is missing (accelerate itself would only log that at info level and go on with
+            another RNG state, so the resumed run would silently differ).
+    """
+    path = Path(checkpoint) / f"random_states_{process_index}.pkl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{checkpoint} has no RNG state for process {process_index} ({path.name}): it was written by fewer "
+            "processes, or not by dept.trainer. Resume with the number of processes that wrote it."
         )
-    )
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuples(value):
-    # random.setstate wants the nested tuples back, not lists.
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+    return path
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -196,7 +171,6 @@ def write_checkpoint(
     *,
     trainable_parameters: dict[str, torch.Tensor],
     scheduler: dict,
-    rng_states: list[dict],
     trainer_state: dict,
     temporary: Path | None = None,
     engine_error: BaseException | None = None,
@@ -214,7 +188,6 @@ def write_checkpoint(
     writes: list[tuple[str, Callable[[Path], None]]] = [
         (TRAINABLE_PARAMETERS_NAME, lambda p: _write_safetensors(trainable_parameters, p)),
         (SCHEDULER_NAME, lambda p: _write_torch(scheduler, p)),
-        (RNG_STATE_NAME, lambda p: _write_torch(rng_states, p)),
         # Last, so that any directory holding trainer_state.json got every other file first.
         (TRAINER_STATE_NAME, lambda p: _write_text(json.dumps(trainer_state, indent=2) + "\n", p)),
     ]
@@ -340,7 +313,6 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         path=path,
         trainable_parameters=load_file(str(path / TRAINABLE_PARAMETERS_NAME)),
         scheduler=load(SCHEDULER_NAME),
-        rng_states=load(RNG_STATE_NAME),
         trainer_state=json.loads((path / TRAINER_STATE_NAME).read_text()),
         optimizer=load(OPTIMIZER_NAME) if (path / OPTIMIZER_NAME).is_file() else None,
     )

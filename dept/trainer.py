@@ -3,14 +3,17 @@
 The loop knows no task and no modality. It needs:
 
 - a model whose `forward(**inputs)` returns an object with `.loss` (and, optionally, `optimizer_param_groups`
-  and `save_pretrained`, see `dept.optim` and `Trainer.train`);
+  and `save_pretrained`, see `parameter_groups` and `Trainer.train`);
 - a `collate_fn` that turns a list of examples into a dict of tensors for `model(**inputs)`, plus optional
   non-tensor entries such as `"references"` (one gold item per row), which are popped before the forward;
 - an `Evaluator` that turns a batch into decoded predictions and predictions into metrics.
 
-`Trainer.train` reads top to bottom: build the data order, optimizer and schedule, maybe resume, then loop over
-optimizer steps, evaluating and saving a checkpoint every so often. A run killed at any moment resumes from its
-latest checkpoint and ends bit-identical to an uninterrupted run (same seed, same hardware).
+`Trainer.train` reads top to bottom, as accelerate's `nlp_example.py`: build the data order, optimizer and
+schedule, maybe resume, then one loop over batches: `_training_step` (forward, backward, and at the end of an
+accumulation window the optimizer step), then `_log_evaluate_and_save`, the one place that decides logging,
+evaluation and checkpoints. The loss stays on the device between logs (`StepLosses`): a step costs no host sync.
+A run killed at any moment resumes from its latest checkpoint and ends bit-identical to an uninterrupted run
+(same seed, same hardware).
 
 Distribution is accelerate's. Checkpoints go through `accelerator.save_state` / `load_state`, so DeepSpeed and
 FSDP write and read their own optimizer shards; the trainable weights are saved whole next to them, and the
@@ -38,6 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from dept.distributed import (
@@ -49,18 +53,16 @@ from dept.distributed import (
     whole_parameters_for_evaluation,
 )
 from dept.errors import UserError
-from dept.optim import build_optimizer, build_scheduler, learning_rates
 from dept.resume_state import (
     CHECKPOINT_PREFIX,
     TRAINER_STATE_NAME,
     CheckpointWriteError,
-    capture_rng_state,
     complete_checkpoints,
     latest_checkpoint,
     load_trainable_state_dict,
     read_checkpoint,
     remove_temporary_checkpoints,
-    restore_rng_state,
+    rng_state_file,
     rotate_checkpoints,
     temporary_checkpoint_dir,
     write_checkpoint,
@@ -206,6 +208,129 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     raise ValueError(f"{type(model).__name__} holds no Hugging Face model that supports gradient checkpointing.")
 
 
+# ----------------------------------------------------------------------------------------------- optimizer, schedule
+# DePT trains two kinds of parameters at very different learning rates: the prompt P (about 3e-1) and the
+# low-rank pair A, B (about 1e-4). A model that knows its groups says so through
+# `optimizer_param_groups(learning_rate, lora_embedding_lr, weight_decay)`; any other model trains every
+# parameter that requires a gradient at `learning_rate`. One warmup/decay schedule scales every group.
+
+
+def parameter_groups(model: nn.Module, args: TrainingArguments) -> list[dict]:
+    """The model's own groups, or one group of every trainable parameter at `args.learning_rate`.
+
+    Each group is a dict for `torch.optim.AdamW` with `params`, `lr`, `weight_decay` and a `name` used in logs.
+    """
+    if hasattr(model, "optimizer_param_groups"):
+        groups = model.optimizer_param_groups(
+            learning_rate=args.learning_rate,
+            lora_embedding_lr=args.lora_embedding_lr,
+            weight_decay=args.weight_decay,
+        )
+    else:
+        groups = [{"params": _trainable_parameters(model), "lr": args.learning_rate, "weight_decay": args.weight_decay}]
+    groups = [dict(group, params=list(group["params"])) for group in groups]
+    groups = [group for group in groups if group["params"]]  # e.g. r = 0 leaves the A/B group empty
+    if not groups:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameter: every parameter has requires_grad=False. "
+            "Attach an adapter (or unfreeze something) before training."
+        )
+    grouped = {id(p) for group in groups for p in group["params"]}
+    # An empty tensor (P with num_virtual_tokens=0) has nothing to update and needs no group.
+    left_out = [
+        name for name, p in model.named_parameters() if p.requires_grad and p.numel() > 0 and id(p) not in grouped
+    ]
+    if left_out:
+        raise ValueError(
+            f"{type(model).__name__}.optimizer_param_groups leaves trainable parameters out of every group, so they "
+            f"would never be updated: {left_out[:5]}. Put them in a group, or set requires_grad=False on them."
+        )
+    for index, group in enumerate(groups):
+        group.setdefault("name", f"group_{index}")
+        group.setdefault("weight_decay", args.weight_decay)
+        if any(not p.requires_grad for p in group["params"]):
+            raise ValueError(f"Parameter group {group['name']!r} holds a frozen parameter (requires_grad=False).")
+    return groups
+
+
+def build_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.AdamW:
+    """AdamW over `parameter_groups(model, args)`; each group keeps its own learning rate."""
+    return torch.optim.AdamW(parameter_groups(model, args), lr=args.learning_rate, weight_decay=args.weight_decay)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, args: TrainingArguments, num_training_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """One schedule (linear warmup over `args.warmup_steps`, then `args.lr_scheduler_type`) scaling every group.
+
+    `num_training_steps` counts optimizer steps, not micro-steps. The scheduler is stepped once per optimizer step.
+    """
+    if num_training_steps < 1:
+        raise ValueError(f"num_training_steps must be >= 1, got {num_training_steps}.")
+    return get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.warmup_steps,
+        num_training_steps=num_training_steps,
+    )
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current learning rate of each named group, e.g. {"prompt": 0.3, "lora_embedding": 1e-4}."""
+    return {group.get("name", f"group_{i}"): group["lr"] for i, group in enumerate(optimizer.param_groups)}
+
+
+# ----------------------------------------------------------------------------------------------- the loss, on device
+
+
+class StepLosses:
+    """Training losses summed on the device, so that a step costs no host sync and no collective.
+
+    Per micro-batch `add_micro_batch(loss)`; per optimizer step `end_window()` (the window's mean) and
+    `add_step(step_loss, step)`; `collect(accelerator)` brings the sum to the host when the trainer logs, evaluates
+    or saves. The figures equal a per-step `.item()` of the mean over processes: a mean over processes of sums is
+    the sum of the means. Sums are float64, as Python's floats were.
+    """
+
+    def __init__(self):
+        self._window: torch.Tensor | None = None
+        self._window_size = 0
+        self._steps_sum: torch.Tensor | None = None
+        self._first_non_finite: torch.Tensor | None = None  # the lowest step with a NaN/inf loss; inf if none
+        self._steps = 0
+
+    def add_micro_batch(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().to(torch.float64)
+        self._window = loss if self._window is None else self._window + loss
+        self._window_size += 1
+
+    def end_window(self) -> torch.Tensor:
+        """The mean loss of the micro-batches since the last call (one optimizer step's)."""
+        mean = self._window / self._window_size
+        self._window, self._window_size = None, 0
+        return mean
+
+    def add_step(self, step_loss: torch.Tensor, step: int) -> None:
+        non_finite_at = torch.where(torch.isfinite(step_loss), math.inf, float(step))
+        if self._steps_sum is None:
+            self._steps_sum, self._first_non_finite = step_loss, non_finite_at
+        else:
+            self._steps_sum = self._steps_sum + step_loss
+            self._first_non_finite = torch.minimum(self._first_non_finite, non_finite_at)
+        self._steps += 1
+
+    def collect(self, accelerator: Accelerator) -> tuple[float, int, int | None]:
+        """(the step losses added since the last call, summed and averaged over processes; how many steps; the
+        first step with a NaN/inf loss on any process, or None). One gather and one host sync, on every process
+        at once (the step counts agree, so all skip it together when nothing was added)."""
+        if self._steps == 0:
+            return 0.0, 0, None
+        gathered = accelerator.gather(torch.stack([self._steps_sum, self._first_non_finite])).tolist()
+        sums, first = gathered[0::2], min(gathered[1::2])
+        steps, self._steps_sum, self._first_non_finite, self._steps = self._steps, None, None, 0
+        return sum(sums) / len(sums), steps, None if math.isinf(first) else int(first)
+
+
 class Trainer:
     """Train, evaluate and predict with one accelerate loop.
 
@@ -270,6 +395,7 @@ class Trainer:
         self._last_evaluation: tuple[int, dict[str, float]] | None = None
         self._eval_dataloaders: dict[int, tuple[Dataset, DataLoader]] = {}
         self._batches_per_epoch = 0
+        self._losses = StepLosses()
 
     # ------------------------------------------------------------------------------------------- training
 
@@ -290,79 +416,32 @@ class Trainer:
             enable_gradient_checkpointing(self.model)
         base_optimizer = build_optimizer(self.model, args)
         model, optimizer, train_dataloader = accelerator.prepare(self.model, base_optimizer, train_dataloader)
-        self._prepared_model = model
-        batches_per_epoch = self._batches_per_epoch = len(train_dataloader)
-        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-        total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+        self._prepared_model, self._batches_per_epoch = model, len(train_dataloader)
+        total_steps = self._total_steps()
         # Stepped by hand, once per optimizer step. On the torch optimizer itself: DeepSpeed's ZeRO optimizer
         # is no torch Optimizer, but it steps with these same param_groups (and their learning rates).
         scheduler = build_scheduler(base_optimizer, args, total_steps)
-
-        self.state = TrainerState(max_steps=total_steps, data_order=self._data_order())
-        rng_state = self.maybe_resume(resume_from, optimizer, scheduler)
+        self.state, self._losses = TrainerState(max_steps=total_steps, data_order=self._data_order()), StepLosses()
         if args.report_to != "none":
             accelerator.init_trackers("runs", config=_hparams(args))
-        self._log_run_start(total_steps, batches_per_epoch)
+        # Last before the loop: load_state puts every process's RNG back exactly where the run saved it.
+        self._resume(resume_from, scheduler)
+        self._log_run_start(total_steps)
 
         start_time, start_step = time.perf_counter(), self.state.global_step
-        if rng_state is not None:
-            restore_rng_state(rng_state)  # last, right before the first step, exactly where it was saved
         model.train()
-        progress = tqdm(
-            total=total_steps, initial=start_step, desc="train", disable=not accelerator.is_local_main_process
-        )
-        with progress:
+        with self._progress_bar(total_steps) as progress:
             while self.state.global_step < total_steps:
-                window_losses, window_is_finite = [], True
                 for batch in self._epoch_batches(train_dataloader, sampler):
-                    inputs, _ = split_batch(batch)
-                    with accelerator.accumulate(model):
-                        loss = model(**inputs).loss
-                        # The mean over processes, so that every process takes the same NaN decision.
-                        mean_loss = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-                        if math.isfinite(mean_loss):
-                            accelerator.backward(loss)
-                            window_losses.append(mean_loss)
-                        elif args.skip_nan_steps:
-                            window_is_finite = False
-                        else:
-                            raise NonFiniteLossError(self._non_finite_loss_message(mean_loss, optimizer))
-                        if accelerator.sync_gradients and window_is_finite:
-                            if args.max_grad_norm > 0:
-                                accelerator.clip_grad_norm_(_trainable_parameters(model), args.max_grad_norm)
-                            optimizer.step()
-                        optimizer.zero_grad()  # accelerate zeroes only once the accumulation window is done
-                    self.state.batches_seen_in_epoch += 1
-                    if not accelerator.sync_gradients:
-                        continue
-
-                    # One optimizer step is done (or skipped for a NaN/inf loss); it counts either way.
-                    self.state.global_step += 1
-                    scheduler.step()
-                    if window_is_finite:
-                        self._record_step_loss(sum(window_losses) / len(window_losses))
-                    else:
-                        self.state.nan_steps_skipped += 1
-                        logger.warning(f"Skipped optimizer step {self.state.global_step}: NaN/inf loss.")
-                    window_losses, window_is_finite = [], True
-                    progress.update(1)
-
-                    if self.state.global_step % args.logging_steps == 0:
-                        self._log_training(optimizer, progress)
-                    if args.eval_strategy == "steps" and self.state.global_step % args.eval_steps == 0:
-                        self._evaluate_during_training(model)
-                    if args.save_strategy == "steps" and self.state.global_step % args.save_steps == 0:
-                        self.save_checkpoint(optimizer, scheduler)
-                    if self.state.global_step >= total_steps:
-                        break
-
-                if self.state.batches_seen_in_epoch >= batches_per_epoch:  # the epoch ran to its end
-                    self.state.epoch += 1
-                    self.state.batches_seen_in_epoch = 0
-                    if args.eval_strategy == "epoch":
-                        self._evaluate_during_training(model)
-                    if args.save_strategy == "epoch":
-                        self.save_checkpoint(optimizer, scheduler)
+                    if self._training_step(model, optimizer, batch):  # it ended an optimizer step
+                        scheduler.step()
+                        progress.update(1)
+                        self._log_evaluate_and_save("steps", model, optimizer, scheduler, progress)
+                        if self.state.global_step >= total_steps:
+                            break
+                if self._end_epoch_if_finished():
+                    self._log_evaluate_and_save("epoch", model, optimizer, scheduler, progress)
+        self._collect_losses(optimizer)  # the NaN check before anything is written, and the last steps' losses
         runtime = time.perf_counter() - start_time
 
         if args.load_best_model_at_end and self.state.best_model_checkpoint:
@@ -372,6 +451,61 @@ class Trainer:
         if args.report_to != "none":
             self._finish_trackers()
         return metrics
+
+    def _training_step(self, model: nn.Module, optimizer, batch: Mapping[str, Any]) -> bool:
+        """Forward and backward one micro-batch; at the end of its accumulation window, step the optimizer.
+
+        Returns whether an optimizer step ended here (taken, or skipped for a NaN/inf loss). The loss stays on
+        the device: no host sync and no collective, unless `skip_nan_steps` must decide on the step.
+        """
+        inputs, _ = split_batch(batch)
+        with self.accelerator.accumulate(model):
+            loss = model(**inputs).loss
+            self.accelerator.backward(loss)
+            self._losses.add_micro_batch(loss)
+            if self.accelerator.sync_gradients:
+                self._optimizer_step(model, optimizer)
+            optimizer.zero_grad()  # accelerate zeroes only once the accumulation window is done
+        self.state.batches_seen_in_epoch += 1
+        return self.accelerator.sync_gradients
+
+    def _optimizer_step(self, model: nn.Module, optimizer) -> None:
+        """Clip and step, or skip a window whose loss is NaN/inf on any process (`skip_nan_steps`)."""
+        step_loss = self._losses.end_window()
+        self.state.global_step += 1
+        if self.args.skip_nan_steps and not self._finite_on_every_process(step_loss):
+            self.state.nan_steps_skipped += 1
+            logger.warning(f"Skipped optimizer step {self.state.global_step}: NaN/inf loss.")
+            return
+        if self.args.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(_trainable_parameters(model), self.args.max_grad_norm)
+        optimizer.step()
+        self._losses.add_step(step_loss, self.state.global_step)
+
+    def _finite_on_every_process(self, loss: torch.Tensor) -> bool:
+        # One collective and one host sync per optimizer step: the price of deciding before the step.
+        return math.isfinite(self.accelerator.reduce(loss.clone(), reduction="sum").item())
+
+    def _log_evaluate_and_save(self, event: str, model: nn.Module, optimizer, scheduler, progress: tqdm) -> None:
+        """Every trigger, written once. `event` is "steps" (an optimizer step ended) or "epoch" (an epoch did)."""
+        args = self.args
+        if self._is_due("steps", args.logging_steps, event):
+            self._log_training(optimizer, progress)
+        if self._is_due(args.eval_strategy, args.eval_steps, event):
+            self._evaluate_during_training(model, optimizer)
+        if self._is_due(args.save_strategy, args.save_steps, event):
+            self.save_checkpoint(optimizer, scheduler)
+
+    def _is_due(self, strategy: str, every: int, event: str) -> bool:
+        return strategy == event and (event == "epoch" or self.state.global_step % every == 0)
+
+    def _end_epoch_if_finished(self) -> bool:
+        """Count the epoch as done if its last batch was consumed (not when max_steps cut it short)."""
+        if self.state.batches_seen_in_epoch < self._batches_per_epoch:
+            return False
+        self.state.epoch += 1
+        self.state.batches_seen_in_epoch = 0
+        return True
 
     def _epoch_batches(self, train_dataloader: DataLoader, sampler: EpochSampler):
         """The batches of the current epoch that this run has not consumed yet (all of them, unless resuming)."""
@@ -386,14 +520,25 @@ class Trainer:
         batches.set_epoch(epoch)
         return batches
 
-    def maybe_resume(self, checkpoint: Path | None, optimizer, scheduler) -> dict | None:
-        """Load parameters, optimizer, schedule and progress from `checkpoint`; return this process's RNG state.
+    def _collect_losses(self, optimizer) -> None:
+        """Bring the step losses since the last call to the host (one collective, one sync) into the state.
 
-        The RNG state is restored by the caller right before the first step, where the interrupted run saved it.
-        Without a checkpoint, nothing happens and None is returned.
+        Called when logging, evaluating, saving and at the end, so no checkpoint, evaluation or adapter ever
+        comes after a NaN/inf step: the run stops there with `NonFiniteLossError`.
         """
+        total, steps, first_non_finite = self._losses.collect(self.accelerator)
+        if first_non_finite is not None:
+            raise NonFiniteLossError(self._non_finite_loss_message(total, first_non_finite, optimizer))
+        state = self.state
+        state.total_loss += total
+        state.trained_steps += steps
+        state.loss_since_log += total
+        state.steps_since_log += steps
+
+    def _resume(self, checkpoint: Path | None, scheduler) -> None:
+        """Load parameters, optimizer, schedule, RNG and progress from `checkpoint` (nothing when None)."""
         if checkpoint is None:
-            return None
+            return
         logger.info(f"Resuming from {checkpoint}.", main_process_only=True)
         saved = read_checkpoint(checkpoint)
         state = TrainerState(**saved.trainer_state)
@@ -404,15 +549,14 @@ class Trainer:
                 f"Cannot resume from {checkpoint}: the data order would differ, because these settings changed "
                 f"(checkpoint, now): {changed}. Resume with the same settings, or start a new run in a new output_dir."
             )
+        rng_state_file(saved.path, self.accelerator.process_index)
         self._load_checkpoint_state(saved.path, saved.trainable_parameters)
         scheduler.load_state_dict(saved.scheduler)
         state.max_steps = self.state.max_steps
         self.state = state
-        process = self.accelerator.process_index
-        return saved.rng_states[process]
 
     def _load_checkpoint_state(self, path: Path, trainable_parameters: dict[str, torch.Tensor]) -> None:
-        """Optimizer (and scaler) through `accelerator.load_state`, each engine reading its own shards; the
+        """Optimizer, scaler and RNG through `accelerator.load_state`, each engine reading its own shards; the
         trainable weights from the engine's files (DeepSpeed, FSDP) or from our whole copy."""
         self.accelerator.load_state(str(path), **load_state_kwargs(self.accelerator))
         if not (uses_deepspeed(self.accelerator) or uses_fsdp(self.accelerator)):
@@ -421,17 +565,17 @@ class Trainer:
     def save_checkpoint(self, optimizer, scheduler) -> Path:
         """Write `checkpoint-<global_step>` atomically, then rotate old checkpoints.
 
-        Every process writes its engine's shards with `accelerator.save_state` into one temporary directory; the
-        main process adds the whole trainable weights, the schedule, every process's RNG state and the trainer
+        Every process writes its engine's shards and its RNG state with `accelerator.save_state` into one
+        temporary directory; the main process adds the whole trainable weights, the schedule and the trainer
         state, then renames it. If this step was just evaluated, the checkpoint may become the best one. On a
         write failure every process stops with `CheckpointWriteError`, and the previous checkpoints stay intact.
         """
+        self._collect_losses(optimizer)
         accelerator, state = self.accelerator, self.state
         path = self.output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
         previous_best = (state.best_metric, state.best_model_checkpoint)
         if self._last_evaluation is not None and self._last_evaluation[0] == state.global_step:
             self._update_best(self._last_evaluation[1], path)
-        rng_states = gather_object([capture_rng_state()])  # one per process, in process order, before any save
         main_pid = [os.getpid()]
         broadcast_object_list(main_pid)
         temporary = temporary_checkpoint_dir(self.output_dir, state.global_step, main_pid[0])
@@ -456,7 +600,6 @@ class Trainer:
                 state.global_step,
                 trainable_parameters=trainable,
                 scheduler=scheduler.state_dict(),
-                rng_states=rng_states,
                 trainer_state=dataclasses.asdict(state),
                 temporary=temporary,
                 engine_error=engine_error,
@@ -550,9 +693,10 @@ class Trainer:
         )
         return predictions, references, {f"{prefix}_{key}": value for key, value in metrics.items()}
 
-    def _evaluate_during_training(self, model: nn.Module) -> dict[str, float]:
+    def _evaluate_during_training(self, model: nn.Module, optimizer) -> dict[str, float]:
         if self.eval_dataset is None:
             return {}
+        self._collect_losses(optimizer)  # never evaluate parameters that a NaN/inf step has touched
         _, _, metrics = self._evaluation_loop(model, self.eval_dataset, prefix="eval")
         self._last_evaluation = (self.state.global_step, metrics)
         self.state.log_history.append({**metrics, "step": self.state.global_step, "epoch": self._epoch_float()})
@@ -691,13 +835,19 @@ class Trainer:
         fraction = self.state.batches_seen_in_epoch / self._batches_per_epoch if self._batches_per_epoch else 0.0
         return round(self.state.epoch + fraction, 4)
 
-    def _record_step_loss(self, loss: float) -> None:
-        self.state.total_loss += loss
-        self.state.trained_steps += 1
-        self.state.loss_since_log += loss
-        self.state.steps_since_log += 1
+    def _total_steps(self) -> int:
+        args = self.args
+        if args.max_steps > 0:
+            return args.max_steps
+        steps_per_epoch = math.ceil(self._batches_per_epoch / args.gradient_accumulation_steps)
+        return math.ceil(args.num_train_epochs * steps_per_epoch)
+
+    def _progress_bar(self, total_steps: int) -> tqdm:
+        return tqdm(total=total_steps, initial=self.state.global_step, desc="train",
+                    disable=not self.accelerator.is_local_main_process)  # fmt: skip
 
     def _log_training(self, optimizer, progress: tqdm) -> None:
+        self._collect_losses(optimizer)
         state = self.state
         loss = state.loss_since_log / state.steps_since_log if state.steps_since_log else float("nan")
         rates = learning_rates(optimizer)
@@ -710,8 +860,7 @@ class Trainer:
         progress.set_postfix(loss=f"{loss:.4f}")
         state.loss_since_log, state.steps_since_log = 0.0, 0
 
-    def _non_finite_loss_message(self, loss: float, optimizer) -> str:
-        step = self.state.global_step + 1
+    def _non_finite_loss_message(self, loss: float, step: int, optimizer) -> str:
         rates = ", ".join(f"{name}={lr:.3g}" for name, lr in learning_rates(optimizer).items())
         last = latest_checkpoint(self.output_dir)
         kept = (
@@ -720,18 +869,19 @@ class Trainer:
             else "No checkpoint was written yet: restart "
         )
         return (
-            f"The training loss is {loss} at optimizer step {step} (epoch {self._epoch_float()}), with learning "
-            f"rates {rates}. No parameter was updated with it. {kept}after lowering the learning rates (or with "
-            "mixed_precision='no'), or set skip_nan_steps=True to skip such steps."
+            f"The training loss is {loss} at optimizer step {step}: found at step {self.state.global_step} (epoch "
+            f"{self._epoch_float()}, learning rates {rates}), before any evaluation, checkpoint or adapter after "
+            f"it was written. {kept}after lowering the learning rates (or with mixed_precision='no'), or set "
+            "skip_nan_steps=True to skip such steps (checked before each optimizer step)."
         )
 
-    def _log_run_start(self, total_steps: int, batches_per_epoch: int) -> None:
+    def _log_run_start(self, total_steps: int) -> None:
         unwrapped = self.accelerator.unwrap_model(self._prepared_model)
         trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
         total = sum(p.numel() for p in unwrapped.parameters())
         logger.info(
             f"Training {trainable:,} of {total:,} parameters for {total_steps} optimizer steps "
-            f"({batches_per_epoch} batches per epoch and process, {self.accelerator.num_processes} processes), "
+            f"({self._batches_per_epoch} batches per epoch and process, {self.accelerator.num_processes} processes), "
             f"starting at step {self.state.global_step}.",
             main_process_only=True,
         )

@@ -86,6 +86,34 @@ class ToyAdapterModel(nn.Module):
         self.load_state_dict(load_file(str(Path(directory) / "adapter_model.safetensors")), strict=False)
 
 
+class LossRecordingModel(ToyAdapterModel):
+    """Records every training forward's loss as a float, in order (a host sync per micro-batch: only for tests
+    that check the logged losses against these)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.losses: list[float] = []
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> ToyOutput:
+        output = super().forward(features, labels)
+        if self.training and output.loss is not None:
+            self.losses.append(output.loss.item())
+        return output
+
+
+def expected_log_losses(micro_batch_losses: list[list[float]], accumulation: int, logging_steps: int) -> list[float]:
+    """The loss each log entry must show: per optimizer step the mean over its micro-batches and over the
+    processes (one list of losses per process), then the mean over the steps since the previous entry."""
+    step_losses = [
+        sum(sum(losses[i : i + accumulation]) / accumulation for losses in micro_batch_losses) / len(micro_batch_losses)
+        for i in range(0, len(micro_batch_losses[0]), accumulation)
+    ]
+    return [
+        sum(step_losses[i : i + logging_steps]) / logging_steps
+        for i in range(0, len(step_losses) - logging_steps + 1, logging_steps)
+    ]
+
+
 def make_dataset(num_examples: int, seed: int = 1, poison_index: int | None = None) -> list[dict]:
     """Examples {"features", "label", "length"} labelled by a fixed random teacher; `poison_index` gets NaN features."""
     generator = torch.Generator().manual_seed(seed)

@@ -7,7 +7,8 @@ tests/reliability/test_trainer_faults.py launches it:
     python tests/dept/launch_toy_training.py OUTPUT_DIR [--step_delay SECONDS] [--args JSON] [--report DIR]
 
 --args holds `TrainingArguments` overrides of `tests.dept._toy.toy_args`; --report gets one
-`process_<index>.json` per process with what that process saw (process count, eval metrics).
+`process_<index>.json` per process with what that process saw (process count, eval metrics, the loss of
+each of its training forwards).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 import torch  # noqa: E402
 
-from tests.dept._toy import ToyAdapterModel, toy_args, toy_trainer  # noqa: E402
+from tests.dept._toy import LossRecordingModel, toy_args, toy_trainer  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +36,8 @@ def main() -> None:
 
     torch.set_num_threads(1)  # the same arithmetic as the single-threaded test process
     args = toy_args(options.output_dir, **json.loads(options.args))
-    trainer = toy_trainer(args, ToyAdapterModel(step_delay=options.step_delay))
+    model = LossRecordingModel(step_delay=options.step_delay)
+    trainer = toy_trainer(args, model)
     accelerator = trainer.accelerator
     assert accelerator.num_processes == int(os.environ.get("WORLD_SIZE", "1")), "accelerate missed the launcher"
     train_metrics = trainer.train()
@@ -50,6 +52,7 @@ def main() -> None:
                     "num_processes": accelerator.num_processes,
                     "distributed_type": str(accelerator.distributed_type),
                     "train": train_metrics,
+                    "micro_batch_losses": model.losses,
                     "eval": eval_metrics,
                 }
             )

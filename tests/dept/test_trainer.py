@@ -19,9 +19,11 @@ from dept.trainer import EpochSampler, Trainer, example_lengths
 from dept.training_args import TrainingArguments
 from tests.dept._toy import (
     EVAL_SIZE,
+    LossRecordingModel,
     ToyAdapterModel,
     ToyEvaluator,
     collate,
+    expected_log_losses,
     make_dataset,
     toy_args,
     toy_trainer,
@@ -142,7 +144,7 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
 
 def test_rotation_deletes_oldest_checkpoints_but_never_the_best_or_newest(tmp_path):
     for step in (2, 4, 6, 8):
-        write_checkpoint(tmp_path, step, trainable_parameters={"w": torch.zeros(1)}, scheduler={}, rng_states=[],
+        write_checkpoint(tmp_path, step, trainable_parameters={"w": torch.zeros(1)}, scheduler={},
                          trainer_state={"global_step": step})  # fmt: skip
     deleted = rotate_checkpoints(tmp_path, save_total_limit=2, best=tmp_path / "checkpoint-2")
     assert sorted(path.name for path in deleted) == ["checkpoint-4", "checkpoint-6"]
@@ -310,7 +312,7 @@ def test_dept_t5_trains_through_the_loop_and_checkpoints_only_its_adapter(tmp_pa
     assert sum(t.numel() for t in saved.values()) == model.num_trainable_parameters()["total"] == 4 * 32 + 16 * 2 + 2 * 32
     # accelerate's save_state wrote the optimizer and RNG states, and no copy of the frozen base.
     files = {path.name for path in (tmp_path / "checkpoint-12").iterdir()}
-    assert files == {"trainable_parameters.safetensors", "optimizer.bin", "scheduler.pt", "rng_state.pt",
+    assert files == {"trainable_parameters.safetensors", "optimizer.bin", "scheduler.pt",
                      "random_states_0.pkl", "trainer_state.json"}  # fmt: skip
     optimizer_state = read_checkpoint(tmp_path / "checkpoint-12").optimizer["state"]
     assert sorted(state["exp_avg"].numel() for state in optimizer_state.values()) == sorted(
@@ -360,3 +362,66 @@ def test_on_evaluate_sees_every_evaluation_and_can_stop_the_run(tmp_path):
     # Stopped before anything else happened at step 8: the run resumes from its last checkpoint.
     assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-4"]
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_logged_loss_is_the_mean_over_the_micro_batches_of_the_steps_since_the_last_log(tmp_path):
+    model = LossRecordingModel()
+    args = toy_args(tmp_path, max_steps=12, gradient_accumulation_steps=2, logging_steps=3, eval_strategy="no",
+                    save_strategy="no", load_best_model_at_end=False)  # fmt: skip
+    metrics = toy_trainer(args, model).train()
+
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history] == [3, 6, 9, 12]
+    assert len(model.losses) == 24
+    expected = expected_log_losses([model.losses], accumulation=2, logging_steps=3)
+    assert [entry["loss"] for entry in history] == pytest.approx(expected, rel=1e-12)
+    assert metrics["train_loss"] == pytest.approx(sum(expected) / len(expected), rel=1e-12)
+
+
+HOST_SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+              torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu}  # fmt: skip
+
+
+class SyncRecordingTensor(torch.Tensor):
+    """A loss that notes, by the trainer's global step, every read of itself or of a tensor computed from it that
+    needs the host (on a GPU each is a device sync)."""
+
+    reads: list[tuple[str, int]] = []
+    clock = staticmethod(lambda: -1)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in HOST_SYNCS:
+            cls.reads.append((func.__name__, cls.clock()))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class SyncRecordingModel(ToyAdapterModel):
+    def forward(self, features, labels=None):
+        output = super().forward(features, labels)
+        if self.training:
+            output.loss = output.loss.as_subclass(SyncRecordingTensor)
+        return output
+
+
+@pytest.mark.parametrize("skip_nan_steps", [False, True])
+def test_the_loss_reaches_the_host_only_when_logged(tmp_path, skip_nan_steps):
+    args = toy_args(tmp_path, max_steps=12, gradient_accumulation_steps=2, logging_steps=4, eval_strategy="no",
+                    save_strategy="no", load_best_model_at_end=False, skip_nan_steps=skip_nan_steps)  # fmt: skip
+    trainer = toy_trainer(args, SyncRecordingModel())
+    collectives = []
+    for name in ("gather", "reduce"):
+        original = getattr(trainer.accelerator, name)
+        setattr(trainer.accelerator, name, lambda *a, _name=name, _original=original, **k: (
+            collectives.append((_name, trainer.state.global_step)), _original(*a, **k))[1])  # fmt: skip
+    SyncRecordingTensor.reads, SyncRecordingTensor.clock = [], lambda: trainer.state.global_step
+    trainer.train()
+
+    if not skip_nan_steps:  # one gather and one host read per log entry, none in the 24 micro-batches between
+        assert collectives == [("gather", 4), ("gather", 8), ("gather", 12)]
+        assert SyncRecordingTensor.reads == [("tolist", 4), ("tolist", 8), ("tolist", 12)]
+    else:  # deciding on each step before it is taken: one reduce and one read per optimizer step, not per batch
+        steps = list(range(1, 13))
+        assert [step for name, step in collectives if name == "reduce"] == steps
+        assert [step for name, step in SyncRecordingTensor.reads if name == "item"] == steps
+        assert [step for name, step in collectives if name == "gather"] == [4, 8, 12]

@@ -27,7 +27,7 @@ from dept.resume_state import (
     read_checkpoint,
 )
 from dept.trainer import EpochSampler, NonFiniteLossError, OutputDirExistsError
-from tests.dept._toy import TRAIN_SIZE, ToyAdapterModel, make_dataset, toy_args, toy_trainer
+from tests.dept._toy import TRAIN_SIZE, ToyAdapterModel, expected_log_losses, make_dataset, toy_args, toy_trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO_ROOT / "tests" / "dept" / "launch_toy_training.py"
@@ -229,6 +229,12 @@ def test_two_processes_train_report_the_single_process_eval_metric_and_resume_bi
     reports = [json.loads((report / f"process_{i}.json").read_text()) for i in range(2)]
     assert [r["num_processes"] for r in reports] == [2, 2]
     assert reports[0]["eval"]["eval_accuracy"] == reports[1]["eval"]["eval_accuracy"]
+    # Each logged loss is the mean over both processes and the steps since the previous entry, the loss having
+    # stayed on the device in between.
+    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+    logged = [entry["loss"] for entry in history if "loss" in entry]
+    expected = expected_log_losses([r["micro_batch_losses"] for r in reports], accumulation=1, logging_steps=2)
+    assert len(logged) == 3 and logged == pytest.approx(expected, rel=1e-9)
     assert [path.name for path in complete_checkpoints(run)] == ["checkpoint-3", "checkpoint-6"]
 
     # The same adapter, evaluated by one process on the same data, scores the same.
