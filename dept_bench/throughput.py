@@ -5,7 +5,14 @@ What is measured, for each model size, input-length workload and method:
 - train step time: forward, backward and optimizer step, synchronised on GPU;
 - inference time: the eval forward (no grad), plus `generate` for encoder-decoders;
 - peak memory: `torch.cuda.max_memory_allocated` on GPU; on CPU the peak RSS (VmHWM) of a fresh process;
-- every figure also as a ratio to prompt tuning with l = 100, ours (`pt`) and HF PEFT's (`pt_peft`).
+- every figure also as a ratio to prompt tuning with l = 100, ours (`pt`) and HF PEFT's (`pt_peft`);
+- the trainer's overhead (phase "loop", DePT only): `dept.trainer.Trainer` against a bare accelerate loop (forward,
+  backward, optimizer step, zero_grad) on the same model and batches, as `trainer_throughput_ratio` (bare loop time
+  over trainer time; the bare loop is the limit, the target is >= 0.97).
+
+Every method is built by `dept.methods.prepare_model`, the one code path of the training CLIs (PT is DePT with
+r = 0; LoRA goes through it to HF PEFT). HF PEFT's own prompt tuning (`pt_peft`) is the external reference, and the
+frozen model fed m + s tokens is the inference bound; those two are built here.
 
 Each figure is the median over `steps` steps after `warmup` steps. Models have random weights at the real
 architectures' dims. Every method sees the same seeded batches. On CPU each (method, phase) runs in a fresh
@@ -33,6 +40,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -42,11 +50,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from dept.config import DePTConfig
-from dept.model import DePTModel, get_dept_model
+from dept.methods import LoraSettings
+from dept.methods import prepare_model as prepare_method
+from dept.trainer import EpochSampler, Trainer, build_optimizer
+from dept.training_args import TrainingArguments
 
 # The budgets compared: PT with l = 100 against DePT with m = 60, r = 30 (equal at d = 768, s = 256).
 PT_LENGTH = 100
@@ -55,6 +67,7 @@ DEPT_R = 30
 LORA_R = 8
 LEARNING_RATE = 1e-4  # a small rate for every group keeps random-weight losses finite; it does not change cost
 RESULT_FILES = ("results.json", "results.md", "results.png")
+LOOP_ROUNDS = 3  # alternating bare-loop and trainer runs per figure of the "loop" phase
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,18 +231,22 @@ class Method:
     label: str
     padding: str = "longest"
     phases: tuple[str, ...] = ("train", "inference")
+    peft_type: str | None = None  # for dept.methods.prepare_model; None: a reference built here
 
 
 METHODS = {
     method.name: method
     for method in [
-        Method("full", "Full fine-tuning"),
-        Method("lora", f"LoRA r={LORA_R} on q, v (HF PEFT)"),
-        Method("pt", f"PT l={PT_LENGTH} (ours, r=0)"),
-        Method("pt_peft", f"PT l={PT_LENGTH} (HF PEFT)"),
-        Method("dept_padded", f"DePT m={DEPT_NUM_VIRTUAL_TOKENS} r={DEPT_R}, padded to s", padding="max_length"),
-        Method("dept", f"DePT m={DEPT_NUM_VIRTUAL_TOKENS} r={DEPT_R}, dynamic padding"),
-        Method("dept_uncached", "DePT, A·B recomputed every forward", phases=("inference",)),
+        Method("full", "Full fine-tuning", peft_type="FULL"),
+        Method("lora", f"LoRA r={LORA_R} on q, v (HF PEFT's, through dept.methods)", peft_type="LORA"),
+        Method("pt", f"PT l={PT_LENGTH} (ours, r=0)", peft_type="PROMPT_TUNING"),
+        Method("pt_peft", f"PT l={PT_LENGTH} (HF PEFT, external reference)"),
+        Method("dept_padded", f"DePT m={DEPT_NUM_VIRTUAL_TOKENS} r={DEPT_R}, padded to s", padding="max_length",
+               peft_type="PROMPT_TUNING_LORA"),
+        Method("dept", f"DePT m={DEPT_NUM_VIRTUAL_TOKENS} r={DEPT_R}, dynamic padding",
+               phases=("train", "inference", "loop"), peft_type="PROMPT_TUNING_LORA"),
+        Method("dept_uncached", "DePT, A·B recomputed every forward", phases=("inference",),
+               peft_type="PROMPT_TUNING_LORA"),
         Method("frozen", f"Frozen model fed m+s tokens (m={DEPT_NUM_VIRTUAL_TOKENS})", phases=("inference",)),
     ]
 }
@@ -238,36 +255,36 @@ REFERENCES = ("pt", "pt_peft")
 
 def prepare_model(method: Method, base: nn.Module, spec: ModelSpec, workload: Workload) -> nn.Module:
     """Freeze `base` and attach the method's trainable parameters (FULL trains every weight)."""
-    peft_task_type = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}[spec.task_type]
-    if method.name == "full":
-        return base.requires_grad_(True)
+    if method.peft_type is not None:
+        m = PT_LENGTH if method.peft_type == "PROMPT_TUNING" else DEPT_NUM_VIRTUAL_TOKENS
+        config = DePTConfig(num_virtual_tokens=m, r=DEPT_R, max_length=workload.max_length, prompt_init="random",
+                            task_type=spec.task_type)  # r is 0 for PROMPT_TUNING
+        return prepare_method(base, method.peft_type, dept_config=config, lora=LoraSettings(r=LORA_R,
+                              lora_alpha=2 * LORA_R, lora_dropout=0.0))  # fmt: skip
     if method.name == "frozen":
         return base.requires_grad_(False)
-    if method.name == "lora":
-        import peft
-
-        target_modules = ["q", "v"] if spec.family == "t5" else ["q_proj", "v_proj"]
-        config = peft.LoraConfig(task_type=peft_task_type, r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0,
-                                 target_modules=target_modules)
-        return peft.get_peft_model(base, config)
     if method.name == "pt_peft":
         import peft
 
+        peft_task_type = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}[spec.task_type]
         config = peft.PromptTuningConfig(task_type=peft_task_type, num_virtual_tokens=PT_LENGTH,
                                          num_transformer_submodules=1)
         return peft.get_peft_model(base, config)
-    m, r = (PT_LENGTH, 0) if method.name == "pt" else (DEPT_NUM_VIRTUAL_TOKENS, DEPT_R)
-    config = DePTConfig(num_virtual_tokens=m, r=r, max_length=workload.max_length, prompt_init="random",
-                        task_type=spec.task_type)
-    return get_dept_model(base, config)
+    raise ValueError(f"No way to build method {method.name!r}.")
+
+
+def _training_args(output_dir: str | Path, **overrides) -> TrainingArguments:
+    """One small rate for every group (random-weight losses stay finite; it does not change the cost), no
+    clipping, evaluation, checkpoints or TensorBoard: the trainer does what the bare loop does."""
+    options = dict(output_dir=str(output_dir), learning_rate=LEARNING_RATE, lora_embedding_lr=LEARNING_RATE,
+                   weight_decay=0.0, max_grad_norm=0.0, eval_strategy="no", save_strategy="no",
+                   load_best_model_at_end=False, report_to="none")  # fmt: skip
+    return TrainingArguments(**{**options, **overrides})
 
 
 def _optimizer(model: nn.Module) -> torch.optim.AdamW:
-    if isinstance(model, DePTModel):
-        groups = model.optimizer_param_groups(learning_rate=LEARNING_RATE, lora_embedding_lr=LEARNING_RATE)
-    else:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    return torch.optim.AdamW(groups, lr=LEARNING_RATE, weight_decay=0.0)
+    """AdamW over the model's parameter groups, exactly as `dept.trainer.Trainer` builds it."""
+    return build_optimizer(model, _training_args(tempfile.gettempdir()))
 
 
 def _invalidate_update_cache(model: nn.Module) -> Callable[[], None]:
@@ -441,6 +458,82 @@ def time_inference(model, batches, device, autocast, warmup: int, generate_token
     return forward_times, generate_times
 
 
+def _single_batch(examples: list[dict]) -> dict:
+    return examples[0]  # the trainer's "dataset" is the list of ready batches, one per draw
+
+
+def _accelerator(settings: Settings) -> Accelerator:
+    return Accelerator(cpu=not settings.device.startswith("cuda"), mixed_precision="bf16" if settings.bf16 else "no")
+
+
+class StepClock:
+    """Times each step of a loop by when the model's forward starts: step i lasts from forward i to forward
+    i + 1, so whatever the loop does between two forwards (optimizer step, bookkeeping, fetching the next batch)
+    is in it.
+
+    On CPU the clock is this process's CPU time, which other processes' load on a shared machine does not
+    inflate (the benchmark runs torch on a fixed number of threads); on GPU it is wall time, whose steps the
+    device's queue paces.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.clock = time.perf_counter if device.type == "cuda" else time.process_time
+        self.starts: list[float] = []
+        self._handle = model.register_forward_pre_hook(lambda *_: self.starts.append(self.clock()))
+
+    def step_times(self) -> list[float]:
+        self._handle.remove()
+        return [b - a for a, b in zip(self.starts, self.starts[1:])]
+
+
+def time_bare_loop(model: nn.Module, batches: list[dict], settings: Settings) -> list[float]:
+    """Per-step seconds of a bare accelerate loop over `batches`: forward, backward, optimizer step, zero_grad."""
+    accelerator = _accelerator(settings)
+    model, optimizer = accelerator.prepare(model, _optimizer(model))
+    model.train()
+    clock = StepClock(model, accelerator.device)
+    for batch in batches:
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    return clock.step_times()
+
+
+def time_trainer(model: nn.Module, batches: list[dict], settings: Settings) -> list[float]:
+    """Per-step seconds of `dept.trainer.Trainer` over the same `batches`, each once, one optimizer step each."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = _training_args(output_dir, max_steps=len(batches), per_device_train_batch_size=1,
+                              mixed_precision="bf16" if settings.bf16 else "no", seed=settings.seed)  # fmt: skip
+        accelerator = _accelerator(settings)
+        trainer = Trainer(model, args, collate_fn=_single_batch, train_dataset=batches, accelerator=accelerator)
+        clock = StepClock(model, accelerator.device)
+        trainer.train()
+        return clock.step_times()
+
+
+def time_trainer_against_bare_loop(model: nn.Module, batches: list[dict], settings: Settings) -> dict:
+    """The trainer's and the bare loop's step times over the measured batches, alternating for `LOOP_ROUNDS`
+    rounds after a warm-up bare loop. The bare loop takes the batches in the trainer's (seeded) order, so step i
+    of both is the same batch; `trainer_throughput_ratio` is the median over rounds and steps of bare step time
+    over trainer step time."""
+    warmup, measured = batches[: settings.warmup], batches[settings.warmup :]
+    in_trainer_order = [measured[i] for i in EpochSampler(len(measured), settings.seed)]
+    if warmup:
+        time_bare_loop(model, warmup, settings)
+    bare, trainer = [], []
+    for _ in range(LOOP_ROUNDS):
+        bare.append(time_bare_loop(model, in_trainer_order, settings))
+        trainer.append(time_trainer(model, measured, settings))
+    ratios = [b / t for bare_run, trainer_run in zip(bare, trainer) for b, t in zip(bare_run, trainer_run)]
+    return {
+        "trainer_throughput_ratio": statistics.median(ratios),
+        "bare_loop_step_s": statistics.median(t for run in bare for t in run),
+        "trainer_step_s": statistics.median(t for run in trainer for t in run),
+        "loop_clock": "wall time" if settings.device.startswith("cuda") else "process CPU time",
+    }
+
+
 def run_job(job: Job, settings: Settings) -> dict:
     """Build the model, attach the method, and measure one phase. Returns the phase's figures."""
     if settings.threads:
@@ -470,6 +563,8 @@ def run_job(job: Job, settings: Settings) -> dict:
         "padded_length": statistics.mean(batch["input_ids"].shape[1] for batch in measured),
         "real_length": statistics.mean(float(batch["attention_mask"].sum(1).float().mean()) for batch in measured),
     }
+    if job.phase == "loop":  # uncompiled: the trainer has no compile option
+        return {**result, **time_trainer_against_bare_loop(model, batches, settings)}
     memory = PeakMemory(device)
     if job.phase == "train":
         optimizer = _optimizer(model)
@@ -552,6 +647,7 @@ def run_inline(job: Job, settings: Settings) -> dict:
 
 FIGURES = ("train_step_s", "train_peak_memory_mb", "train_added_memory_mb", "eval_forward_s", "generate_s",
            "eval_peak_memory_mb", "eval_added_memory_mb")
+LOOP_FIGURES = ("bare_loop_step_s", "trainer_step_s", "trainer_throughput_ratio")  # not divided by PT's
 
 
 def run_benchmark(
@@ -582,7 +678,7 @@ def run_benchmark(
             log(f"[{index}/{len(jobs)}] {job.model} {job.workload} {job.method} {job.phase}: {outcome['error']}")
             continue
         record.update(outcome)
-        figures = ", ".join(f"{key} {outcome[key]:.4g}" for key in FIGURES if key in outcome)
+        figures = ", ".join(f"{key} {outcome[key]:.4g}" for key in FIGURES + LOOP_FIGURES if key in outcome)
         log(f"[{index}/{len(jobs)}] {job.model} {job.workload} {job.method} {job.phase}: {figures}")
     results = {
         "meta": _environment(settings, time.perf_counter() - started),
@@ -610,7 +706,8 @@ def add_ratios(records: list[dict]) -> list[dict]:
     return records
 
 
-# The issue's targets: (name, workload, method, figure, reference method, comparison, threshold).
+# The issue's targets: (name, workload, method, figure, reference method or None for the figure itself,
+# comparison, threshold).
 TARGETS = [
     ("train time vs HF PEFT PT, inputs of s=256", "fixed", "dept_padded", "train_step_s", "pt_peft", "<=", 0.85),
     ("train peak memory vs HF PEFT PT, inputs of s=256", "fixed", "dept_padded", "train_peak_memory_mb", "pt_peft",
@@ -624,6 +721,8 @@ TARGETS = [
      ">=", 3.0),
     ("eval forward with A·B cached vs frozen model fed m+s tokens", None, "dept", "eval_forward_s", "frozen", "<=",
      1.03),
+    ("trainer throughput vs a bare accelerate loop, same model and batches", None, "dept",
+     "trainer_throughput_ratio", None, ">=", 0.97),
 ]
 
 
@@ -637,7 +736,7 @@ def evaluate_targets(records: list[dict], models: list[str]) -> list[dict]:
         for model in models:
             for workload_name in [workload] if workload else workloads:
                 mine = by_key.get((model, workload_name, method), {}).get(figure)
-                theirs = by_key.get((model, workload_name, reference), {}).get(figure)
+                theirs = by_key.get((model, workload_name, reference), {}).get(figure) if reference else 1.0
                 if not (mine and theirs):
                     continue
                 value = mine / theirs
@@ -749,17 +848,10 @@ def to_markdown(results: dict) -> str:
            if settings["isolation"] == "process" else "peak RSS of one shared process (approximate).")
         + " ×PT / ×PEFT: the figure over PT l=100 (ours) / HF PEFT PT l=100, same model and workload.",
         "",
-        "## Targets",
+        *targets_table(results),
         "",
-        "| target | model | workload | measured | target | met |",
-        "|---|---|---|---|---|---|",
+        *trainer_loop_table(results),
     ]
-    for row in results["targets"]:
-        value = (" → ".join(f"{v:.2f}" for v in row["value"]) if isinstance(row["value"], list)
-                 else f"{row['value']:.2f}")
-        goal = row["comparison"] if row["threshold"] is None else f"{row['comparison']} {row['threshold']}"
-        lines.append(f"| {row['target']} | {row['model']} | {row['workload']} | {value} | {goal} | "
-                     f"{'yes' if row['met'] else 'no'} |")
     labels = {name: method["label"] for name, method in results["methods"].items()}
     for workload, spec in results["workloads"].items():
         lines += [
@@ -787,6 +879,41 @@ def to_markdown(results: dict) -> str:
                 f"{_ratio(record, 'pt_peft', 'generate_s')} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def targets_table(results: dict) -> list[str]:
+    """The "Targets" section of results.md, as lines."""
+    lines = ["## Targets", "", "| target | model | workload | measured | target | met |", "|---|---|---|---|---|---|"]
+    for row in results["targets"]:
+        value = (" → ".join(f"{v:.2f}" for v in row["value"]) if isinstance(row["value"], list)
+                 else f"{row['value']:.2f}")
+        goal = row["comparison"] if row["threshold"] is None else f"{row['comparison']} {row['threshold']}"
+        lines.append(f"| {row['target']} | {row['model']} | {row['workload']} | {value} | {goal} | "
+                     f"{'yes' if row['met'] else 'no'} |")
+    return lines
+
+
+def trainer_loop_table(results: dict) -> list[str]:
+    """The trainer-vs-bare-loop section of results.md, as lines (none when the "loop" phase did not run)."""
+    rows = [r for r in results["results"] if "trainer_throughput_ratio" in r]
+    if not rows:
+        return []
+    lines = [
+        "## The trainer against a bare accelerate loop",
+        "",
+        f"`dept.trainer.Trainer` and a bare loop (forward, backward, optimizer step, zero_grad) on the same model "
+        f"and batches, {LOOP_ROUNDS} alternating runs each; a step's time runs from one forward's start to the "
+        "next (process CPU time on CPU, wall time on GPU), and step i is the same batch in both. Ratio: the median "
+        "of bare step time / trainer step time (the trainer's share of the bare loop's throughput; 1 is the "
+        "limit).",
+        "",
+        "| model | workload | method | bare loop step (s) | trainer step (s) | ratio |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['workload']} | {r['method']} | {_fmt(r['bare_loop_step_s'])} | "
+                     f"{_fmt(r['trainer_step_s'])} | {r['trainer_throughput_ratio']:.3f} |")
+    return lines
 
 
 def plot(results: dict, path: str | Path) -> None:
@@ -841,5 +968,6 @@ def plot(results: dict, path: str | Path) -> None:
 __all__ = [
     "METHODS", "MODELS", "SIZES", "WORKLOADS", "FreshProcessRunner", "Job", "Method", "ModelSpec", "PeakMemory",
     "Settings", "Workload", "add_ratios", "check_output_dir", "evaluate_targets", "make_batches", "models_for_sizes",
-    "plot", "prepare_model", "run_benchmark", "run_inline", "run_job", "to_markdown", "write_results",
+    "plot", "prepare_model", "run_benchmark", "run_inline", "run_job", "targets_table", "time_trainer_against_bare_loop",
+    "to_markdown", "trainer_loop_table", "write_results",
 ]

@@ -1,4 +1,5 @@
-"""Measure DePT's train and inference cost against prompt tuning (ours and HF PEFT), LoRA and full fine-tuning.
+"""Measure DePT's train and inference cost against prompt tuning (ours and HF PEFT), LoRA and full fine-tuning,
+and the shared trainer's throughput against a bare accelerate loop.
 
     python scripts/benchmark.py --sizes small --output_dir bench_output                  # CPU: ~6 min on 2 cores
     python scripts/benchmark.py --sizes all --device cuda --bf16 --output_dir bench_gpu  # one GPU
@@ -16,7 +17,17 @@ import sys
 
 import torch
 
-from dept_bench.throughput import METHODS, SIZES, WORKLOADS, Settings, check_output_dir, models_for_sizes, run_benchmark
+from dept_bench.throughput import (
+    METHODS,
+    SIZES,
+    WORKLOADS,
+    Settings,
+    check_output_dir,
+    models_for_sizes,
+    run_benchmark,
+    targets_table,
+    trainer_loop_table,
+)
 from dept_bench.throughput import write_results as write
 
 
@@ -73,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = run_benchmark(settings, models_for_sizes(args.sizes), args.workloads, args.methods)
     paths = write(results, args.output_dir, overwrite=args.overwrite)
+    print("\n".join([*targets_table(results), "", *trainer_loop_table(results)]))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     failed = [r for r in results["results"] if "errors" in r]
     if failed:

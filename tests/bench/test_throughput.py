@@ -12,7 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from dept_bench.throughput import METHODS, WORKLOADS, check_output_dir, evaluate_targets, make_batches
+from dept_bench import throughput
+from dept_bench.throughput import (
+    LOOP_ROUNDS,
+    METHODS,
+    MODELS,
+    WORKLOADS,
+    Settings,
+    check_output_dir,
+    evaluate_targets,
+    make_batches,
+    time_trainer_against_bare_loop,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MODELS = ("t5-tiny", "llama-tiny")
@@ -54,6 +65,11 @@ def test_smoke_run_has_every_method_and_figure_with_positive_timings(records):
             if "train" in method.phases:
                 assert all(torch.isfinite(torch.tensor(record["losses"])))
         assert "generate_s" not in records[("llama-tiny", "dept")]  # generate is timed for seq2seq only
+        loop = records[(model, "dept")]  # the "loop" phase: the trainer against a bare accelerate loop
+        for figure in ("bare_loop_step_s", "trainer_step_s", "trainer_throughput_ratio"):
+            assert loop[figure] > 0, (model, figure)
+        assert loop["trainer_throughput_ratio"] == pytest.approx(loop["bare_loop_step_s"] / loop["trainer_step_s"],
+                                                                 rel=0.5)  # a median of per-step ratios  # fmt: skip
 
 
 def test_ratios_divide_by_the_references_measured_in_the_same_run(records):
@@ -96,6 +112,8 @@ def test_results_are_written_as_json_markdown_and_png(smoke_dir):
     assert "## Targets" in markdown
     for method in METHODS.values():
         assert method.label in markdown
+    assert "## The trainer against a bare accelerate loop" in markdown
+    assert "| trainer throughput vs a bare accelerate loop, same model and batches | t5-tiny |" in markdown
     assert (smoke_dir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -156,11 +174,11 @@ def test_targets_are_judged_from_the_measured_ratios():
         _record("t5-small", "short", "pt", train_step_s=0.25),
         _record("t5-small", "short", "pt_peft", train_step_s=0.4),
         _record("t5-small", "short", "frozen", eval_forward_s=0.1),
-        _record("t5-base", "short", "dept", ratio_to_pt_peft={"train_step_s": 0.6}),
+        _record("t5-base", "short", "dept", ratio_to_pt_peft={"train_step_s": 0.6}, trainer_throughput_ratio=0.98),
     ]
     rows = {(row["target"], row["model"], row["workload"]): row for row in evaluate_targets(records, ["t5-small",
                                                                                                       "t5-base"])}
-    assert len(rows) == 7
+    assert len(rows) == 8
 
     def row(start, model="t5-small"):
         return next(r for (target, m, _), r in rows.items() if target.startswith(start) and m == model)
@@ -173,5 +191,50 @@ def test_targets_are_judged_from_the_measured_ratios():
     assert row("train time vs HF PEFT PT, short")["value"] == pytest.approx(0.5)
     assert row("speed-up")["value"] == pytest.approx(2.5) and not row("speed-up")["met"]
     assert row("eval forward")["value"] == pytest.approx(1.04) and not row("eval forward")["met"]
+    trainer = row("trainer throughput vs a bare accelerate loop", "t5-base")  # a figure of its own, no reference
+    assert trainer["value"] == pytest.approx(0.98) and trainer["met"] and trainer["reference"] is None
     grows = row("saving over HF PEFT PT grows", "t5-small < t5-base")
     assert grows["value"] == [0.5, 0.6] and not grows["met"]
+
+
+def test_every_baseline_but_the_external_references_is_built_by_dept_methods(monkeypatch):
+    built = []
+
+    def recording(model, peft_type, **kwargs):
+        built.append(peft_type)
+        return prepare_method(model, peft_type, **kwargs)
+
+    prepare_method = throughput.prepare_method
+    monkeypatch.setattr(throughput, "prepare_method", recording)
+    spec, workload = MODELS["t5-tiny"], WORKLOADS["short"]
+    for name, method in METHODS.items():
+        built.clear()
+        model = throughput.prepare_model(method, spec.build(), spec, workload)
+        if name in ("pt_peft", "frozen"):  # HF PEFT's own prompt tuning and the frozen inference bound
+            assert built == [], name
+        else:
+            assert built == [method.peft_type], name
+        if name == "pt":
+            assert model.config.r == 0 and model.config.num_virtual_tokens == 100
+
+
+def test_trainer_and_bare_loop_see_the_same_batches_in_the_same_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    spec, workload = MODELS["t5-tiny"], WORKLOADS["short"]
+    model = throughput.prepare_model(METHODS["dept"], spec.build(), spec, workload)
+    settings = Settings(device="cpu", warmup=1, steps=3, threads=1)
+    batches = make_batches(workload, spec.dims["vocab_size"], 2, 4, seed=0, task_type="seq2seq")
+    seen = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["input_ids"].sum().item()),
+                                    with_kwargs=True)  # fmt: skip
+    result = time_trainer_against_bare_loop(model, batches, settings)
+
+    assert seen[0] == batches[0]["input_ids"].sum().item()  # the warm-up batch, bare loop only
+    rounds = [seen[1 + 6 * i : 7 + 6 * i] for i in range(LOOP_ROUNDS)]
+    assert len(seen) == 1 + 6 * LOOP_ROUNDS
+    measured = sorted(batch["input_ids"].sum().item() for batch in batches[1:])
+    for run in rounds:
+        bare, trainer = run[:3], run[3:]
+        assert bare == trainer and sorted(bare) == measured
+    assert result["trainer_throughput_ratio"] > 0 and result["loop_clock"] == "process CPU time"
