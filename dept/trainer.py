@@ -424,7 +424,7 @@ class Trainer:
         self.state, self._losses = TrainerState(max_steps=total_steps, data_order=self._data_order()), StepLosses()
         if args.report_to != "none":
             accelerator.init_trackers("runs", config=_hparams(args))
-        # Last before the loop: load_state puts every process's RNG back exactly where the run saved it.
+        # After everything that may draw from the RNG: load_state puts each process's RNG back where it was saved.
         self._resume(resume_from, scheduler)
         self._log_run_start(total_steps)
 
@@ -433,12 +433,13 @@ class Trainer:
         with self._progress_bar(total_steps) as progress:
             while self.state.global_step < total_steps:
                 for batch in self._epoch_batches(train_dataloader, sampler):
-                    if self._training_step(model, optimizer, batch):  # it ended an optimizer step
-                        scheduler.step()
-                        progress.update(1)
-                        self._log_evaluate_and_save("steps", model, optimizer, scheduler, progress)
-                        if self.state.global_step >= total_steps:
-                            break
+                    if not self._training_step(model, optimizer, batch):
+                        continue  # inside an accumulation window
+                    scheduler.step()
+                    progress.update(1)
+                    self._log_evaluate_and_save("steps", model, optimizer, scheduler, progress)
+                    if self.state.global_step >= total_steps:
+                        break
                 if self._end_epoch_if_finished():
                     self._log_evaluate_and_save("epoch", model, optimizer, scheduler, progress)
         self._collect_losses(optimizer)  # the NaN check before anything is written, and the last steps' losses
