@@ -54,6 +54,12 @@ def check_task_fits_adapter(task_name: str, training_task: dict | None, source: 
             f"{source} was trained on {training_task['task_names']}, not on {task_name}, whose answers differ. "
             f"Evaluate it on one of its tasks, or train an adapter for {task_name}."
         )
+    if training_task.get("vision_backbone"):  # its text adapter reads features of a ViT tuned with it
+        raise ConfigError(
+            f"{source} was trained with a vision adapter on {training_task['vision_backbone']['backbone']} "
+            "(--vision_backbone), which dept-eval does not load: evaluate the pair with dept-train-vl "
+            "--peft_model_id DIR --vision_backbone ... --image_dir ... --do_eval."
+        )
     if not isinstance(training_task.get("feat_dim"), int):
         raise ConfigError(f"{source}'s training_task.json has no integer 'feat_dim'; dept-train-vl writes one.")
 
