@@ -15,13 +15,27 @@ The two adapters train together in the one trainer (`optimizer_param_groups` hol
 named `vision_*`) and are saved together: the text adapter where a frozen-feature run puts it (the output
 dir's root, `training_task.json` beside it recording the backbone), the vision adapter in `vision_adapter/`.
 
-    >>> vit = create_vision_backbone("vit_base_patch16_224")                                # doctest: +SKIP
-    >>> vision = prepare_vit_model(vit, "PROMPT_TUNING_LORA", dept_config=vit_dept_config(vit, 10, 8),
-    ...                            train_head=False)                                       # doctest: +SKIP
-    >>> model = VLT5WithVisionBackbone(vision, text_dept_model)                           # doctest: +SKIP
-    >>> model(input_ids=..., attention_mask=..., pixel_values=..., labels=...).loss      # doctest: +SKIP
-    >>> model.save_pretrained("out")            # out/adapter_*, out/vision_adapter/adapter_*  # doctest: +SKIP
-    >>> VLT5WithVisionBackbone.from_pretrained(vit, vl_t5_base, "out")                    # doctest: +SKIP
+    >>> import timm
+    >>> from transformers import T5Config
+    >>> from dept_vl.model import VLT5Config, VLT5ForConditionalGeneration, prepare_vl_model
+    >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+    ...                         embed_dim=32, depth=1, num_heads=2).eval()  # users: create_vision_backbone(name)
+    >>> vision = prepare_vit_model(vit, "PROMPT_TUNING_LORA", dept_config=vit_dept_config(vit, 2, 2),
+    ...                            train_head=False)
+    >>> t5 = T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4, decoder_start_token_id=0)
+    >>> text = prepare_vl_model(VLT5ForConditionalGeneration(VLT5Config.from_t5_config(t5, feat_dim=32)),
+    ...                         "PROMPT_TUNING_LORA", dept_config=DePTConfig(num_virtual_tokens=3, r=2, max_length=8,
+    ...                                                                      prompt_init="random"))
+    >>> model = VLT5WithVisionBackbone(vision, text)
+    >>> out = model(input_ids=torch.tensor([[5, 6, 1]]), pixel_values=torch.randn(1, 3, 32, 32),
+    ...             labels=torch.tensor([[7, 1]]))
+    >>> tuple(out.encoder_last_hidden_state.shape)  # text P (3) + 3 tokens + 4 x 4 patches as regions
+    (1, 22, 16)
+    >>> [group["name"] for group in model.optimizer_param_groups(learning_rate=0.3, lora_embedding_lr=1e-3)]
+    ['prompt', 'lora_embedding', 'modules_to_save', 'vision_prompt', 'vision_lora_embedding']
+
+`model.save_pretrained("out")` writes `out/adapter_*` and `out/vision_adapter/adapter_*`;
+`VLT5WithVisionBackbone.from_pretrained(vit, vl_t5_base, "out")` loads both back.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from dept.config import ConfigError
 from dept.errors import FlagError
 from dept_vl.cli import train as main
 from dept_vl.data import VLCollator, VLImageCollator, task_file_paths, tokenize_vl_rows
+from dept_vl.eval_components import check_task_fits_adapter
 from dept_vl.features import FeatureStore, GridFeatureExtractor, ImagePixels, extract_to_h5, grid_transform
 from dept_vl.model import prepare_vl_model
 from dept_vl.pipeline import load_vl_base_model
@@ -163,8 +164,13 @@ def test_pair_trains_with_falling_loss_saves_both_adapters_and_reloads_to_the_sa
         without_vision = VLT5WithVisionBackbone(vit, pair.vl_model)(**batch).loss
     assert not torch.isclose(loss, without_vision, atol=1e-4)
 
+    with pytest.raises(ConfigError, match="dept-eval does not load"):  # it would read frozen features
+        check_task_fits_adapter("vqa", record, str(output_dir))
     with pytest.raises(FlagError, match="--vision_backbone"):  # the pair's text adapter alone would read other features
         main(backbone.vl.argv("vqa", tmp_path / "text_only", "--peft_model_id", str(output_dir), "--do_train", "false"))
+    with pytest.raises(ConfigError, match="weights of .* differ from those"):  # other random weights
+        main(backbone.argv("vqa", tmp_path / "random", "--peft_model_id", str(output_dir), "--do_train", "false",
+                           "--pretrained", "false", "--seed", "1"))
     with pytest.raises(FlagError, match="--vision_r 3 \\(the pair has 2\\)"):
         main(backbone.argv("vqa", tmp_path / "resized", "--peft_model_id", str(output_dir), "--vision_r", "3"))
 
