@@ -153,8 +153,9 @@ def check_features_cover(dataset: datasets.Dataset, sources: Mapping[str, Featur
 
 def check_images_load(datasets_by_split: Mapping[str, datasets.Dataset], sources: Mapping[str, FeatureSource],
                       shown: int = 20) -> None:
-    """Before training on raw images (`--image_dir`, `--vision_backbone`), load every image a row refers to, and report all that fail
-    at once, counted, by path (as `scripts/extract_features.py` does), instead of stopping at the first one."""
+    """Before training on raw images (`--image_dir`, with or without `--vision_backbone`), load every image a row
+    refers to, and report all that fail at once, counted, by path (as `scripts/extract_features.py` does), instead
+    of stopping at the first one."""
     wanted: dict[str, list[str]] = {}
     for rows in datasets_by_split.values():
         for task, image_ids in zip(rows["task"], rows["image_ids"]):

@@ -151,12 +151,16 @@ def create_backbone(backbone: str, pretrained: bool = True, image_size: int | No
     return model
 
 
-def grid_transform(model: torch.nn.Module, image_size: int | None = None) -> tuple[dict, object]:
+def grid_transform(model: torch.nn.Module, image_size: int | tuple[int, int] | None = None) -> tuple[dict, object]:
     """(data config, eval transform) of timm for `model`, resized to the input size without cropping, so that
-    the grid cells tile the whole image and the cell boxes are true image coordinates."""
+    the grid cells tile the whole image and the cell boxes are true image coordinates.
+
+    `image_size`: the input size, square for an int; None keeps the model's default (its pretrained config's).
+    """
     overrides = {"crop_pct": 1.0, "crop_mode": "squash"}  # no crop: grid cells must cover the whole image
     if image_size is not None:
-        overrides["input_size"] = (3, image_size, image_size)
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        overrides["input_size"] = (3, height, width)
     data_config = resolve_data_config(args=overrides, model=model)
     return data_config, create_transform(**data_config, is_training=False)
 

@@ -37,7 +37,7 @@ from dept_vl.data import (
     tokenize_vl_rows,
 )
 from dept_vl.evaluation import VLEvaluator
-from dept_vl.features import ImagePixels, grid_transform
+from dept_vl.features import ImagePixels
 from dept_vl.model import VISUAL_MODULE, VLT5Config, VLT5ForConditionalGeneration, prepare_vl_model
 from dept_vl.tasks import TASKS, TaskSources, load_task_splits, parse_task_names
 from dept_vl.vision_backbone import (
@@ -50,6 +50,7 @@ from dept_vl.vision_backbone import (
     check_pair_flags,
     check_vision_flags,
     create_vision_backbone,
+    vit_transform,
 )
 
 logger = logging.getLogger(__name__)
@@ -285,7 +286,7 @@ def open_image_sources(task_names: list[str], data: dict, data_args: VLDataArgum
     missing = [task for task in task_names if task not in image_dirs]
     if missing:
         raise FlagError(f"No images for task(s) {missing}: --vision_backbone reads them from --image_dir.")
-    _, transform = grid_transform(vit)
+    transform = vit_transform(vit)
     opened = {path: ImagePixels(path, transform) for path in set(image_dirs.values())}
     sources = {task: opened[image_dirs[task]] for task in task_names}
     for split, rows in data.items():

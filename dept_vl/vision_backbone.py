@@ -51,7 +51,7 @@ from torch import nn
 from dept import DePTConfig
 from dept.config import ConfigError
 from dept.errors import FlagError
-from dept_vl.features import create_backbone, feature_grid, grid_boxes, weights_fingerprint
+from dept_vl.features import create_backbone, feature_grid, grid_boxes, grid_transform, weights_fingerprint
 from dept_vl.model import load_dept_vl_model
 from dept_vl.vit import DePTModelForImageClassification, check_vision_transformer, prepare_vit_model, vit_dept_config
 
@@ -125,6 +125,12 @@ def create_vision_backbone(name: str, pretrained: bool = True, image_size: int |
     """The frozen timm ViT: `timm.create_model(name, pretrained, num_classes=0)` (see `create_backbone`)."""
     vit = check_vision_transformer(create_backbone(name, pretrained=pretrained, image_size=image_size, seed=seed))
     return vit.requires_grad_(False).eval()
+
+
+def vit_transform(vit: VisionTransformer):
+    """The images' preprocessing for `vit`: that of grid features (`grid_transform`), at the size it was built for
+    (its pretrained config may name another)."""
+    return grid_transform(vit, tuple(vit.patch_embed.img_size))[1]
 
 
 class VLT5WithVisionBackbone(nn.Module):

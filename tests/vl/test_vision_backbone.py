@@ -23,7 +23,7 @@ from dept.errors import FlagError
 from dept_vl.cli import train as main
 from dept_vl.data import VLCollator, VLImageCollator, task_file_paths, tokenize_vl_rows
 from dept_vl.eval_components import check_task_fits_adapter
-from dept_vl.features import FeatureStore, GridFeatureExtractor, ImagePixels, extract_to_h5, grid_transform
+from dept_vl.features import FeatureStore, GridFeatureExtractor, ImagePixels, extract_to_h5
 from dept_vl.model import prepare_vl_model
 from dept_vl.pipeline import load_vl_base_model
 from dept_vl.tasks import TaskSources, load_task_splits
@@ -33,6 +33,7 @@ from dept_vl.vision_backbone import (
     VLT5WithVisionBackbone,
     attach_vision_backbone,
     create_vision_backbone,
+    vit_transform,
 )
 from dept_vl.vit import DePTModelForImageClassification
 from tests.vl.test_pipeline import VLFixture, build_vl_fixture, predictions, read_json
@@ -88,7 +89,7 @@ def pair_model(fixture: BackboneFixture, vision_peft_type: str) -> VLT5WithVisio
 def test_frozen_vit_features_computed_in_the_model_equal_its_extracted_hdf5_features(backbone):
     tokenizer, batch_rows = rows(backbone, ["vqa", "nlvr"])  # one- and two-image rows in one batch
     model = pair_model(backbone, "NONE")
-    sources = {task: ImagePixels(backbone.vl.root, grid_transform(model.vit)[1]) for task in ("vqa", "nlvr")}
+    sources = {task: ImagePixels(backbone.vl.root, vit_transform(model.vit)) for task in ("vqa", "nlvr")}
     pixels_batch = VLImageCollator(tokenizer, sources, n_regions=model.n_regions)(list(batch_rows))
     stored = FeatureStore(backbone.vit_features)
     stored_batch = VLCollator(tokenizer, {"vqa": stored, "nlvr": stored})(list(batch_rows))
@@ -107,7 +108,7 @@ def test_frozen_vit_features_computed_in_the_model_equal_its_extracted_hdf5_feat
 def test_vision_dept_and_text_dept_both_receive_gradients_and_the_frozen_vit_none(backbone):
     tokenizer, batch_rows = rows(backbone, ["vqa"], split="train")
     model = pair_model(backbone, "PROMPT_TUNING_LORA").train()
-    sources = {"vqa": ImagePixels(backbone.vl.root, grid_transform(model.vit)[1])}
+    sources = {"vqa": ImagePixels(backbone.vl.root, vit_transform(model.vit))}
     batch = VLImageCollator(tokenizer, sources, n_regions=model.n_regions)(list(batch_rows))
     batch.pop("references")
 
@@ -156,7 +157,7 @@ def test_pair_trains_with_falling_loss_saves_both_adapters_and_reloads_to_the_sa
     pair = VLT5WithVisionBackbone.from_pretrained(vit, load_vl_base_model(str(backbone.vl.model_dir), VIT_DIM),
                                                   output_dir)
     assert isinstance(pair.vision, DePTModelForImageClassification) and not pair.training
-    sources = {"vqa": ImagePixels(backbone.vl.root, grid_transform(vit)[1])}
+    sources = {"vqa": ImagePixels(backbone.vl.root, vit_transform(vit))}
     batch = VLImageCollator(tokenizer, sources, n_regions=pair.n_regions)(list(batch_rows))
     batch.pop("references")
     with torch.no_grad():
@@ -201,3 +202,13 @@ def test_images_of_another_size_than_the_vit_takes_are_refused(backbone):
     model = pair_model(backbone, "PROMPT_TUNING_LORA")
     with pytest.raises(ValueError, match=r"pixel_values must be \(batch, images, 3, 64, 64\)"):
         model.visual_inputs(torch.zeros(2, 1, 3, 32, 32))
+
+
+def test_image_size_rebuilds_the_vit_its_preprocessing_and_the_rows_of_a(backbone, tmp_path):
+    output_dir = tmp_path / "run"
+    main(backbone.argv("vqa", output_dir, "--image_size", "32", "--max_steps", "1", "--do_eval", "false",
+                       "--do_predict", "false", "--eval_strategy", "no", "--save_strategy", "no",
+                       "--load_best_model_at_end", "false"))
+    assert read_json(output_dir / "training_task.json")["vision_backbone"]["image_size"] == [32, 32]
+    vision = load_file(output_dir / VISION_ADAPTER_DIR / "adapter_model.safetensors")
+    assert vision["lora_embedding_A"].shape == (4, 2)  # 32 / 16 = a 2 x 2 patch grid
