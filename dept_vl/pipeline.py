@@ -304,7 +304,8 @@ def image_features(data_args: VLDataArguments) -> dict | None:
 
 
 def write_task_file(output_dir: str, task_names: list[str], model_args: VLModelArguments, feat_dim: int,
-                    trainable: dict[str, int], features: dict | None = None, vision_backbone: dict | None = None) -> None:
+                    trainable: dict[str, int], features: dict | None = None,
+                    vision_backbone: dict | None = None) -> None:
     record = {"task_names": task_names, "modality": "vl", "model_name_or_path": model_args.model_name_or_path,
               "feat_dim": feat_dim, "trainable_parameters": trainable}
     if features is not None:

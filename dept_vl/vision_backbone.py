@@ -83,7 +83,8 @@ class VisionBackboneArguments:
     vision_r: int | None = field(
         default=None, metadata={"help": f"Rank of the ViT's A @ B, one row of A per patch (default "
                                         f"{DEFAULT_VISION_RANK}, or the --peft_model_id pair's)."})
-    vision_lora_alpha: float = field(default=8.0, metadata={"help": "The ViT's A @ B is scaled by lora_alpha / sqrt(r)."})
+    vision_lora_alpha: float = field(default=8.0,
+                                     metadata={"help": "The ViT's A @ B is scaled by lora_alpha / sqrt(r)."})
     vision_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the ViT's prompt (default --learning_rate)."})
     vision_lora_embedding_lr: float | None = field(
@@ -183,7 +184,8 @@ class VLT5WithVisionBackbone(nn.Module):
         if pixel_values.ndim != 5 or size != own_size:
             raise ValueError(
                 f"pixel_values must be (batch, images, 3, {own_size[0]}, {own_size[1]}) for this ViT, got "
-                f"{tuple(pixel_values.shape)}: preprocess the images with its grid_transform (the pipeline does)."
+                f"{tuple(pixel_values.shape)}: preprocess the images with vit_transform(model.vit), as the pipeline "
+                "does."
             )
         batch, images = pixel_values.shape[:2]
         if vis_attention_mask is None:
@@ -193,7 +195,7 @@ class VLT5WithVisionBackbone(nn.Module):
             grid = feature_grid(self.vit, self.vision.forward_features(pixel_values[present]))
         regions = grid.flatten(1, 2)  # (present images, H * W, d), row-major as the boxes
         if bool(present.all()):
-            vis_feats = regions.view(batch, images, *regions.shape[1:])
+            vis_feats = regions.reshape(batch, images, *regions.shape[1:])
         else:
             vis_feats = regions.new_zeros(batch, images, *regions.shape[1:])
             vis_feats[present] = regions
@@ -300,8 +302,9 @@ def attach_vision_backbone(vl_model: nn.Module, vit: VisionTransformer, vision_a
     elif saved is not None:
         vision = prepare_vit_model(vit, vision_args.vision_peft_type, peft_model_id=str(saved), train_head=False)
     else:
-        m = DEFAULT_VISION_PREFIX_LENGTH if vision_args.vision_prefix_length is None else vision_args.vision_prefix_length
-        r = DEFAULT_VISION_RANK if vision_args.vision_r is None else vision_args.vision_r
+        m, r = vision_args.vision_prefix_length, vision_args.vision_r
+        m = DEFAULT_VISION_PREFIX_LENGTH if m is None else m
+        r = DEFAULT_VISION_RANK if r is None else r
         config = vit_dept_config(vit, m, r, lora_alpha=vision_args.vision_lora_alpha, init_seed=seed,
                                  base_model_name_or_path=vision_args.vision_backbone)
         vision = prepare_vit_model(vit, vision_args.vision_peft_type, dept_config=config, train_head=False)
@@ -339,8 +342,9 @@ def check_pair_flags(peft_model_id: str | None, vision_args: VisionBackboneArgum
     if not given:
         raise FlagError(
             f"{peft_model_id} was trained with the image features of {record['backbone']} computed inside the model "
-            f"(--vision_peft_type {record['peft_type']}): pass --vision_backbone {record['backbone']} --vision_peft_type "
-            f"{record['peft_type']} and --image_dir, so that it reads the features it was trained on."
+            f"(--vision_peft_type {record['peft_type']}): pass --vision_backbone {record['backbone']} "
+            f"--vision_peft_type {record['peft_type']} and --image_dir, so that it reads the features it was trained "
+            "on."
         )
     if given != record["backbone"] or vision_args.vision_peft_type != record["peft_type"]:
         raise FlagError(
