@@ -64,10 +64,10 @@ def text_pipeline() -> Pipeline:
 
 
 def vl_pipeline() -> Pipeline:
-    from dept_vl.cli import FLAG_ALIASES
-    from dept_vl.pipeline import VLDataArguments, VLModelArguments, run
+    from dept_vl.cli import ARGUMENT_TYPES, FLAG_ALIASES
+    from dept_vl.pipeline import run
 
-    return Pipeline("vl", (VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments), run, FLAG_ALIASES)
+    return Pipeline("vl", ARGUMENT_TYPES, run, FLAG_ALIASES)
 
 
 def detect_pipeline(argv: list[str]) -> Pipeline:

@@ -28,6 +28,7 @@ from dept_vl.pipeline import (
     load_vl_base_model,
 )
 from dept_vl.tasks import TASKS
+from dept_vl.vision_backbone import TASK_FILE_KEY as VISION_BACKBONE_KEY
 
 DATA_FLAGS = ("vqa_dir", "gqa_dir", "nlvr_dir", "caption_file", "feature_file", "image_dir", "backbone", "pretrained",
               "image_size", "max_target_length", "generation_max_length", "num_beams", "max_eval_samples", "data_seed")
@@ -53,6 +54,12 @@ def check_task_fits_adapter(task_name: str, training_task: dict | None, source: 
         raise TaskMismatchError(
             f"{source} was trained on {training_task['task_names']}, not on {task_name}, whose answers differ. "
             f"Evaluate it on one of its tasks, or train an adapter for {task_name}."
+        )
+    if training_task.get(VISION_BACKBONE_KEY):  # its text adapter reads the features of a ViT tuned with it
+        raise ConfigError(
+            f"{source} was trained with a vision adapter on {training_task[VISION_BACKBONE_KEY]['backbone']} "
+            "(--vision_backbone), which dept-eval does not load: evaluate the pair with dept-train-vl "
+            "--peft_model_id DIR --vision_backbone ... --image_dir ... --do_eval."
         )
     if not isinstance(training_task.get("feat_dim"), int):
         raise ConfigError(f"{source}'s training_task.json has no integer 'feat_dim'; dept-train-vl writes one.")

@@ -16,7 +16,7 @@ import torch
 from dept_vl import metrics
 from dept_vl.tasks import TASKS
 
-VISUAL_INPUTS = ("vis_feats", "vis_boxes", "vis_attention_mask")
+VISUAL_INPUTS = ("vis_feats", "vis_boxes", "vis_attention_mask", "pixel_values")  # pixels: a ViT inside the model
 
 
 def answer_type_key(answer_type: str) -> str:
