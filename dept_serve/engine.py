@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoConfig
 
 from dept import ConfigError, DePTConfig, MultiAdapterModel
-from dept_nlp.modeling import detect_family, load_model
+from dept_nlp.modeling import load_model, recorded_task_type, resolve_task_type
 from dept_nlp.modeling import load_tokenizer as load_text_tokenizer
 from dept_nlp.preprocess import encode_source, pad
 from dept_nlp.tasks import TASKS as TEXT_TASKS
@@ -99,7 +98,7 @@ def _base_settings(adapter_dirs: list[Path], modality: str | None, model_family:
             raise ConfigError("A VL-T5 base needs its feature size: pass --feat_dim, or an --adapter saved by "
                               "dept-train-vl (its training_task.json records feat_dim).")
         return {"modality": modality, "family": "seq2seq", "feat_dim": feat_dim}
-    family = model_family or record.get("model_family")
+    family = model_family or recorded_task_type(record)
     if num_labels is None:
         tasks = [TEXT_TASKS[name] for name in record.get("task_names", []) if name in TEXT_TASKS]
         num_labels = max(tasks[0].num_labels, 1) if tasks else 2
@@ -145,8 +144,8 @@ class ServingEngine:
             tokenizer = load_vl_tokenizer(VLModelArguments(model_name_or_path, tokenizer_name=tokenizer_name))
             base = load_vl_base_model(model_name_or_path, settings["feat_dim"])
         else:
-            settings["family"] = settings["family"] or detect_family(AutoConfig.from_pretrained(model_name_or_path))
-            tokenizer = load_text_tokenizer(tokenizer_name or model_name_or_path, settings["family"])
+            settings["family"] = resolve_task_type(model_name_or_path, settings["family"])
+            tokenizer = load_text_tokenizer(tokenizer_name or model_name_or_path)
             base = load_model(model_name_or_path, settings["family"], num_labels=settings["num_labels"])
         store = open_feature_files(feature_file) if feature_file else None
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,13 +21,10 @@ from dept.command_line import MethodArguments, run_command_line, run_console
 from dept.training_args import TrainingArguments
 from dept_vl.pipeline import VLDataArguments, VLModelArguments, run
 
-FLAG_ALIASES = {"--evaluation_strategy": "--eval_strategy", "--task_name": "--tasks"}
-
 
 def train(argv: list[str] | None = None) -> dict[str, float]:
     """Parse the flags, train/evaluate/predict, print the results as JSON to stdout and return them."""
-    return run_command_line((VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments), run, argv,
-                            FLAG_ALIASES)
+    return run_command_line((VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments), run, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

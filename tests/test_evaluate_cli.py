@@ -15,11 +15,11 @@ from dept import AdapterMismatchError, DePTConfig, get_dept_model
 from dept.errors import TaskMismatchError
 from dept_eval.cli import evaluate as dept_eval
 from dept_nlp.cli import train as dept_train
-from dept_nlp.evaluation import TextEvaluator
+from dept_nlp.evaluate import TextEvaluator
 from dept_nlp.tasks import get_task
 from dept_vl.cli import train as vl_train
 from dept_vl.data import task_file_paths
-from dept_vl.evaluation import VLEvaluator
+from dept_vl.evaluate import VLEvaluator
 from tests.conftest import OFFICIAL_CHECKPOINTS, T5_TOKENIZER_DIR, save_tiny_model, tiny_t5_config
 from tests.nlp.fixtures import hub_row, write_task_fixture
 from tests.nlp.test_pipeline import _flags
