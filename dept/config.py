@@ -1,4 +1,5 @@
-"""The DePT configuration: one dataclass, a JSON round trip, and validation at construction."""
+"""The DePT configuration: one dataclass, a JSON round trip, and validation at construction; the detector of a
+model's `task_type`; and the reader of an adapter's `training_task.json`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from transformers.models.auto.modeling_auto import (
 from .errors import UserError
 
 CONFIG_NAME = "adapter_config.json"
+TRAINING_TASK_NAME = "training_task.json"  # what an adapter was trained on: written by the training CLIs
 TASK_TYPES = ("seq2seq", "causal", "cls")
 PROMPT_INITS = ("text", "vocab", "random")
 OFFICIAL_INIT_TEXT = "Classify this text is postive or not:"  # sic: the official default, typo included
@@ -207,12 +209,30 @@ class DePTConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}: is this a saved DePT adapter directory?")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+        data = _read_json_object(path)
         if data.get("peft_type") == "PROMPT_TUNING_LORA":
             return cls.from_official_dict(data)
         return cls.from_dict(data)
+
+
+def read_training_task(directory: str | Path) -> dict | None:
+    """An adapter's `training_task.json`: its `task_names`, `modality` and what else its training CLI recorded
+    (the evaluation and serving CLIs check tasks and base models against it); None when there is none, as in an
+    official DePT checkpoint."""
+    path = Path(directory) / TRAINING_TASK_NAME
+    if not path.is_file():
+        return None
+    record = _read_json_object(path)
+    if not isinstance(record.get("task_names"), list):
+        raise ConfigError(f"{path} should hold an object with a 'task_names' list, as the training CLIs write it.")
+    return record
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+    return data

@@ -38,7 +38,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dept.command_line import canonical_flag, check_model_name_or_path, run_console
-from dept.config import ConfigError
+from dept.config import ConfigError, read_training_task
 from dept.errors import TaskMismatchError
 from dept.model import AdapterMismatchError, DePTModel
 from dept.multi_adapter import MultiAdapterModel
@@ -47,7 +47,6 @@ from dept.training_args import check_output_dir_is_writable
 from dept_nlp.evaluate import TextEvaluation
 from dept_vl.evaluate import VLEvaluation
 
-TASK_FILE = "training_task.json"
 RESULT_PREFIX = "dept_eval"
 SPLITS = ("validation", "test")
 
@@ -127,26 +126,13 @@ def parse_pairs(adapters: Sequence[str], tasks: Sequence[str], modality: str | N
         path = Path(directory)
         if not path.is_dir():
             raise FileNotFoundError(f"Adapter directory {path} does not exist.")
-        training_task = _read_training_task(path)
+        training_task = read_training_task(path)
         name = _unique_name(f"{path.name or 'adapter'}-{task}".replace(".", "_"), used)
         pair_modality = modality or (training_task or {}).get("modality", "text")
         if pair_modality not in MODALITIES:
             raise ConfigError(f"{path}: unknown modality {pair_modality!r}; dept-eval knows {sorted(MODALITIES)}.")
         pairs.append(EvaluationPair(path, task, name, training_task, pair_modality))
     return pairs
-
-
-def _read_training_task(path: Path) -> dict | None:
-    file = path / TASK_FILE
-    if not file.is_file():
-        return None  # an official DePT checkpoint: the given --task is trusted
-    try:
-        record = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{file} is not valid JSON: {err}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("task_names"), list):
-        raise ConfigError(f"{file} should hold an object with a 'task_names' list, as the training CLIs write it.")
-    return record
 
 
 def _unique_name(name: str, used: set[str]) -> str:
@@ -478,7 +464,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for spec in known.adapter:
         directory, sep, _ = spec.rpartition(":")
         path = Path(directory) if sep and not Path(spec).exists() else Path(spec)
-        record = _read_training_task(path) if path.is_dir() else None
+        record = read_training_task(path) if path.is_dir() else None
         modalities.add((record or {}).get("modality", "text"))
     asks_for_help = any(word in ("-h", "--help") for word in argv)
     for modality in sorted(modalities or (MODALITIES if asks_for_help else ())):

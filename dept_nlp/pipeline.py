@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from dept.command_line import MethodArguments
-from dept.config import ConfigError
+from dept.config import TRAINING_TASK_NAME, ConfigError
 from dept.methods import LoraSettings, count_trainable_parameters, prepare_model
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
@@ -25,7 +25,6 @@ from dept_nlp.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
-TASK_FILE = "training_task.json"  # what the adapter was trained on, for dept-eval's checks
 
 
 def needed_splits(data_args: DataArguments) -> tuple[str, ...]:
@@ -109,4 +108,4 @@ def write_task_file(output_dir: str, task, model_args: ModelArguments, task_type
     record = {"task_names": [task.name], "modality": "text", "label_words": task.label_words,
               "model_name_or_path": model_args.model_name_or_path, "task_type": task_type,
               "causal_template": causal_template}
-    Path(output_dir, TASK_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    Path(output_dir, TRAINING_TASK_NAME).write_text(json.dumps(record, indent=2) + "\n")

@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 from dept.command_line import MethodArguments, RunStages, check_model_name_or_path, config_flag
-from dept.config import ConfigError
+from dept.config import TRAINING_TASK_NAME, ConfigError
 from dept.model import DePTModel
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
@@ -37,7 +37,7 @@ from dept_vl.tasks import TASKS, TaskSources, load_task_splits, parse_task_names
 
 logger = logging.getLogger(__name__)
 
-TASK_FILE = "training_task.json"  # what the adapter was trained on, for dept-eval's checks
+TASK_FILE = TRAINING_TASK_NAME  # what the adapter was trained on, for dept-eval's checks
 
 
 @dataclass
