@@ -20,13 +20,12 @@ from dept_nlp.tasks import get_task
 from dept_vl.cli import train as vl_train
 from dept_vl.data import task_file_paths
 from dept_vl.evaluate import VLEvaluator
-from tests.conftest import OFFICIAL_CHECKPOINTS, T5_TOKENIZER_DIR, save_tiny_model, tiny_t5_config
+from tests.conftest import OFFICIAL_CHECKPOINTS, T5_TOKENIZER_DIR, TASK_TYPES, save_tiny_model, tiny_t5_config
 from tests.nlp.fixtures import hub_row, write_task_fixture
 from tests.nlp.test_pipeline import _flags
 from tests.vl.test_pipeline import build_vl_fixture
 
 TASKS = ("sst2", "rte")
-FAMILIES = {"t5": "seq2seq", "llama": "causal", "bert": "cls"}
 GENERATION = ["--generation_max_length", "3"]
 
 
@@ -139,9 +138,9 @@ def test_mixed_batches_give_the_same_predictions_and_metrics_on_t5(trained, tmp_
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
-def test_mixed_batches_give_the_same_predictions_and_metrics_on_other_families(tmp_path, kind):
+def test_mixed_batches_give_the_same_predictions_and_metrics_on_other_task_types(tmp_path, kind):
     files = write_task_fixture("sst2", tmp_path / "data", n_train=8, n_val=7, n_test=4)
-    model_dir = save_tiny_model(FAMILIES[kind], tmp_path / kind, _texts())
+    model_dir = save_tiny_model(TASK_TYPES[kind], tmp_path / kind, _texts())
     first = _train(model_dir, tmp_path / "a", "sst2", files, 6)
     second = _train(model_dir, tmp_path / "b", "sst2", files, 2)
     _assert_mixed_matches_one_at_a_time(model_dir, [(first, "sst2", files), (second, "sst2", files)], tmp_path)
