@@ -196,6 +196,15 @@ def test_task_with_other_labels_stops_before_evaluating_any_pair(trained, tmp_pa
     assert not (tmp_path / "eval").exists()
 
 
+def test_an_adapter_evaluated_as_another_modality_stops_before_evaluating(trained, tmp_path, no_evaluation):
+    argv = ["--model_name_or_path", str(trained["model"]), "--adapter", f"{trained['adapters']['sst2']}:vqa",
+            "--modality", "vl", "--output_dir", str(tmp_path / "eval")]
+    with pytest.raises(TaskMismatchError, match=r"trained on text tasks \['sst2'\], not vl\. Nothing was evaluated"):
+        dept_eval(argv)
+    assert no_evaluation == []
+    assert not (tmp_path / "eval").exists()
+
+
 @pytest.mark.skipif(not (OFFICIAL_CHECKPOINTS / "sst2").is_dir() or not T5_TOKENIZER_DIR.is_dir(),
                     reason="the official DePT sst2 checkpoint or the T5 tokenizer is not in ../shared/reference")
 def test_official_checkpoint_evaluates_on_a_model_with_t5_base_dims(tmp_path):
