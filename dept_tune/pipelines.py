@@ -63,9 +63,10 @@ def text_pipeline() -> Pipeline:
 
 
 def vl_pipeline() -> Pipeline:
-    from dept_vl.pipeline import VLDataArguments, VLModelArguments, run
+    from dept_vl.cli import ARGUMENT_TYPES
+    from dept_vl.pipeline import run
 
-    return Pipeline("vl", (VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments), run)
+    return Pipeline("vl", ARGUMENT_TYPES, run)
 
 
 def detect_pipeline(argv: list[str]) -> Pipeline:

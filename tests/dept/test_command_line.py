@@ -13,13 +13,13 @@ from dept.config import DePTConfig
 from dept.training_args import TrainingArguments
 from dept_eval.cli import MODALITIES, build_parser
 from dept_nlp.arguments import DataArguments, ModelArguments
+from dept_vl.cli import ARGUMENT_TYPES as VL_ARGUMENT_TYPES
 from dept_vl.image_classification import ImageDataArguments, ImageModelArguments, VisionMethodArguments
-from dept_vl.pipeline import VLDataArguments, VLModelArguments
 
 CLIS = {
     "dept-train": ((ModelArguments, DataArguments, MethodArguments, TrainingArguments),
                    ["--model_name_or_path", "t5-base", "--task_name", "sst2", "--do_train", "--output_dir", "out"]),
-    "dept-train-vl": ((VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments),
+    "dept-train-vl": (VL_ARGUMENT_TYPES,
                       ["--model_name_or_path", "t5-base", "--tasks", "vqa", "--do_train", "--output_dir", "out"]),
     "dept-train-vision": ((ImageModelArguments, ImageDataArguments, VisionMethodArguments, TrainingArguments),
                           ["--model_name_or_path", "vit_tiny_patch16_224", "--data_dir", "images", "--do_train",
