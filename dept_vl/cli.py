@@ -25,14 +25,13 @@ from dept.training_args import TrainingArguments
 from dept_vl.pipeline import VLDataArguments, VLModelArguments, run
 from dept_vl.vision_backbone import VisionBackboneArguments
 
-FLAG_ALIASES = {"--evaluation_strategy": "--eval_strategy", "--task_name": "--tasks"}
 ARGUMENT_TYPES = (VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments, VisionBackboneArguments)
 """The flags' dataclasses, in the order `dept_vl.pipeline.run` takes them (`dept-tune` parses the same)."""
 
 
 def train(argv: list[str] | None = None) -> dict[str, float]:
     """Parse the flags, train/evaluate/predict, print the results as JSON to stdout and return them."""
-    return run_command_line(ARGUMENT_TYPES, run, argv, FLAG_ALIASES)
+    return run_command_line(ARGUMENT_TYPES, run, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

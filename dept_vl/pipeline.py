@@ -20,8 +20,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from dept.command_line import MethodArguments, RunStages, check_model_name_or_path
-from dept.config import ConfigError
+from dept.command_line import MethodArguments, RunStages, check_model_name_or_path, config_flag
+from dept.config import TRAINING_TASK_NAME, ConfigError
 from dept.errors import FlagError
 from dept.model import DePTModel
 from dept.trainer import Trainer
@@ -36,7 +36,7 @@ from dept_vl.data import (
     parse_per_task,
     tokenize_vl_rows,
 )
-from dept_vl.evaluation import VLEvaluator
+from dept_vl.evaluate import VLEvaluator
 from dept_vl.features import ImagePixels
 from dept_vl.model import VISUAL_MODULE, VLT5Config, VLT5ForConditionalGeneration, prepare_vl_model
 from dept_vl.tasks import TASKS, TaskSources, load_task_splits, parse_task_names
@@ -55,7 +55,7 @@ from dept_vl.vision_backbone import (
 
 logger = logging.getLogger(__name__)
 
-TASK_FILE = "training_task.json"  # what the adapter was trained on, for dept-eval's checks
+TASK_FILE = TRAINING_TASK_NAME  # what the adapter was trained on, for dept-eval's checks
 
 
 @dataclass
@@ -91,7 +91,7 @@ class VLDataArguments(RunStages):
     backbone: str = field(default="resnet50", metadata={"help": "timm backbone for features on the fly."})
     pretrained: bool = field(default=True, metadata={"help": "Use the backbone's pretrained weights."})
     image_size: int | None = field(default=None, metadata={"help": "Backbone input size (default: its own)."})
-    max_seq_length: int = field(default=64, metadata={"help": "s: text inputs are cut here; DePT's A has s rows."})
+    max_seq_length: int = config_flag("max_seq_length", default=64)
     max_target_length: int = field(default=32, metadata={"help": "Longest target in tokens."})
     generation_max_length: int = field(default=20, metadata={"help": "New tokens generated when predicting."})
     num_beams: int = field(default=1, metadata={"help": "Beam size when predicting (VL-T5 captions: 5)."})

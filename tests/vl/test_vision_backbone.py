@@ -22,7 +22,7 @@ from dept.config import ConfigError
 from dept.errors import FlagError
 from dept_vl.cli import train as main
 from dept_vl.data import VLCollator, VLImageCollator, task_file_paths, tokenize_vl_rows
-from dept_vl.eval_components import check_task_fits_adapter
+from dept_vl.evaluate import check_task_fits_adapter
 from dept_vl.features import FeatureStore, GridFeatureExtractor, ImagePixels, extract_to_h5
 from dept_vl.model import prepare_vl_model
 from dept_vl.pipeline import load_vl_base_model
