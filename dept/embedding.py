@@ -233,12 +233,11 @@ class DePTEmbedding(nn.Module):
 
     def adapter_tensors(self, index: int = 0) -> dict[str, torch.Tensor]:
         """Adapter `index`'s P (m, d), A (max_length, r) and B (r, d): views into the bank, under the file keys."""
+        if self.num_adapters == 1:  # the parameters themselves (also a ZeRO-3 shard, which cannot be sliced)
+            return {key: getattr(self, key) for key in ADAPTER_KEYS}
         config = self.configs[index]
         m, s, r = config.num_virtual_tokens, config.max_length, config.r
-        if self.num_adapters == 1:
-            P, A, B = self.prompt_embeddings, self.lora_embedding_A, self.lora_embedding_B
-        else:
-            P, A, B = self.prompt_embeddings[index], self.lora_embedding_A[index], self.lora_embedding_B[index]
+        P, A, B = self.prompt_embeddings[index], self.lora_embedding_A[index], self.lora_embedding_B[index]
         return {"prompt_embeddings": P[:m], "lora_embedding_A": A[:s, :r], "lora_embedding_B": B[:r]}
 
     # ----------------------------------------------------------------------------------------------------------
