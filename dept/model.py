@@ -116,6 +116,8 @@ class DePTModel(nn.Module):
         super().__init__()
         base = self.describe_base(base_model)
         self.token_dim = token_dim = base["token_dim"]
+        if config is not None:  # before anything is changed
+            check_compatible(config, getattr(base_model, "config", None), token_dim, self.task_type)
         self.base_model = base_model
         for param in base_model.parameters():
             param.requires_grad_(False)
@@ -126,7 +128,6 @@ class DePTModel(nn.Module):
             self.prompt_encoder = DePTEmbedding([], token_dim, names=[]).to(self.input_device())
             self.requires_grad_(False).eval()
             return
-        check_compatible(config, getattr(base_model, "config", None), token_dim, self.task_type)
         config.token_dim = token_dim
         config.vocab_size = base["vocab_size"]
         config.base_model_type = base["base_model_type"]
