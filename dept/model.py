@@ -8,7 +8,10 @@ Each model kind gets one small class that knows where the prompt goes:
   values are computed once and reused (`dept.prompt_cache`), so each call runs the base on its input alone.
 - `DePTModelForSequenceClassification` (BERT, RoBERTa): in front of the input, with a trainable head.
 
-The math itself lives once, in `DePTEmbedding`.
+Each kind takes `adapter_names=None` in `forward` and `generate`: a model built with `get_dept_model` or
+`from_pretrained` holds one adapter (a bank of one) and needs no names; one built with `config=None` serves the
+saved adapters given to `add_adapter`, each row on its own (`dept.MultiAdapterModel` is the directory-loading API
+over it). The math itself lives once, in `DePTEmbedding`.
 """
 
 from __future__ import annotations
