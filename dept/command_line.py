@@ -2,7 +2,9 @@
 the runner of the console scripts.
 
 The text and vision-language CLIs add their own model and data arguments on top; flags that mean the same
-thing are spelled the same in both (`--peft_type`, `--prefix_length`, `--r`, `--learning_rate`, ...).
+thing are spelled the same in both (`--peft_type`, `--prefix_length`, `--r`, `--learning_rate`, ...). A flag that
+sets a `DePTConfig` field is declared with `config_flag`, so its help is the config field's own; `FLAG_ALIASES`
+is the one table of other spellings every command line accepts.
 
 Each console script (`dept-train`, `dept-train-vl`, `dept-eval`, ...) is
 
@@ -20,6 +22,8 @@ with SIGKILL (or by the OOM killer) would leave them running.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +41,63 @@ import yaml
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
-from .config import OFFICIAL_INIT_TEXT, DePTConfig
+from .config import DePTConfig
 from .errors import FlagError, UserError
 from .methods import PEFT_TYPES
 
-DEFAULT_PREFIX_LENGTH = 60
-DEFAULT_DEPT_RANK = 30
 DEFAULT_LORA_RANK = 8  # the LoRA baseline of the DePT paper's comparison
+
+CONFIG_FLAGS = {
+    "prefix_length": "num_virtual_tokens",
+    "r": "r",
+    "lora_alpha": "lora_alpha",
+    "prompt_init": "prompt_init",
+    "prompt_init_text": "prompt_init_text",
+    "max_seq_length": "max_length",
+    "task_type": "task_type",
+}
+"""Each command-line flag that sets a `DePTConfig` field (the official DePT name where it has one) -> the field."""
+
+FLAG_ALIASES = {
+    "--num_virtual_tokens": "--prefix_length",  # the paper's and PEFT's name of m
+    "--max_length": "--max_seq_length",  # DePTConfig's name of s
+    "--model_family": "--task_type",  # this project's earlier name
+    "--evaluation_strategy": "--eval_strategy",  # the official code's transformers
+    "--k_shot_example": "--k_shot_examples",  # the official code's spelling (its README says k_shot_examples)
+    "--task_name": "--tasks",  # the text CLI's flag, for the vision-language CLI
+}
+"""Other spellings of flags. Each applies where its target is a flag of the command line and it is not one itself
+(`--task_name` is the text CLI's own flag, and the VL CLI's `--tasks`)."""
+
+
+def config_flag(flag: str, default=dataclasses.MISSING, unset: str | None = None) -> dataclasses.Field:
+    """The dataclass field of the flag `--{flag}`, which sets `DePTConfig.<CONFIG_FLAGS[flag]>`: the default is
+    the config's unless given, and the help is the config field's (with `unset`: what a None default means)."""
+    name = CONFIG_FLAGS[flag]
+    config_field = DePTConfig.__dataclass_fields__[name]
+    metadata = {key: value for key, value in config_field.metadata.items() if key == "choices"}
+    metadata["help"] = DePTConfig.field_help(name) + (f" Unset: {unset}." if unset else "")
+    return field(default=config_field.default if default is dataclasses.MISSING else default, metadata=metadata)
+
+
+def add_fields_as_flags(group, dataclass_type, names) -> None:
+    """Add the fields `names` of `dataclass_type` to an argparse parser or group as flags, with the fields' help,
+    defaults and choices, so that two command lines reading one setting never drift apart. A flag the parser
+    already has is left as it is (commands that combine two modalities share the flags both know)."""
+    fields = {f.name: f for f in dataclasses.fields(dataclass_type)}
+    types = typing.get_type_hints(dataclass_type)
+    for name in names:
+        field_, annotation = fields[name], types[name]
+        if f"--{name}" in group._option_string_actions:
+            continue
+        scalar = next((t for t in (bool, int, float) if t in (annotation, *typing.get_args(annotation))), str)
+        kwargs = {"type": string_to_bool, "nargs": "?", "const": True} if scalar is bool else {"type": scalar}
+        if "choices" in field_.metadata:
+            kwargs["choices"] = field_.metadata["choices"]
+        default = None if field_.default is dataclasses.MISSING else field_.default
+        group.add_argument(f"--{name}", default=default, help=field_.metadata["help"], **kwargs)
 
 
 @dataclass(kw_only=True)
@@ -67,19 +121,16 @@ class MethodArguments:
         default="PROMPT_TUNING_LORA",
         metadata={"help": "PROMPT_TUNING_LORA (DePT), PROMPT_TUNING, LORA or FULL.", "choices": list(PEFT_TYPES)},
     )
-    prefix_length: int | None = field(
-        default=None,
-        metadata={"help": f"m: number of prompt vectors (default {DEFAULT_PREFIX_LENGTH}, or the --peft_model_id "
-                          "adapter's; 0 trains A·B alone)."},
+    prefix_length: int | None = config_flag(
+        "prefix_length", default=None, unset=f"{DePTConfig.num_virtual_tokens}, or the --peft_model_id adapter's"
     )
-    r: int | None = field(
-        default=None,
-        metadata={"help": f"Rank: of DePT's A @ B (default {DEFAULT_DEPT_RANK}, or the --peft_model_id adapter's), "
-                          f"or of LoRA with --peft_type LORA (default {DEFAULT_LORA_RANK})."},
+    r: int | None = config_flag(
+        "r", default=None,
+        unset=f"{DePTConfig.r}, or the --peft_model_id adapter's; with --peft_type LORA it is the LoRA rank (--lora_r)",
     )
-    lora_alpha: float = field(default=8.0, metadata={"help": "DePT scales A @ B by lora_alpha / sqrt(r)."})
-    prompt_init: str = field(default="text", metadata={"help": "P starts from 'text', 'vocab' or 'random'."})
-    prompt_init_text: str = field(default=OFFICIAL_INIT_TEXT, metadata={"help": "Text for --prompt_init text."})
+    lora_alpha: float = config_flag("lora_alpha")
+    prompt_init: str = config_flag("prompt_init")
+    prompt_init_text: str = config_flag("prompt_init_text")
     peft_model_id: str | None = field(
         default=None, metadata={"help": "Start from this saved adapter (ours or an official DePT checkpoint)."}
     )
@@ -90,7 +141,7 @@ class MethodArguments:
     def __post_init__(self):
         if self.peft_model_id:  # before the defaults fill in what was not given
             self.check_agrees_with_adapter(DePTConfig.from_pretrained(self.peft_model_id))
-        self.prefix_length = DEFAULT_PREFIX_LENGTH if self.prefix_length is None else self.prefix_length
+        self.prefix_length = DePTConfig.num_virtual_tokens if self.prefix_length is None else self.prefix_length
         both = self.r is not None and self.lora_r is not None
         if self.peft_type == "LORA" and both and self.r != self.lora_r:
             raise ValueError(
@@ -101,7 +152,7 @@ class MethodArguments:
             rank = self.lora_r if self.lora_r is not None else self.r
             self.r = self.lora_r = DEFAULT_LORA_RANK if rank is None else rank
         else:
-            self.r = DEFAULT_DEPT_RANK if self.r is None else self.r
+            self.r = DePTConfig.r if self.r is None else self.r
             self.lora_r = DEFAULT_LORA_RANK if self.lora_r is None else self.lora_r
 
     def check_agrees_with_adapter(self, adapter: DePTConfig) -> None:
@@ -171,19 +222,17 @@ def yaml_to_argv(path: str | Path) -> list[str]:
     return argv
 
 
-def parse_arguments(dataclass_types, argv: list[str] | None = None, aliases: dict[str, str] | None = None):
-    """Parse flags into the given dataclasses; `--config FILE.yaml` supplies defaults the flags override.
-
-    `aliases` maps old flag spellings to current ones (e.g. `--evaluation_strategy` -> `--eval_strategy`).
-    """
+def parse_arguments(dataclass_types, argv: list[str] | None = None):
+    """Parse flags into the given dataclasses; `--config FILE.yaml` supplies defaults the flags override, and the
+    spellings of `FLAG_ALIASES` are accepted (e.g. `--evaluation_strategy` for `--eval_strategy`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
             raise FlagError("--config needs a YAML file path.")
         argv = yaml_to_argv(argv[index + 1]) + argv[:index] + argv[index + 2:]
-    argv = [_rename_flag(word, aliases or {}) for word in argv]
     parser = HfArgumentParser(dataclass_types)
+    argv = [canonical_flag(word, parser) for word in argv]
     try:
         return parser.parse_args_into_dataclasses(args=argv)
     except UserError:
@@ -192,18 +241,20 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None, aliases: dic
         raise FlagError(str(err)) from err
 
 
-def _rename_flag(word: str, aliases: dict[str, str]) -> str:
+def canonical_flag(word: str, parser: argparse.ArgumentParser) -> str:
+    """A command-line word as `parser` spells it: a flag (`--flag` or `--flag=value`) of `FLAG_ALIASES` becomes
+    its target when that is a flag of the parser and the alias is not; anything else is returned as it is."""
     if not word.startswith("--"):
         return word
     name, equals, value = word.partition("=")
-    return aliases.get(name, name) + equals + value
+    known, target = parser._option_string_actions, FLAG_ALIASES.get(name)
+    return (target if target in known and name not in known else name) + equals + value
 
 
-def run_command_line(dataclass_types, run: Callable[..., dict], argv: list[str] | None = None,
-                     aliases: dict[str, str] | None = None) -> dict:
+def run_command_line(dataclass_types, run: Callable[..., dict], argv: list[str] | None = None) -> dict:
     """Parse the flags into the dataclasses, call `run(*parsed)`, print its results as JSON and return them."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    results = run(*parse_arguments(dataclass_types, argv, aliases))
+    results = run(*parse_arguments(dataclass_types, argv))
     print(json.dumps(results, indent=2, sort_keys=True))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -1,4 +1,5 @@
-"""The DePT configuration: one dataclass, a JSON round trip, and validation at construction."""
+"""The DePT configuration: one dataclass, a JSON round trip, and validation at construction; the detector of a
+model's `task_type`; and the reader of an adapter's `training_task.json`."""
 
 from __future__ import annotations
 
@@ -8,9 +9,16 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
+
 from .errors import UserError
 
 CONFIG_NAME = "adapter_config.json"
+TRAINING_TASK_NAME = "training_task.json"  # what an adapter was trained on: written by the training CLIs
 TASK_TYPES = ("seq2seq", "causal", "cls")
 PROMPT_INITS = ("text", "vocab", "random")
 OFFICIAL_INIT_TEXT = "Classify this text is postive or not:"  # sic: the official default, typo included
@@ -18,6 +26,37 @@ OFFICIAL_INIT_TEXT = "Classify this text is postive or not:"  # sic: the officia
 
 class ConfigError(UserError, ValueError):
     """An adapter config that cannot describe a valid DePT adapter, or settings that cannot run together."""
+
+
+def infer_task_type(model_or_config) -> str:
+    """The `task_type` of a Hugging Face model, or of its config before any weights load (never from its name).
+
+    A model says it by its head class: encoder-decoder -> "seq2seq", `...ForSequenceClassification` -> "cls",
+    `...ForCausalLM` / `...LMHeadModel` -> "causal". A config (no head yet) by its architecture: encoder-decoder,
+    decoder-only (a causal LM without a masked-LM head, so BERT is not one), or an encoder classifier.
+    """
+    is_model = hasattr(model_or_config, "config")
+    config = model_or_config.config if is_model else model_or_config
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if is_model:
+        name = type(model_or_config).__name__
+        if name.endswith("ForSequenceClassification"):
+            return "cls"
+        if name.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal"
+    else:
+        name = f"model type {getattr(config, 'model_type', type(config).__name__)!r}"
+        model_type = getattr(config, "model_type", None)
+        if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+            return "causal"
+        if model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+            return "cls"
+    raise ConfigError(
+        f"Cannot tell how to put a prompt into {name}: DePT supports encoder-decoders (e.g. "
+        "T5ForConditionalGeneration), decoder-only LMs (…ForCausalLM) and encoder classifiers "
+        "(…ForSequenceClassification)."
+    )
 
 
 @dataclass
@@ -43,13 +82,31 @@ class DePTConfig:
         init_seed: seed of the random initialisation of P, A and B.
     """
 
-    num_virtual_tokens: int = field(default=60, metadata={"help": "m: number of prompt vectors (P is m x d)."})
-    r: int = field(default=30, metadata={"help": "Rank of the embedding update A @ B; 0 is vanilla prompt tuning."})
-    max_length: int = field(default=256, metadata={"help": "s: longest input in tokens; A is s x r."})
-    lora_alpha: float = field(default=8.0, metadata={"help": "The update is scaled by lora_alpha / sqrt(r)."})
-    prompt_init: str = field(default="text", metadata={"help": "How P starts: 'text', 'vocab' or 'random'."})
-    prompt_init_text: str = field(default=OFFICIAL_INIT_TEXT, metadata={"help": "Text for prompt_init='text'."})
-    task_type: str = field(default="seq2seq", metadata={"help": "'seq2seq', 'causal' or 'cls'."})
+    num_virtual_tokens: int = field(
+        default=60, metadata={"help": "m: the number of prompt vectors (P is m x d); 0 trains A @ B alone."}
+    )
+    r: int = field(
+        default=30, metadata={"help": "Rank of the position-wise embedding update A @ B; 0 is vanilla prompt tuning."}
+    )
+    max_length: int = field(
+        default=256,
+        metadata={"help": "s: the longest input in real tokens; longer inputs are truncated here, and A has s rows."},
+    )
+    lora_alpha: float = field(default=8.0, metadata={"help": "A @ B is scaled by lora_alpha / sqrt(r) (official: 8)."})
+    prompt_init: str = field(
+        default="text",
+        metadata={"help": "How P starts: 'text' (the embeddings of prompt_init_text, tiled or cut to m), 'vocab' "
+                          "(embeddings of random vocabulary tokens) or 'random' (noise; on a ViT, VPT's uniform "
+                          "initialisation).", "choices": list(PROMPT_INITS)},
+    )
+    prompt_init_text: str = field(
+        default=OFFICIAL_INIT_TEXT, metadata={"help": "The text whose embeddings P starts from with prompt_init text."}
+    )
+    task_type: str = field(
+        default="seq2seq",
+        metadata={"help": "Where the prompt goes: 'seq2seq' (encoder-decoder), 'causal' (decoder-only) or 'cls' "
+                          "(encoder classifier).", "choices": list(TASK_TYPES)},
+    )
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model of the adapter."})
     token_dim: int | None = field(default=None, metadata={"help": "d of the base model (set on attach)."})
     vocab_size: int | None = field(default=None, metadata={"help": "Vocabulary size of the base model."})
@@ -84,6 +141,11 @@ class DePTConfig:
             raise ConfigError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}.")
         if self.token_dim is not None and self.token_dim <= 0:
             raise ConfigError(f"token_dim must be positive, got {self.token_dim}.")
+
+    @classmethod
+    def field_help(cls, name: str) -> str:
+        """The help text of a field: the one source of the help of every command-line flag that sets it."""
+        return cls.__dataclass_fields__[name].metadata["help"]
 
     @property
     def scaling(self) -> float:
@@ -147,12 +209,30 @@ class DePTConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}: is this a saved DePT adapter directory?")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+        data = _read_json_object(path)
         if data.get("peft_type") == "PROMPT_TUNING_LORA":
             return cls.from_official_dict(data)
         return cls.from_dict(data)
+
+
+def read_training_task(directory: str | Path) -> dict | None:
+    """An adapter's `training_task.json`: its `task_names`, `modality` and what else its training CLI recorded
+    (the evaluation and serving CLIs check tasks and base models against it); None when there is none, as in an
+    official DePT checkpoint."""
+    path = Path(directory) / TRAINING_TASK_NAME
+    if not path.is_file():
+        return None
+    record = _read_json_object(path)
+    if not isinstance(record.get("task_names"), list):
+        raise ConfigError(f"{path} should hold an object with a 'task_names' list, as the training CLIs write it.")
+    return record
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+    return data

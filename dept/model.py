@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .adapter_files import load_adapter, save_adapter
-from .config import ConfigError, DePTConfig
+from .config import ConfigError, DePTConfig, infer_task_type
 from .distributed import full_shape, needs_synced_generation
 from .embedding import (
     PADDING_OFFSET_MODEL_TYPES,
@@ -62,23 +62,6 @@ _VALID_ADAPTER_NAME = re.compile(r"^[^.]+$")
 
 class AdapterMismatchError(UserError, ValueError):
     """An adapter that does not fit the model it is loaded into."""
-
-
-def infer_task_type(model: nn.Module) -> str:
-    """The DePT task type of a Hugging Face model, from its config and head (never from its name)."""
-    config = model.config
-    if getattr(config, "is_encoder_decoder", False):
-        return "seq2seq"
-    class_name = type(model).__name__
-    if class_name.endswith("ForSequenceClassification"):
-        return "cls"
-    if class_name.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal"
-    raise ConfigError(
-        f"Cannot tell how to put a prompt into {class_name}: DePT supports encoder-decoders (e.g. "
-        "T5ForConditionalGeneration), decoder-only LMs (…ForCausalLM) and encoder classifiers "
-        "(…ForSequenceClassification)."
-    )
 
 
 def embed_inputs(word_embeddings: nn.Module, input_ids, attention_mask, inputs_embeds):

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from .adapter_files import load_adapter
-from .config import DePTConfig
+from .config import DePTConfig, infer_task_type
 from .embedding import PromptRouting
-from .model import _MODEL_CLASSES, AdapterMismatchError, DePTModel, infer_task_type
+from .model import _MODEL_CLASSES, AdapterMismatchError, DePTModel
 
 
 class MultiAdapterModel(nn.Module):

@@ -6,12 +6,11 @@
     dept-eval --compare eval/run_a eval/run_b
 
 Adapters and tasks pair up in order, or `DIR:TASK` names the task of one adapter. This module is the generic
-part and knows no task and no modality. Everything task-specific (flags for the data, loading the base model,
-the task's data, collator and metrics, the check that a task fits an adapter) comes from the modality's
-*evaluation plugin*: a module named in `EVALUATION_PLUGINS`, imported only when an adapter of that modality is
-evaluated, that exposes `PLUGIN`, an object implementing `EvaluationPlugin`. The modality of an adapter is the
-`modality` of its `training_task.json`; an official DePT directory has none and counts as text (`--modality`
-overrides both).
+part. What is task-specific (flags for the data, loading the base model, the task's data, collator and metrics,
+the check that a task fits an adapter) comes from the adapter's modality in `MODALITIES`: text
+(`dept_nlp.evaluate.TextEvaluation`) or vision-language (`dept_vl.evaluate.VLEvaluation`). The modality of an
+adapter is the `modality` of its `training_task.json`; an official DePT directory has none and counts as text
+(`--modality` overrides both).
 
 Nothing is evaluated until every pair has passed its checks: an adapter made for another base model
 (`AdapterMismatchError`), a task whose labels differ from the adapter's training task (`TaskMismatchError`), or
@@ -24,7 +23,6 @@ trainable parameters per pair), the same table as `.md`, and each pair's predict
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -39,62 +37,51 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dept.command_line import check_model_name_or_path, run_console
-from dept.config import ConfigError
+from dept.command_line import canonical_flag, check_model_name_or_path, run_console
+from dept.config import ConfigError, read_training_task
 from dept.errors import TaskMismatchError
 from dept.model import AdapterMismatchError, DePTModel
 from dept.multi_adapter import MultiAdapterModel
 from dept.trainer import Evaluator, split_batch
 from dept.training_args import check_output_dir_is_writable
+from dept_nlp.evaluate import TextEvaluation
+from dept_vl.evaluate import VLEvaluation
 
-EVALUATION_PLUGINS = {"text": "dept_nlp.eval_components", "vl": "dept_vl.eval_components"}
-"""Modality -> the module whose `PLUGIN` evaluates its tasks (imported lazily: `dept` imports no modality)."""
-TASK_FILE = "training_task.json"
 RESULT_PREFIX = "dept_eval"
 SPLITS = ("validation", "test")
 
 
-class EvaluationPlugin(Protocol):
+class Modality(Protocol):
     """What a modality provides to `dept-eval`. `training_task` is an adapter's `training_task.json` (None for an
-    official DePT directory), `args` the parsed command line (generic flags plus the plugin's own)."""
+    official DePT directory), `args` the parsed command line (the generic flags plus the modality's own)."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add the modality's data and generation flags (e.g. `--validation_file`, `--generation_max_length`)."""
-        ...
 
     def check_task(self, task_name: str, training_task: dict | None, source: str) -> None:
-        """Raise `TaskMismatchError` if `task_name` asks for other labels than the adapter was trained on."""
-        ...
+        """Raise `TaskMismatchError` if `task_name` asks for other answers than the adapter was trained on."""
 
-    def base_model_key(self, args: argparse.Namespace, task_name: str) -> Hashable:
+    def base_model_key(self, args: argparse.Namespace, task_name: str, training_task: dict | None) -> Hashable:
         """Tasks with equal keys share one base model (e.g. classifiers with the same number of labels)."""
-        ...
 
     def load_tokenizer(self, args: argparse.Namespace, training_task: dict | None): ...
-
-    def adapter_model_kwargs(self) -> dict:
-        """Optional: extra `DePTModel.from_pretrained` arguments, e.g. `modules_to_save` for a visual projection."""
-        ...
 
     def load_base_model(self, args: argparse.Namespace, task_name: str, training_task: dict | None) -> nn.Module: ...
 
     def build_eval_components(self, task_name: str, tokenizer, model: nn.Module, *, max_length: int, split: str,
-                              data_args: argparse.Namespace) -> tuple[Dataset, Any, Evaluator]:
+                              args: argparse.Namespace, training_task: dict | None) -> tuple[Dataset, Any, Evaluator]:
         """(tokenized dataset cut at `max_length`, collate_fn, evaluator) for one split of one task."""
-        ...
 
 
-def load_plugin(modality: str) -> EvaluationPlugin:
-    if modality not in EVALUATION_PLUGINS:
-        raise ConfigError(f"Unknown modality {modality!r}: dept-eval knows {sorted(EVALUATION_PLUGINS)}.")
-    module_name = EVALUATION_PLUGINS[modality]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name is not None and module_name.startswith(err.name):
-            raise ConfigError(f"The {modality} evaluation plugin {module_name} is not installed: {err}.") from None
-        raise
-    return module.PLUGIN
+MODALITIES: dict[str, Modality] = {"text": TextEvaluation(), "vl": VLEvaluation()}
+
+
+def check_modality(training_task: dict | None, modality: str, source: str) -> None:
+    """Refuse to evaluate an adapter as another modality than the one it was trained on (`--modality`)."""
+    trained = (training_task or {}).get("modality", "text")
+    if training_task is not None and trained != modality:
+        raise TaskMismatchError(f"{source} was trained on {trained} tasks {training_task['task_names']}, "
+                                f"not {modality}.")
 
 
 # --------------------------------------------------------------------------------------------------- the pairs
@@ -139,24 +126,13 @@ def parse_pairs(adapters: Sequence[str], tasks: Sequence[str], modality: str | N
         path = Path(directory)
         if not path.is_dir():
             raise FileNotFoundError(f"Adapter directory {path} does not exist.")
-        training_task = _read_training_task(path)
+        training_task = read_training_task(path)
         name = _unique_name(f"{path.name or 'adapter'}-{task}".replace(".", "_"), used)
         pair_modality = modality or (training_task or {}).get("modality", "text")
+        if pair_modality not in MODALITIES:
+            raise ConfigError(f"{path}: unknown modality {pair_modality!r}; dept-eval knows {sorted(MODALITIES)}.")
         pairs.append(EvaluationPair(path, task, name, training_task, pair_modality))
     return pairs
-
-
-def _read_training_task(path: Path) -> dict | None:
-    file = path / TASK_FILE
-    if not file.is_file():
-        return None  # an official DePT checkpoint: the given --task is trusted
-    try:
-        record = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{file} is not valid JSON: {err}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("task_names"), list):
-        raise ConfigError(f"{file} should hold an object with a 'task_names' list, as the training CLIs write it.")
-    return record
 
 
 def _unique_name(name: str, used: set[str]) -> str:
@@ -171,43 +147,40 @@ def _unique_name(name: str, used: set[str]) -> str:
 
 
 class _BaseModels:
-    """Base models and tokenizers, loaded once per (modality, plugin key)."""
+    """Base models and tokenizers, loaded once per (modality, `base_model_key`)."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.models: dict[Hashable, nn.Module] = {}
         self.tokenizers: dict[str, Any] = {}
 
-    def get(self, pair: EvaluationPair, plugin: EvaluationPlugin, device: torch.device) -> tuple[nn.Module, Any]:
-        key = (pair.modality, plugin.base_model_key(self.args, pair.task_name))
+    def key(self, pair: EvaluationPair) -> tuple:
+        return pair.modality, MODALITIES[pair.modality].base_model_key(self.args, pair.task_name, pair.training_task)
+
+    def get(self, pair: EvaluationPair, device: torch.device) -> tuple[nn.Module, Any]:
+        modality, key = MODALITIES[pair.modality], self.key(pair)
         if key not in self.models:
-            model = plugin.load_base_model(self.args, pair.task_name, pair.training_task)
+            model = modality.load_base_model(self.args, pair.task_name, pair.training_task)
             self.models[key] = model.to(device).eval()
         if pair.modality not in self.tokenizers:
-            self.tokenizers[pair.modality] = plugin.load_tokenizer(self.args, pair.training_task)
+            self.tokenizers[pair.modality] = modality.load_tokenizer(self.args, pair.training_task)
         return self.models[key], self.tokenizers[pair.modality]
 
 
-def check_pairs(pairs: list[EvaluationPair], plugins: dict[str, EvaluationPlugin], bases: _BaseModels,
-                device: torch.device) -> None:
+def check_pairs(pairs: list[EvaluationPair], bases: _BaseModels, device: torch.device) -> None:
     """Every check that can fail, for every pair, before anything is evaluated."""
     for pair in pairs:
         where = f"adapter {pair.adapter_dir} on task {pair.task_name!r}"
-        plugin = plugins[pair.modality]
         try:
-            plugin.check_task(pair.task_name, pair.training_task, str(pair.adapter_dir))
-            base, _ = bases.get(pair, plugin, device)
-            model = DePTModel.from_pretrained(base, pair.adapter_dir, **_adapter_model_kwargs(plugin))
+            check_modality(pair.training_task, pair.modality, str(pair.adapter_dir))
+            MODALITIES[pair.modality].check_task(pair.task_name, pair.training_task, str(pair.adapter_dir))
+            base, _ = bases.get(pair, device)
+            model = DePTModel.from_pretrained(base, pair.adapter_dir)
         except (AdapterMismatchError, TaskMismatchError, ConfigError) as err:
             raise type(err)(f"{where}: {err} Nothing was evaluated.") from None
         counts = model.num_trainable_parameters()
         pair.trainable_parameters = counts["dept"] + sum(counts[name] for name in model.modules_to_save)
         pair.max_length = model.config.max_length
-
-
-def _adapter_model_kwargs(plugin: EvaluationPlugin) -> dict:
-    method = getattr(plugin, "adapter_model_kwargs", None)
-    return method() if method is not None else {}
 
 
 @torch.no_grad()
@@ -284,11 +257,11 @@ def _record(pair: EvaluationPair, predictions: list, metrics: dict, num_examples
     }
 
 
-def evaluate_one_at_a_time(pairs, plugins, bases, components, args, device) -> None:
+def evaluate_one_at_a_time(pairs, bases, components, args, device) -> None:
     for pair in pairs:
-        base, _ = bases.get(pair, plugins[pair.modality], device)
+        base, _ = bases.get(pair, device)
         # Built again right before its evaluation: it reloads the adapter's own head into the shared base.
-        model = DePTModel.from_pretrained(base, pair.adapter_dir, **_adapter_model_kwargs(plugins[pair.modality]))
+        model = DePTModel.from_pretrained(base, pair.adapter_dir)
         dataset, collate_fn, evaluator = components[pair.name]
         loader = DataLoader(dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
         start = time.perf_counter()
@@ -297,10 +270,10 @@ def evaluate_one_at_a_time(pairs, plugins, bases, components, args, device) -> N
         _record(pair, predictions, evaluator.compute_metrics(predictions, references), len(dataset), runtime)
 
 
-def evaluate_mixed(pairs, plugins, bases, components, args, device) -> None:
+def evaluate_mixed(pairs, bases, components, args, device) -> None:
     """All pairs in shared batches on one `MultiAdapterModel`; each row uses its own adapter, each task its own
     metrics. Throughput is that of the whole mixed run."""
-    keys = {(pair.modality, plugins[pair.modality].base_model_key(args, pair.task_name)) for pair in pairs}
+    keys = {bases.key(pair) for pair in pairs}
     collate_fns = [components[pair.name][1] for pair in pairs]
     if len(keys) > 1 or any(fn != collate_fns[0] for fn in collate_fns):
         raise ConfigError(
@@ -308,7 +281,7 @@ def evaluate_mixed(pairs, plugins, bases, components, args, device) -> None:
             "model (and, for classifiers, the number of labels) and batch alike. Evaluate these pairs without "
             "--mixed, or in separate runs."
         )
-    base, _ = bases.get(pairs[0], plugins[pairs[0].modality], device)
+    base, _ = bases.get(pairs[0], device)
     multi = MultiAdapterModel(base, {pair.name: pair.adapter_dir for pair in pairs})
     datasets = [_TaggedRows(components[pair.name][0], i) for i, pair in enumerate(pairs)]
     loader = DataLoader(ConcatDataset(datasets), batch_size=args.per_device_eval_batch_size, shuffle=True,
@@ -335,17 +308,17 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         if path.exists():
             raise FileExistsError(f"{path} already exists: dept-eval never overwrites results. Choose another "
                                   "--output_dir or move the old results away.")
-    plugins = {pair.modality: load_plugin(pair.modality) for pair in pairs}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bases = _BaseModels(args)
-    check_pairs(pairs, plugins, bases, device)
+    check_pairs(pairs, bases, device)
     components = {}
     for pair in pairs:
-        base, tokenizer = bases.get(pair, plugins[pair.modality], device)
-        components[pair.name] = plugins[pair.modality].build_eval_components(
-            pair.task_name, tokenizer, base, max_length=pair.max_length, split=args.split, data_args=args)
+        base, tokenizer = bases.get(pair, device)
+        components[pair.name] = MODALITIES[pair.modality].build_eval_components(
+            pair.task_name, tokenizer, base, max_length=pair.max_length, split=args.split, args=args,
+            training_task=pair.training_task)
     evaluate_pairs = evaluate_mixed if args.mixed else evaluate_one_at_a_time
-    evaluate_pairs(pairs, plugins, bases, components, args, device)
+    evaluate_pairs(pairs, bases, components, args, device)
     report = {"model_name_or_path": args.model_name_or_path, "split": args.split, "mixed": args.mixed,
               "results": [pair.result for pair in pairs]}
     table = results_table(report)
@@ -472,7 +445,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--per_device_eval_batch_size", type=int, default=32, help="Rows per batch.")
     parser.add_argument("--mixed", action="store_true",
                         help="Evaluate all pairs in shared batches on one MultiAdapterModel.")
-    parser.add_argument("--modality", choices=sorted(EVALUATION_PLUGINS),
+    parser.add_argument("--modality", choices=sorted(MODALITIES),
                         help="Override the modality read from training_task.json (official checkpoints: text).")
     parser.add_argument("--compare", nargs=2, metavar=("RESULT_A", "RESULT_B"),
                         help="Show two dept-eval result files (or their directories) side by side.")
@@ -480,8 +453,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Generic flags first; then the flags of the plugins of the adapters' modalities (of every installed
-    modality for `--help` without adapters)."""
+    """Generic flags first; then the flags of the adapters' modalities (of every modality for `--help` without
+    adapters). The spellings of `dept.command_line.FLAG_ALIASES` are accepted, as by the training CLIs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     known, _ = build_parser(add_help=False).parse_known_args(argv)
     parser = build_parser()
     if known.compare:
@@ -490,18 +464,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for spec in known.adapter:
         directory, sep, _ = spec.rpartition(":")
         path = Path(directory) if sep and not Path(spec).exists() else Path(spec)
-        record = _read_training_task(path) if path.is_dir() else None
+        record = read_training_task(path) if path.is_dir() else None
         modalities.add((record or {}).get("modality", "text"))
-    asks_for_help = any(word in ("-h", "--help") for word in (argv if argv is not None else sys.argv[1:]))
-    for modality in sorted(modalities or (EVALUATION_PLUGINS if asks_for_help else ())):
-        try:
-            plugin = load_plugin(modality)
-        except ConfigError:
-            if modalities:
-                raise
-            continue  # --help lists the modalities that are installed
-        plugin.add_arguments(parser)
-    args = parser.parse_args(argv)
+    asks_for_help = any(word in ("-h", "--help") for word in argv)
+    for modality in sorted(modalities or (MODALITIES if asks_for_help else ())):
+        if modality not in MODALITIES:
+            raise ConfigError(f"Unknown modality {modality!r}: dept-eval knows {sorted(MODALITIES)}.")
+        MODALITIES[modality].add_arguments(parser)
+    args = parser.parse_args([canonical_flag(word, parser) for word in argv])
     if not args.model_name_or_path:
         parser.error("--model_name_or_path is required to evaluate adapters.")
     check_model_name_or_path(args.model_name_or_path)

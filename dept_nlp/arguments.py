@@ -4,22 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dept.command_line import RunStages, check_model_name_or_path
+from dept.command_line import RunStages, check_model_name_or_path, config_flag
 from dept_nlp.preprocess import CAUSAL_TEMPLATE, check_causal_template
-
-# Flags of the official DePT README or older transformers, accepted as spelled there.
-FLAG_ALIASES = {"--evaluation_strategy": "--eval_strategy", "--k_shot_example": "--k_shot_examples"}
 
 
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Base model: a hub id (t5-base) or a local directory."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
-    model_family: str | None = field(
-        default=None,
-        metadata={"help": "seq2seq, causal or cls; detected from the model config when unset.",
-                  "choices": ["seq2seq", "causal", "cls"]},
-    )
+    task_type: str | None = config_flag("task_type", default=None, unset="detected from the model's config")
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the hub. Off unless you ask for it."}
     )
@@ -31,11 +24,13 @@ class ModelArguments:
 @dataclass
 class DataArguments(RunStages):
     task_name: str = field(metadata={"help": "A task of dept_nlp.tasks.TASKS, e.g. sst2, superglue-cb, nq."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Accepted for the official CLI."})
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Another hub config of the task's dataset (a flag of the official CLI)."}
+    )
     train_file: str | None = field(default=None, metadata={"help": "Local training data (json/jsonl/csv/parquet)."})
     validation_file: str | None = field(default=None, metadata={"help": "Local validation data."})
     test_file: str | None = field(default=None, metadata={"help": "Local test data (labels optional)."})
-    max_seq_length: int = field(default=256, metadata={"help": "s: inputs are truncated here; DePT's A has s rows."})
+    max_seq_length: int = config_flag("max_seq_length")
     max_target_length: int = field(
         default=20, metadata={"help": "Targets are cut at this many tokens (official: 20; MRQA answers are cut)."}
     )

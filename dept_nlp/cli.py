@@ -14,14 +14,13 @@ import sys
 
 from dept.command_line import MethodArguments, run_command_line, run_console
 from dept.training_args import TrainingArguments
-from dept_nlp.arguments import FLAG_ALIASES, DataArguments, ModelArguments
+from dept_nlp.arguments import DataArguments, ModelArguments
 from dept_nlp.pipeline import run
 
 
 def train(argv: list[str] | None = None) -> dict[str, float]:
     """Parse the flags, train/evaluate/predict, print the results as JSON to stdout and return them."""
-    return run_command_line((ModelArguments, DataArguments, MethodArguments, TrainingArguments), run, argv,
-                            FLAG_ALIASES)
+    return run_command_line((ModelArguments, DataArguments, MethodArguments, TrainingArguments), run, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

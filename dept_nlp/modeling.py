@@ -1,6 +1,5 @@
-"""Which model family a checkpoint belongs to, and how to load it for a text task.
-
-The family comes from the checkpoint's config class, never from a substring of its name:
+"""Load the base model and tokenizer of a text task, for each `task_type` (`dept.config.infer_task_type` tells it
+from the checkpoint's config, never from a substring of its name):
 
 - `seq2seq`: encoder-decoders (T5, BART): text-to-text.
 - `causal`: decoder-only LMs (LLaMA, GPT-2): source then target, loss on the target, generation to predict.
@@ -16,32 +15,29 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
 )
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-)
 
-FAMILIES = ("seq2seq", "causal", "cls")
+from dept.config import TASK_TYPES, ConfigError, infer_task_type
 
 
-def detect_family(config) -> str:
-    """The family of a model config: encoder-decoder, decoder-only (causal LM without a masked-LM head), or
-    encoder classifier."""
-    model_type = config.model_type
-    if getattr(config, "is_encoder_decoder", False):
-        return "seq2seq"
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return "causal"
-    if model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        return "cls"
-    raise ValueError(
-        f"Model type {model_type!r} is neither an encoder-decoder, a decoder-only LM nor an encoder classifier; "
-        "DePT's text pipeline supports those three families."
-    )
+def recorded_task_type(training_task: dict | None) -> str | None:
+    """The task type an adapter's `training_task.json` records (files from before the word was `task_type` call
+    it `model_family`), or None."""
+    training_task = training_task or {}
+    return training_task.get("task_type") or training_task.get("model_family")
 
 
-def load_tokenizer(model_name_or_path: str, family: str, trust_remote_code: bool = False):
+def resolve_task_type(model_name_or_path: str, task_type: str | None = None, training_task: dict | None = None,
+                      trust_remote_code: bool = False) -> str:
+    """`task_type` when given (the flag), else the one the adapter was trained with, else detected from the base
+    model's config."""
+    task_type = task_type or recorded_task_type(training_task)
+    if task_type:
+        return task_type
+    return infer_task_type(AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code))
+
+
+def load_tokenizer(model_name_or_path: str, *, trust_remote_code: bool = False):
+    """The tokenizer, right-padded, with eos as its pad token when it has none (the same for every task type)."""
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:  # LLaMA and GPT-2 ship without one; pads are masked, so eos serves
         tokenizer.pad_token = tokenizer.eos_token
@@ -49,18 +45,18 @@ def load_tokenizer(model_name_or_path: str, family: str, trust_remote_code: bool
     return tokenizer
 
 
-def load_model(model_name_or_path: str, family: str | None = None, *, num_labels: int = 2,
+def load_model(model_name_or_path: str, task_type: str | None = None, *, num_labels: int = 2,
                trust_remote_code: bool = False):
-    """Load the base model of a family (detected from its config when `family` is None)."""
+    """Load the base model of a task type (detected from its config when `task_type` is None)."""
     config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    family = family or detect_family(config)
-    if family == "seq2seq":
+    task_type = task_type or infer_task_type(config)
+    if task_type == "seq2seq":
         return AutoModelForSeq2SeqLM.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    if family == "causal":
+    if task_type == "causal":
         return AutoModelForCausalLM.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    if family == "cls":
+    if task_type == "cls":
         problem = "regression" if num_labels == 1 else "single_label_classification"
         return AutoModelForSequenceClassification.from_pretrained(
             model_name_or_path, num_labels=num_labels, problem_type=problem, trust_remote_code=trust_remote_code
         )
-    raise ValueError(f"Unknown model family {family!r}: choose one of {FAMILIES}.")
+    raise ConfigError(f"Unknown task_type {task_type!r}: choose one of {TASK_TYPES}.")

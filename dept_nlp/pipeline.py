@@ -10,24 +10,21 @@ import json
 import logging
 from pathlib import Path
 
-from transformers import AutoConfig
-
 from dept.command_line import MethodArguments
-from dept.config import ConfigError
+from dept.config import TRAINING_TASK_NAME, ConfigError
 from dept.methods import LoraSettings, count_trainable_parameters, prepare_model
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
 from dept_nlp.arguments import DataArguments, ModelArguments
 from dept_nlp.data_files import load_task_datasets, split_is_shuffled, subsample
-from dept_nlp.evaluation import TextEvaluator
-from dept_nlp.modeling import detect_family, load_model, load_tokenizer
+from dept_nlp.evaluate import TextEvaluator
+from dept_nlp.modeling import load_model, load_tokenizer, resolve_task_type
 from dept_nlp.preprocess import TextCollator, tokenize_rows
 from dept_nlp.sampling import STSB_K_SHOT_THRESHOLD, k_shot_sample
 from dept_nlp.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
-TASK_FILE = "training_task.json"  # what the adapter was trained on, for dept-eval's checks
 
 
 def needed_splits(data_args: DataArguments) -> tuple[str, ...]:
@@ -57,38 +54,37 @@ def load_splits(data_args: DataArguments, seed: int):
 
 
 def build_model(model_args: ModelArguments, method_args: MethodArguments, task, max_length: int, seed: int):
-    """(tokenizer, family, model ready to train with the chosen method)."""
-    family = model_args.model_family or detect_family(
-        AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
-    )
-    if family == "cls" and task.is_extractive_qa:
+    """(tokenizer, task_type, model ready to train with the chosen method)."""
+    task_type = resolve_task_type(model_args.model_name_or_path, model_args.task_type,
+                                  trust_remote_code=model_args.trust_remote_code)
+    if task_type == "cls" and task.is_extractive_qa:
         raise ConfigError(f"{task.name} needs a generated answer: use an encoder-decoder or decoder-only model.")
-    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, family,
-                               model_args.trust_remote_code)
-    base = load_model(model_args.model_name_or_path, family, num_labels=max(task.num_labels, 1),
+    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path,
+                               trust_remote_code=model_args.trust_remote_code)
+    base = load_model(model_args.model_name_or_path, task_type, num_labels=max(task.num_labels, 1),
                       trust_remote_code=model_args.trust_remote_code)
-    dept_config = method_args.dept_config(max_length, family, model_args.model_name_or_path, seed)
+    dept_config = method_args.dept_config(max_length, task_type, model_args.model_name_or_path, seed)
     model = prepare_model(base, method_args.peft_type, dept_config=dept_config, tokenizer=tokenizer,
                           peft_model_id=method_args.peft_model_id, lora=LoraSettings(r=method_args.lora_r))
-    return tokenizer, family, model
+    return tokenizer, task_type, model
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
         training_args: TrainingArguments, on_evaluate=None) -> dict[str, float]:
     task = get_task(data_args.task_name)
     data = load_splits(data_args, training_args.seed)
-    tokenizer, family, model = build_model(model_args, method_args, task, data_args.max_seq_length,
+    tokenizer, task_type, model = build_model(model_args, method_args, task, data_args.max_seq_length,
                                            training_args.seed)
     logger.info("Trainable parameters: %s", count_trainable_parameters(model))
     tokenized = {
-        split: tokenize_rows(rows, tokenizer, family, data_args.max_seq_length, data_args.max_target_length, split,
+        split: tokenize_rows(rows, tokenizer, task_type, data_args.max_seq_length, data_args.max_target_length, split,
                              causal_template=data_args.causal_template)
         for split, rows in data.items()
     }
-    evaluator = TextEvaluator(task, tokenizer, family, data_args.generation_max_length, data_args.num_beams,
+    evaluator = TextEvaluator(task, tokenizer, task_type, data_args.generation_max_length, data_args.num_beams,
                               max_target_length=data_args.max_target_length)
     trainer = Trainer(
-        model, training_args, collate_fn=TextCollator(tokenizer, family), evaluator=evaluator,
+        model, training_args, collate_fn=TextCollator(tokenizer, task_type), evaluator=evaluator,
         train_dataset=tokenized.get("train"), eval_dataset=tokenized.get("validation"),
         test_dataset=tokenized.get("test"), on_evaluate=on_evaluate,
     )
@@ -98,8 +94,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     if data_args.do_train:
         results.update(trainer.train())
         if trainer.accelerator.is_main_process:
-            write_task_file(training_args.output_dir, task, model_args, family,
-                            data_args.causal_template if family == "causal" else None)
+            write_task_file(training_args.output_dir, task, model_args, task_type,
+                            data_args.causal_template if task_type == "causal" else None)
     if data_args.do_eval:
         results.update(trainer.evaluate(tokenized["validation"], split="eval"))
     if data_args.do_predict:
@@ -107,9 +103,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     return results
 
 
-def write_task_file(output_dir: str, task, model_args: ModelArguments, family: str,
+def write_task_file(output_dir: str, task, model_args: ModelArguments, task_type: str,
                     causal_template: str | None = None) -> None:
     record = {"task_names": [task.name], "modality": "text", "label_words": task.label_words,
-              "model_name_or_path": model_args.model_name_or_path, "model_family": family,
+              "model_name_or_path": model_args.model_name_or_path, "task_type": task_type,
               "causal_template": causal_template}
-    Path(output_dir, TASK_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    Path(output_dir, TRAINING_TASK_NAME).write_text(json.dumps(record, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Turn task rows (source, target, label, references) into token ids for each model family, and batch them.
+"""Turn task rows (source, target, label, references) into token ids for each task type, and batch them.
 
 - seq2seq: `input_ids` from the source, `labels` from the target.
 - causal: `input_ids` = the source in `causal_template` (official: ``"{source} Label : "``), the target, eos;
@@ -43,13 +43,13 @@ def _cut(ids: list[int], limit: int, special_ids: set[int]) -> list[int]:
     return ids[:limit]
 
 
-def encode_source(tokenizer, family: str, source: str, causal_template: str = CAUSAL_TEMPLATE) -> list[int]:
-    """The input ids of one source text, before truncation, as the family's model reads them.
+def encode_source(tokenizer, task_type: str, source: str, causal_template: str = CAUSAL_TEMPLATE) -> list[int]:
+    """The input ids of one source text, before truncation, as the model of that task type reads them.
 
     Decoder-only models read `bos + causal_template(source)`, the target following; the others read the
     tokenizer's own encoding (with its special tokens).
     """
-    if family == "causal":
+    if task_type == "causal":
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         return bos + tokenizer(causal_template.format(source=source), add_special_tokens=False)["input_ids"]
     return tokenizer(source)["input_ids"]
@@ -63,7 +63,7 @@ def seq2seq_target_ids(tokenizer, target: str, max_target_length: int) -> list[i
 def tokenize_rows(
     dataset: datasets.Dataset,
     tokenizer,
-    family: str,
+    task_type: str,
     max_length: int,
     max_target_length: int = 20,
     split_name: str = "",
@@ -77,11 +77,11 @@ def tokenize_rows(
     def encode(batch):
         nonlocal truncated
         out = {"input_ids": [], "labels": []}
-        if family == "causal":
+        if task_type == "causal":
             out["prompt_input_ids"] = []
         for source, target, label in zip(batch["source"], batch["target"], batch["label"]):
-            if family == "causal":
-                source_ids = encode_source(tokenizer, family, source, causal_template)
+            if task_type == "causal":
+                source_ids = encode_source(tokenizer, task_type, source, causal_template)
                 target_ids = tokenizer(target, add_special_tokens=False)["input_ids"][: max_target_length - 1]
                 target_ids = target_ids + [tokenizer.eos_token_id]
                 room = max(max_length - len(target_ids), 1)
@@ -91,10 +91,10 @@ def tokenize_rows(
                 out["input_ids"].append((source_ids + target_ids)[:max_length])
                 out["labels"].append(([-100] * len(source_ids) + target_ids)[:max_length])
                 continue
-            ids = encode_source(tokenizer, family, source)
+            ids = encode_source(tokenizer, task_type, source)
             truncated += len(ids) > max_length
             out["input_ids"].append(_cut(ids, max_length, special_ids))
-            if family == "seq2seq":
+            if task_type == "seq2seq":
                 out["labels"].append(seq2seq_target_ids(tokenizer, target, max_target_length))
             else:
                 out["labels"].append(label)
@@ -127,7 +127,7 @@ class TextCollator:
     """
 
     tokenizer: object
-    family: str
+    task_type: str
 
     def __call__(self, rows: list[dict]) -> dict:
         pad_id = self.tokenizer.pad_token_id
@@ -135,12 +135,12 @@ class TextCollator:
         batch = {"input_ids": input_ids, "attention_mask": pad([[1] * len(r["input_ids"]) for r in rows], 0)}
         if all(r["references"] for r in rows):  # unlabeled rows (a test split without labels) get no loss
             labels = [r["labels"] for r in rows]
-            if self.family != "cls":
+            if self.task_type != "cls":
                 batch["labels"] = pad(labels, -100)
             else:
                 dtype = torch.float if any(isinstance(label, float) for label in labels) else torch.long
                 batch["labels"] = torch.tensor(labels, dtype=dtype)
-        if self.family == "causal":
+        if self.task_type == "causal":
             prompts = [r["prompt_input_ids"] for r in rows]
             batch["generation_inputs"] = {
                 "input_ids": pad(prompts, pad_id, side="left"),

@@ -4,7 +4,7 @@
         --adapter_root outputs --host 127.0.0.1 --port 8000 --max_batch_size 32 --max_wait_ms 5
 
 The base model's kind (text: T5, decoder-only or encoder classifier; or VL-T5) comes from the first adapter's
-`training_task.json`, or from `--modality` / `--model_family`.
+`training_task.json`, or from `--modality` / `--task_type`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from dept import AdapterMismatchError, ConfigError
+from dept import AdapterMismatchError, ConfigError, DePTConfig
+from dept.config import TASK_TYPES
 from dept_serve.errors import ServeError
 from dept_serve.schemas import Limits
 
@@ -46,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_body_bytes", type=int, default=Limits.max_body_bytes,
                         help="Larger request bodies are refused (413).")
     parser.add_argument("--modality", choices=("text", "vl"), help="Default: the first adapter's.")
-    parser.add_argument("--model_family", choices=("seq2seq", "causal", "cls"),
-                        help="Text bases: default the first adapter's, else detected from the model's config.")
+    parser.add_argument("--task_type", "--model_family", choices=TASK_TYPES,  # (--model_family: its earlier name)
+                        help=f"{DePTConfig.field_help('task_type')} Text bases; unset: the first adapter's, else "
+                             "detected from the model's config.")
     parser.add_argument("--num_labels", type=int, help="Classifier bases: default from the first adapter's task.")
     parser.add_argument("--tokenizer_name", help="Tokenizer, if not the base model's own.")
     parser.add_argument("--feat_dim", type=int, help="VL bases: feature size, default the first adapter's.")
@@ -91,7 +93,7 @@ def build_app(args: argparse.Namespace):
     image_features = ({"backbone": args.backbone, "pretrained": args.pretrained, "image_size": args.image_size}
                       if args.backbone else None)
     engine = ServingEngine.load(
-        args.model_name_or_path, dict(args.adapter), modality=args.modality, model_family=args.model_family,
+        args.model_name_or_path, dict(args.adapter), modality=args.modality, task_type=args.task_type,
         tokenizer_name=args.tokenizer_name, num_labels=args.num_labels, feat_dim=args.feat_dim,
         feature_file=args.feature_file, image_features=image_features, device=args.device)
     return create_app(DePTService(engine, limits_from_args(args), args.adapter_root))

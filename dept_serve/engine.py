@@ -15,17 +15,16 @@ different adapters; `dept.MultiAdapterModel` routes each row to its own.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoConfig
 
 from dept import ConfigError, DePTConfig, MultiAdapterModel
-from dept_nlp.modeling import detect_family, load_model
+from dept.config import read_training_task
+from dept_nlp.modeling import load_model, recorded_task_type, resolve_task_type
 from dept_nlp.modeling import load_tokenizer as load_text_tokenizer
 from dept_nlp.preprocess import encode_source, pad
 from dept_nlp.tasks import TASKS as TEXT_TASKS
@@ -35,7 +34,6 @@ from dept_vl.features import FeatureStoreError, GridFeatureExtractor, MissingFea
 from dept_vl.pipeline import VLModelArguments, load_vl_base_model
 from dept_vl.pipeline import load_tokenizer as load_vl_tokenizer
 
-TASK_FILE = "training_task.json"
 MODALITIES = ("text", "vl")
 
 
@@ -72,23 +70,9 @@ class EngineRow:
     visual: tuple[np.ndarray, np.ndarray] | None = None
 
 
-def read_training_task(path: Path) -> dict | None:
-    """The adapter's `training_task.json` (written by the training CLIs), or None for an official checkpoint."""
-    file = path / TASK_FILE
-    if not file.is_file():
-        return None
-    try:
-        record = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{file} is not valid JSON: {err}") from None
-    if not isinstance(record, dict):
-        raise ConfigError(f"{file} should hold a JSON object, as the training CLIs write it.")
-    return record
-
-
-def _base_settings(adapter_dirs: list[Path], modality: str | None, model_family: str | None,
+def _base_settings(adapter_dirs: list[Path], modality: str | None, task_type: str | None,
                    num_labels: int | None, feat_dim: int | None) -> dict:
-    """The base model's modality, family, label count and feature size, from the flags or the first adapter."""
+    """The base model's modality, task_type, label count and feature size, from the flags or the first adapter."""
     record = next((r for r in map(read_training_task, adapter_dirs) if r is not None), None) or {}
     modality = modality or record.get("modality", "text")
     if modality not in MODALITIES:
@@ -98,12 +82,12 @@ def _base_settings(adapter_dirs: list[Path], modality: str | None, model_family:
         if not isinstance(feat_dim, int):
             raise ConfigError("A VL-T5 base needs its feature size: pass --feat_dim, or an --adapter saved by "
                               "dept-train-vl (its training_task.json records feat_dim).")
-        return {"modality": modality, "family": "seq2seq", "feat_dim": feat_dim}
-    family = model_family or record.get("model_family")
+        return {"modality": modality, "task_type": "seq2seq", "feat_dim": feat_dim}
+    task_type = task_type or recorded_task_type(record)
     if num_labels is None:
         tasks = [TEXT_TASKS[name] for name in record.get("task_names", []) if name in TEXT_TASKS]
         num_labels = max(tasks[0].num_labels, 1) if tasks else 2
-    return {"modality": modality, "family": family, "num_labels": num_labels}
+    return {"modality": modality, "task_type": task_type, "num_labels": num_labels}
 
 
 class ServingEngine:
@@ -113,19 +97,19 @@ class ServingEngine:
         base_model: the frozen Hugging Face model (T5, LLaMA-style, BERT-style, or VL-T5).
         tokenizer: its tokenizer.
         modality: "text" or "vl".
-        family: "seq2seq", "causal" or "cls".
+        task_type: "seq2seq", "causal" or "cls".
         feature_store: for VL, the stored features that a request names by `feature_id`.
         image_features: for VL, the backbone settings used for uploaded images when an adapter records none.
     """
 
-    def __init__(self, base_model, tokenizer, *, modality: str, family: str, model_name_or_path: str = "",
+    def __init__(self, base_model, tokenizer, *, modality: str, task_type: str, model_name_or_path: str = "",
                  feature_store=None, image_features: dict | None = None, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.multi = MultiAdapterModel(base_model.to(self.device))
         self.tokenizer = tokenizer  # decodes, on the compute thread
         # Requests are encoded on the event loop's thread: a fast tokenizer must not be used by two threads at once.
         self._request_tokenizer = copy.deepcopy(tokenizer)
-        self.modality, self.family = modality, family
+        self.modality, self.task_type = modality, task_type
         self.model_name_or_path = model_name_or_path
         self.feature_store = feature_store
         self.image_features = image_features
@@ -134,23 +118,23 @@ class ServingEngine:
 
     @classmethod
     def load(cls, model_name_or_path: str, adapters: dict[str, str | Path] | None = None, *,
-             modality: str | None = None, model_family: str | None = None, tokenizer_name: str | None = None,
+             modality: str | None = None, task_type: str | None = None, tokenizer_name: str | None = None,
              num_labels: int | None = None, feat_dim: int | None = None, feature_file: str | None = None,
              image_features: dict | None = None, device: str | torch.device | None = None) -> ServingEngine:
         """Load the base model and its tokenizer (what it is comes from the flags, else from the first adapter's
         training_task.json), then the adapters."""
         adapters = adapters or {}
-        settings = _base_settings([Path(p) for p in adapters.values()], modality, model_family, num_labels, feat_dim)
+        settings = _base_settings([Path(p) for p in adapters.values()], modality, task_type, num_labels, feat_dim)
         if settings["modality"] == "vl":
             tokenizer = load_vl_tokenizer(VLModelArguments(model_name_or_path, tokenizer_name=tokenizer_name))
             base = load_vl_base_model(model_name_or_path, settings["feat_dim"])
         else:
-            settings["family"] = settings["family"] or detect_family(AutoConfig.from_pretrained(model_name_or_path))
-            tokenizer = load_text_tokenizer(tokenizer_name or model_name_or_path, settings["family"])
-            base = load_model(model_name_or_path, settings["family"], num_labels=settings["num_labels"])
+            settings["task_type"] = resolve_task_type(model_name_or_path, settings["task_type"])
+            tokenizer = load_text_tokenizer(tokenizer_name or model_name_or_path)
+            base = load_model(model_name_or_path, settings["task_type"], num_labels=settings["num_labels"])
         store = open_feature_files(feature_file) if feature_file else None
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        engine = cls(base.eval(), tokenizer, modality=settings["modality"], family=settings["family"],
+        engine = cls(base.eval(), tokenizer, modality=settings["modality"], task_type=settings["task_type"],
                      model_name_or_path=model_name_or_path, feature_store=store, image_features=image_features,
                      device=device)
         for name, path in adapters.items():
@@ -173,9 +157,9 @@ class ServingEngine:
         if modality != self.modality:
             raise InvalidInputError(f"{path} is a {modality} adapter, but this server's base model is "
                                     f"{self.modality}: serve it from a {modality} base.")
-        if config.task_type != self.family:
+        if config.task_type != self.task_type:
             raise InvalidInputError(f"{path} is a {config.task_type!r} adapter, but this server's base model is "
-                                    f"a {self.family!r} model: it was trained on another base model.")
+                                    f"a {self.task_type!r} model: it was trained on another base model.")
         if modality == "vl" and record.get("feat_dim") != self.base_model.config.feat_dim:
             raise InvalidInputError(f"{path} reads {record.get('feat_dim')}-dimensional image features, but this "
                                     f"VL-T5 reads {self.base_model.config.feat_dim}-dimensional ones.")
@@ -198,7 +182,7 @@ class ServingEngine:
     # ------------------------------------------------------------------------------------------------ inputs
     def encode(self, adapter: ServedAdapter, texts: list[str]) -> list[list[int]]:
         """Token ids of each text as in training; an input over the adapter's max_length is refused (422)."""
-        encoded = [encode_source(self._request_tokenizer, self.family, text) for text in texts]
+        encoded = [encode_source(self._request_tokenizer, self.task_type, text) for text in texts]
         limit = adapter.config.max_length
         for i, ids in enumerate(encoded):
             if len(ids) > limit:
@@ -241,7 +225,7 @@ class ServingEngine:
 
     # ------------------------------------------------------------------------------------------------ batches
     def _batch(self, rows: list[EngineRow]) -> dict:
-        side = "left" if self.family == "causal" else "right"  # decoder-only models continue at the right end
+        side = "left" if self.task_type == "causal" else "right"  # decoder-only models continue at the right end
         ids = [row.input_ids for row in rows]
         batch = {"input_ids": pad(ids, self.tokenizer.pad_token_id, side),
                  "attention_mask": pad([[1] * len(row) for row in ids], 0, side)}
@@ -262,7 +246,7 @@ class ServingEngine:
 
     def new_tokens(self, ids: list[int]) -> list[int]:
         """The generated tokens of one row: without the decoder's start token, up to and with the first eos."""
-        if self.family == "seq2seq":
+        if self.task_type == "seq2seq":
             ids = ids[1:]
         eos = self.tokenizer.eos_token_id
         return ids[: ids.index(eos) + 1] if eos in ids else ids

@@ -23,10 +23,9 @@ class Pipeline:
     modality: str
     dataclass_types: tuple
     run: Callable[..., dict]
-    aliases: dict[str, str]
 
     def parse(self, argv: list[str]) -> tuple:
-        return tuple(parse_arguments(self.dataclass_types, argv, self.aliases))
+        return tuple(parse_arguments(self.dataclass_types, argv))
 
     def task_label(self, parsed: tuple) -> str:
         data_args = parsed[1]
@@ -39,7 +38,7 @@ class Pipeline:
             from dept_nlp.tasks import get_task
 
             return get_task(data_args.task_name).main_metric
-        from dept_vl.evaluation import VLEvaluator
+        from dept_vl.evaluate import VLEvaluator
 
         return VLEvaluator(data_args.task_names, tokenizer=None).main_metric
 
@@ -57,17 +56,17 @@ class Pipeline:
 
 
 def text_pipeline() -> Pipeline:
-    from dept_nlp.arguments import FLAG_ALIASES, DataArguments, ModelArguments
+    from dept_nlp.arguments import DataArguments, ModelArguments
     from dept_nlp.pipeline import run
 
-    return Pipeline("text", (ModelArguments, DataArguments, MethodArguments, TrainingArguments), run, FLAG_ALIASES)
+    return Pipeline("text", (ModelArguments, DataArguments, MethodArguments, TrainingArguments), run)
 
 
 def vl_pipeline() -> Pipeline:
-    from dept_vl.cli import FLAG_ALIASES
-    from dept_vl.pipeline import VLDataArguments, VLModelArguments, run
+    from dept_vl.cli import ARGUMENT_TYPES
+    from dept_vl.pipeline import run
 
-    return Pipeline("vl", (VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments), run, FLAG_ALIASES)
+    return Pipeline("vl", ARGUMENT_TYPES, run)
 
 
 def detect_pipeline(argv: list[str]) -> Pipeline:

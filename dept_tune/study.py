@@ -48,7 +48,7 @@ class StudySettings:
 
     pipeline: Pipeline
     argv: list[str]  # the pipeline's flags, without the searched ones
-    base: tuple  # those flags parsed: (model_args, data_args, method_args, training_args)
+    base: tuple  # those flags parsed: (model_args, data_args, method_args, training_args, ...)
     specs: dict[str, ParamSpec]
     metric: str  # without the eval_ prefix
     direction: str
@@ -279,7 +279,7 @@ def claim_output_dir(settings: StudySettings, trial: optuna.Trial, values: dict)
 
 def trial_values(settings: StudySettings, trial: optuna.Trial) -> dict:
     """The searched values of this trial, completed with the recipe's for what is not searched."""
-    model_args, data_args, method_args, training_args = settings.base
+    method_args, training_args = settings.base[2:4]
     values = {"learning_rate": training_args.learning_rate, "lora_embedding_lr": training_args.lora_embedding_lr,
               "prefix_length": method_args.prefix_length, "r": method_args.r,
               "max_steps": training_args.max_steps, "warmup_steps": training_args.warmup_steps}

@@ -9,6 +9,9 @@ flags on the command line override:
         --feature_file data/features.h5 --peft_type PROMPT_TUNING_LORA --prefix_length 40 --r 45 \\
         --do_train --do_eval --do_predict --output_dir outputs/vl-multitask
 
+With `--vision_backbone vit_base_patch16_224 --image_dir data/images` (instead of `--feature_file`) the features
+come from that ViT inside the model, tuned with visual DePT next to the text adapter (`dept_vl.vision_backbone`).
+
 `main` is the console script (exit status 0, or 2 with a one-line message; see `dept.command_line`); `train` is the
 same run for Python callers, which returns the results and raises errors as they are.
 """
@@ -20,14 +23,15 @@ import sys
 from dept.command_line import MethodArguments, run_command_line, run_console
 from dept.training_args import TrainingArguments
 from dept_vl.pipeline import VLDataArguments, VLModelArguments, run
+from dept_vl.vision_backbone import VisionBackboneArguments
 
-FLAG_ALIASES = {"--evaluation_strategy": "--eval_strategy", "--task_name": "--tasks"}
+ARGUMENT_TYPES = (VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments, VisionBackboneArguments)
+"""The flags' dataclasses, in the order `dept_vl.pipeline.run` takes them (`dept-tune` parses the same)."""
 
 
 def train(argv: list[str] | None = None) -> dict[str, float]:
     """Parse the flags, train/evaluate/predict, print the results as JSON to stdout and return them."""
-    return run_command_line((VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments), run, argv,
-                            FLAG_ALIASES)
+    return run_command_line(ARGUMENT_TYPES, run, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ import torch
 from dept_vl.features import (
     FeatureStore,
     GridFeatureExtractor,
+    ImageFolder,
     MissingFeaturesError,
     OnTheFlyFeatures,
     UnreadableImagesError,
@@ -152,12 +153,13 @@ def check_features_cover(dataset: datasets.Dataset, sources: Mapping[str, Featur
 
 def check_images_load(datasets_by_split: Mapping[str, datasets.Dataset], sources: Mapping[str, FeatureSource],
                       shown: int = 20) -> None:
-    """Before training on raw images (`--image_dir`), load every image a row refers to, and report all that fail
-    at once, counted, by path (as `scripts/extract_features.py` does), instead of stopping at the first one."""
+    """Before training on raw images (`--image_dir`, with or without `--vision_backbone`), load every image a row
+    refers to, and report all that fail at once, counted, by path (as `scripts/extract_features.py` does), instead
+    of stopping at the first one."""
     wanted: dict[str, list[str]] = {}
     for rows in datasets_by_split.values():
         for task, image_ids in zip(rows["task"], rows["image_ids"]):
-            if isinstance(sources[task], OnTheFlyFeatures):
+            if isinstance(sources[task], ImageFolder):
                 wanted.setdefault(task, []).extend(image_ids)
     failures, checked = [], 0
     for task, image_ids in wanted.items():
@@ -236,6 +238,25 @@ def visual_inputs(per_row: list[list[tuple[np.ndarray, np.ndarray]]]) -> dict[st
             vis_boxes[i, j, : len(boxes)] = torch.from_numpy(boxes)
             vis_mask[i, j, : len(features)] = 1
     return {"vis_feats": vis_feats, "vis_boxes": vis_boxes, "vis_attention_mask": vis_mask}
+
+
+@dataclass
+class VLImageCollator(VLCollator):
+    """`VLCollator` for a backbone inside the model: `pixel_values` (batch, images, 3, S, S) from `ImagePixels`
+    sources instead of `vis_feats` / `vis_boxes`, and `vis_attention_mask` (batch, images, n_regions) as for
+    features (0 for a missing second image), `n_regions` being the backbone's grid cells."""
+
+    n_regions: int = 0
+
+    def _visual_inputs(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        per_row = [[self.features[r["task"]][image_id] for image_id in r["image_ids"]] for r in rows]
+        n_images = max(len(images) for images in per_row)
+        pixel_values = torch.zeros(len(rows), n_images, *per_row[0][0].shape)
+        vis_mask = torch.zeros(len(rows), n_images, self.n_regions, dtype=torch.long)
+        for i, images in enumerate(per_row):
+            pixel_values[i, : len(images)] = torch.stack(images)
+            vis_mask[i, : len(images)] = 1
+        return {"pixel_values": pixel_values, "vis_attention_mask": vis_mask}
 
 
 def task_file_paths(root: str | Path) -> dict[str, str]:

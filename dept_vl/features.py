@@ -10,6 +10,9 @@ Sources:
   the files written by `extract_to_h5` / `scripts/extract_features.py`, which use the same layout; or `.npz`/`.npy`.
 - `OnTheFlyFeatures`: computes grid features from raw images when asked, for small runs.
 
+`ImagePixels` gives the preprocessed images instead, for a backbone tuned inside the model
+(`dept_vl.vision_backbone`), which turns its output into the same grid features with `feature_grid`.
+
 The HDF5 layout is VL-T5's: one group per image id, holding `features` (n_regions, feat_dim), `boxes`
 (n_regions, 4) in **pixels**, and the scalars `img_h` and `img_w`. Readers divide the boxes by the image size.
 """
@@ -17,6 +20,7 @@ The HDF5 layout is VL-T5's: one group per image id, holding `features` (n_region
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +35,7 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from dept.config import ConfigError
 from dept.errors import UserError
 from dept_vl.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, resolve_image_path
 
@@ -39,11 +44,16 @@ __all__ = [
     "FeatureStore",
     "FeatureStoreError",
     "GridFeatureExtractor",
+    "ImageFolder",
+    "ImagePixels",
     "MissingFeaturesError",
     "OnTheFlyFeatures",
+    "create_backbone",
     "extract_to_h5",
+    "feature_grid",
     "find_images",
     "grid_boxes",
+    "grid_transform",
 ]
 
 _BOX_TOLERANCE = 1e-5  # VL-T5's reader asserts the same bound before clamping to [0, 1]
@@ -90,6 +100,93 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def resolve_backbone_name(backbone: str) -> str:
+    """A timm model name, `hf-hub:ORG/NAME`, `local-dir:DIR`, or a directory saved by timm (read as `local-dir:`)."""
+    if ":" not in backbone and Path(backbone).expanduser().is_dir():
+        return f"local-dir:{Path(backbone).expanduser()}"
+    return backbone
+
+
+def _architecture(backbone: str) -> str:
+    """The timm architecture behind a (possibly `hf-hub:` / `local-dir:`) backbone name, read from its config."""
+    source, model_id = timm.models.parse_model_name(backbone)
+    if source == "hf-hub":
+        return timm.models.load_model_config_from_hf(model_id)[1]
+    if source == "local-dir":
+        config = Path(model_id) / "config.json"
+        if not config.is_file():
+            raise ConfigError(f"{model_id} has no config.json: save the backbone there with timm's save_for_hf")
+        return json.loads(config.read_text())["architecture"]
+    return backbone
+
+
+def create_backbone(backbone: str, pretrained: bool = True, image_size: int | None = None, seed: int | None = None,
+                    **kwargs) -> torch.nn.Module:
+    """`timm.create_model(backbone, pretrained, num_classes=0)`, at `image_size` for models whose input size is
+    fixed at build (ViTs size their position embedding and patch grid then).
+
+    `backbone`: see `resolve_backbone_name`. `seed`: with `pretrained=False`, the seed of the random weights (None:
+    the global RNG as it is); the global RNG is left as it was.
+    """
+    backbone = resolve_backbone_name(backbone)
+    architecture = _architecture(backbone)
+    if not timm.is_model(architecture):
+        close = timm.list_models(f"*{architecture.split('_')[0]}*")[:8]
+        raise ConfigError(f"unknown timm backbone {architecture!r}; similar names: {close}")
+    if image_size is not None and timm.models.get_pretrained_cfg_value(architecture, "fixed_input_size"):
+        kwargs["img_size"] = image_size
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = timm.create_model(backbone, pretrained=pretrained, num_classes=0, **kwargs)
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and hasattr(patch_embed, "img_size") and patch_embed.img_size is not None:
+        size, patch = tuple(patch_embed.img_size), tuple(patch_embed.patch_size)
+        if size[0] % patch[0] or size[1] % patch[1]:
+            raise ConfigError(
+                f"{backbone}: the input size {size[0]} x {size[1]} is not a multiple of the patch size "
+                f"{patch[0]} x {patch[1]}, so the patch grid would leave part of every image out; choose an image "
+                f"size that is a multiple of {patch[0]}"
+            )
+    return model
+
+
+def grid_transform(model: torch.nn.Module, image_size: int | tuple[int, int] | None = None) -> tuple[dict, object]:
+    """(data config, eval transform) of timm for `model`, resized to the input size without cropping, so that
+    the grid cells tile the whole image and the cell boxes are true image coordinates.
+
+    `image_size`: the input size, square for an int; None keeps the model's default (its pretrained config's).
+    """
+    overrides = {"crop_pct": 1.0, "crop_mode": "squash"}  # no crop: grid cells must cover the whole image
+    if image_size is not None:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        overrides["input_size"] = (3, height, width)
+    data_config = resolve_data_config(args=overrides, model=model)
+    return data_config, create_transform(**data_config, is_training=False)
+
+
+def feature_grid(model: torch.nn.Module, output: torch.Tensor, name: str = "") -> torch.Tensor:
+    """The output of `model.forward_features` (or of a prompted ViT's, without its prompt outputs) laid out as
+    its grid of regions: (B, H, W, feat_dim).
+
+    A CNN's (B, C, H, W) map is moved to channels last; a ViT's (B, tokens, C) sequence loses its class and
+    register tokens (`model.num_prefix_tokens`) and its patch tokens go on the patch grid, in row-major order.
+    """
+    name = name or type(model).__name__
+    if output.ndim == 4:
+        return output if getattr(model, "output_fmt", "NCHW") == "NHWC" else output.permute(0, 2, 3, 1)
+    if output.ndim == 3:
+        patches = output[:, getattr(model, "num_prefix_tokens", 0) :]
+        height, width = getattr(getattr(model, "patch_embed", None), "grid_size", (0, 0))
+        if height * width != patches.shape[1]:
+            raise ValueError(f"{name}: {patches.shape[1]} patch tokens do not match the patch grid {height}x{width}")
+        return patches.reshape(patches.shape[0], height, width, patches.shape[2])
+    raise ValueError(
+        f"{name}: forward_features returned shape {tuple(output.shape)}; only CNN feature maps "
+        "(B, C, H, W) and ViT token sequences (B, tokens, C) are supported"
+    )
+
+
 class GridFeatureExtractor:
     """Grid features from a timm backbone: each cell of the last feature map is one region.
 
@@ -102,7 +199,7 @@ class GridFeatureExtractor:
     boxes are true image coordinates.
 
     Args:
-        backbone: a timm model name.
+        backbone: a timm model name, `hf-hub:ORG/NAME` or a directory saved by timm (see `create_backbone`).
         pretrained: load timm's pretrained weights (the default for real use; tests use random weights offline).
         image_size: square input size; None keeps the model's default (224 for the models above).
         device: where the backbone runs.
@@ -124,27 +221,13 @@ class GridFeatureExtractor:
         device: str | torch.device = "cpu",
         seed: int | None = None,
     ):
-        if not timm.is_model(backbone):
-            close = timm.list_models(f"*{backbone.split('_')[0]}*")[:8]
-            raise ValueError(f"unknown timm backbone {backbone!r}; similar names: {close}")
-        create_kwargs = {}
-        if image_size is not None and timm.models.get_pretrained_cfg_value(backbone, "fixed_input_size"):
-            create_kwargs["img_size"] = image_size  # ViTs size their position embeddings (and patch grid) at build
         self.backbone = backbone
         self.pretrained = pretrained
         self.device = torch.device(device)
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            self.model = timm.create_model(backbone, pretrained=pretrained, num_classes=0, **create_kwargs)
+        self.model = create_backbone(backbone, pretrained=pretrained, image_size=image_size, seed=seed)
         self.weights_sha256 = weights_fingerprint(self.model)
         self.model.eval().to(self.device)
-
-        overrides = {"crop_pct": 1.0, "crop_mode": "squash"}  # no crop: grid cells must cover the whole image
-        if image_size is not None:
-            overrides["input_size"] = (3, image_size, image_size)
-        self.data_config = resolve_data_config(args=overrides, model=self.model)
-        self.transform = create_transform(**self.data_config, is_training=False)
+        self.data_config, self.transform = grid_transform(self.model, image_size)
 
         probe = torch.zeros(1, *self.data_config["input_size"])
         grid = self._feature_grid(probe)
@@ -159,21 +242,7 @@ class GridFeatureExtractor:
     @torch.inference_mode()
     def _feature_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, H, W, feat_dim) on the model's device."""
-        output = self.model.forward_features(pixel_values.to(self.device))
-        if output.ndim == 4:
-            return output if getattr(self.model, "output_fmt", "NCHW") == "NHWC" else output.permute(0, 2, 3, 1)
-        if output.ndim == 3:
-            patches = output[:, getattr(self.model, "num_prefix_tokens", 0) :]
-            height, width = getattr(getattr(self.model, "patch_embed", None), "grid_size", (0, 0))
-            if height * width != patches.shape[1]:
-                raise ValueError(
-                    f"{self.backbone}: {patches.shape[1]} patch tokens do not match the patch grid {height}x{width}"
-                )
-            return patches.reshape(patches.shape[0], height, width, patches.shape[2])
-        raise ValueError(
-            f"{self.backbone}: forward_features returned shape {tuple(output.shape)}; only CNN feature maps "
-            "(B, C, H, W) and ViT token sequences (B, tokens, C) are supported"
-        )
+        return feature_grid(self.model, self.model.forward_features(pixel_values.to(self.device)), self.backbone)
 
     def extract_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) preprocessed images -> (B, n_regions, feat_dim) float32 features on the CPU."""
@@ -416,7 +485,43 @@ def find_images(image_dir: str | Path) -> dict[str, Path]:
     return images
 
 
-class OnTheFlyFeatures:
+class ImageFolder:
+    """The images under a directory, by id (the file stem, searched recursively), as the feature sources see them.
+
+    `source[image_id]` is for the subclasses to define (features, or pixels for a backbone inside the model).
+    """
+
+    def __init__(self, image_dir: str | Path):
+        self.image_dir = Path(image_dir)
+        self.images = find_images(image_dir)
+
+    def image_ids(self) -> list[str]:
+        return list(self.images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __contains__(self, image_id: object) -> bool:
+        return str(image_id) in self.images
+
+    def load(self, image_id: object) -> Image.Image:
+        image_id = str(image_id)
+        if image_id not in self.images:
+            raise MissingFeaturesError(f"no image with id {image_id!r} (file stem) under {self.image_dir}")
+        return load_image(self.images[image_id])
+
+    def unreadable(self, image_ids: Sequence[str]) -> list[ImageLoadError]:
+        """Load each of `image_ids` once (without the backbone) and return the errors of those that fail."""
+        failures = []
+        for image_id in dict.fromkeys(map(str, image_ids)):
+            try:
+                load_image(self.images[image_id])
+            except ImageLoadError as error:
+                failures.append(error)
+        return failures
+
+
+class OnTheFlyFeatures(ImageFolder):
     """Grid features computed from raw images when first asked for, then cached in memory.
 
     Same interface as `FeatureStore`: `features[image_id] -> (features, boxes)`. Meant for small runs and demos;
@@ -429,38 +534,33 @@ class OnTheFlyFeatures:
     """
 
     def __init__(self, image_dir: str | Path, extractor: GridFeatureExtractor):
-        self.image_dir = Path(image_dir)
+        super().__init__(image_dir)
         self.extractor = extractor
-        self.images = find_images(image_dir)
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def image_ids(self) -> list[str]:
-        return list(self.images)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __contains__(self, image_id: object) -> bool:
-        return str(image_id) in self.images
 
     def __getitem__(self, image_id: object) -> tuple[np.ndarray, np.ndarray]:
         image_id = str(image_id)
         if image_id not in self._cache:
-            if image_id not in self.images:
-                raise MissingFeaturesError(f"no image with id {image_id!r} (file stem) under {self.image_dir}")
-            self._cache[image_id] = self.extractor([load_image(self.images[image_id])])[0]
+            self._cache[image_id] = self.extractor([self.load(image_id)])[0]
         features, boxes = self._cache[image_id]
         return features.copy(), boxes.copy()  # copies, so a caller cannot change the cache
 
-    def unreadable(self, image_ids: Sequence[str]) -> list[ImageLoadError]:
-        """Load each of `image_ids` once (without the backbone) and return the errors of those that fail."""
-        failures = []
-        for image_id in dict.fromkeys(map(str, image_ids)):
-            try:
-                load_image(self.images[image_id])
-            except ImageLoadError as error:
-                failures.append(error)
-        return failures
+
+class ImagePixels(ImageFolder):
+    """`pixels[image_id] -> (3, S, S)` float tensor: an image through `transform`, for a backbone that runs
+    inside the model (`dept_vl.vision_backbone`), so it can be tuned.
+
+    Args:
+        image_dir: images, found recursively; the image id is the file stem.
+        transform: the backbone's `grid_transform`, the same one `GridFeatureExtractor` applies.
+    """
+
+    def __init__(self, image_dir: str | Path, transform):
+        super().__init__(image_dir)
+        self.transform = transform
+
+    def __getitem__(self, image_id: object) -> torch.Tensor:
+        return self.transform(self.load(image_id))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from datasets import ClassLabel, DatasetDict, load_dataset
 from PIL import ImageOps
 from timm.data import create_transform, resolve_data_config
 
-from dept.command_line import MethodArguments, RunStages, run_command_line, run_console
+from dept.command_line import MethodArguments, RunStages, config_flag, run_command_line, run_console
 from dept.config import ConfigError
 from dept.model import DePTModel
 from dept.trainer import Trainer
@@ -112,7 +112,7 @@ class ImageDataArguments(RunStages):
 class VisionMethodArguments(MethodArguments):
     """The shared method flags; P starts as VPT's prompts, since images have no vocabulary to copy from."""
 
-    prompt_init: str = field(default="random", metadata={"help": "'random': VPT's uniform initialisation of P."})
+    prompt_init: str = config_flag("prompt_init", default="random")
 
 
 # --------------------------------------------------------------------------------------------------- the data

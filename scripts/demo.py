@@ -28,7 +28,7 @@ from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
 from dept_nlp.cli import train as train_nlp
 from dept_nlp.data_files import load_task_datasets, sample_sst2_files
-from dept_nlp.evaluation import TextEvaluator
+from dept_nlp.evaluate import TextEvaluator
 from dept_nlp.preprocess import TextCollator, tokenize_rows
 from dept_nlp.tasks import get_task
 

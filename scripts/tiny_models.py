@@ -127,8 +127,8 @@ def tiny_bert_config(vocab_size: int, hidden_size: int = 32, num_labels: int = 2
     return BertConfig(**kwargs)
 
 
-def save_tiny_model(family: str, save_dir: str | Path, texts: Iterable[str], seed: int = 0, **config_overrides) -> Path:
-    """Build a tiny model of a family ("seq2seq", "causal", "cls") with a word tokenizer over `texts`, and save
+def save_tiny_model(task_type: str, save_dir: str | Path, texts: Iterable[str], seed: int = 0, **config_overrides) -> Path:
+    """Build a tiny model of a task type ("seq2seq", "causal", "cls") with a word tokenizer over `texts`, and save
     both to `save_dir`, so `from_pretrained(save_dir)` loads them as it would a hub checkpoint."""
     import torch
     from transformers import BertForSequenceClassification, LlamaForCausalLM, T5ForConditionalGeneration
@@ -142,5 +142,5 @@ def save_tiny_model(family: str, save_dir: str | Path, texts: Iterable[str], see
         "cls": lambda: BertForSequenceClassification(tiny_bert_config(len(tokenizer), **config_overrides)),
     }
     torch.manual_seed(seed)
-    builders[family]().save_pretrained(save_dir)
+    builders[task_type]().save_pretrained(save_dir)
     return save_dir

@@ -97,7 +97,7 @@ def bert_model(tokenizer):
 
 @pytest.fixture(params=["t5", "llama", "bert"])
 def any_model(request, tokenizer):
-    """(model kind, freshly built tiny model) for each of the three families."""
+    """(model kind, freshly built tiny model) for each of the three task types."""
     builders = {
         "t5": lambda: T5ForConditionalGeneration(tiny_t5_config(len(tokenizer))),
         "llama": lambda: LlamaForCausalLM(tiny_llama_config(len(tokenizer))),

@@ -15,18 +15,17 @@ from dept import AdapterMismatchError, DePTConfig, get_dept_model
 from dept.errors import TaskMismatchError
 from dept_eval.cli import evaluate as dept_eval
 from dept_nlp.cli import train as dept_train
-from dept_nlp.evaluation import TextEvaluator
+from dept_nlp.evaluate import TextEvaluator
 from dept_nlp.tasks import get_task
 from dept_vl.cli import train as vl_train
 from dept_vl.data import task_file_paths
-from dept_vl.evaluation import VLEvaluator
-from tests.conftest import OFFICIAL_CHECKPOINTS, T5_TOKENIZER_DIR, save_tiny_model, tiny_t5_config
+from dept_vl.evaluate import VLEvaluator
+from tests.conftest import OFFICIAL_CHECKPOINTS, T5_TOKENIZER_DIR, TASK_TYPES, save_tiny_model, tiny_t5_config
 from tests.nlp.fixtures import hub_row, write_task_fixture
 from tests.nlp.test_pipeline import _flags
 from tests.vl.test_pipeline import build_vl_fixture
 
 TASKS = ("sst2", "rte")
-FAMILIES = {"t5": "seq2seq", "llama": "causal", "bert": "cls"}
 GENERATION = ["--generation_max_length", "3"]
 
 
@@ -139,9 +138,9 @@ def test_mixed_batches_give_the_same_predictions_and_metrics_on_t5(trained, tmp_
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
-def test_mixed_batches_give_the_same_predictions_and_metrics_on_other_families(tmp_path, kind):
+def test_mixed_batches_give_the_same_predictions_and_metrics_on_other_task_types(tmp_path, kind):
     files = write_task_fixture("sst2", tmp_path / "data", n_train=8, n_val=7, n_test=4)
-    model_dir = save_tiny_model(FAMILIES[kind], tmp_path / kind, _texts())
+    model_dir = save_tiny_model(TASK_TYPES[kind], tmp_path / kind, _texts())
     first = _train(model_dir, tmp_path / "a", "sst2", files, 6)
     second = _train(model_dir, tmp_path / "b", "sst2", files, 2)
     _assert_mixed_matches_one_at_a_time(model_dir, [(first, "sst2", files), (second, "sst2", files)], tmp_path)
@@ -192,6 +191,15 @@ def test_task_with_other_labels_stops_before_evaluating_any_pair(trained, tmp_pa
             "--adapter", f"{trained['adapters']['sst2']}:{task_name}", "--output_dir", str(tmp_path / "eval"),
             *_file_flags(trained["files"]["sst2"], "validation")]
     with pytest.raises(TaskMismatchError, match=rf"trained on \['sst2'\].*{task_name} needs {needs}"):
+        dept_eval(argv)
+    assert no_evaluation == []
+    assert not (tmp_path / "eval").exists()
+
+
+def test_an_adapter_evaluated_as_another_modality_stops_before_evaluating(trained, tmp_path, no_evaluation):
+    argv = ["--model_name_or_path", str(trained["model"]), "--adapter", f"{trained['adapters']['sst2']}:vqa",
+            "--modality", "vl", "--output_dir", str(tmp_path / "eval")]
+    with pytest.raises(TaskMismatchError, match=r"trained on text tasks \['sst2'\], not vl\. Nothing was evaluated"):
         dept_eval(argv)
     assert no_evaluation == []
     assert not (tmp_path / "eval").exists()

@@ -17,9 +17,9 @@ from accelerate.commands.launch import launch_command_parser
 from accelerate.utils import DistributedType
 from transformers import HfArgumentParser
 
-from dept.command_line import MethodArguments, parse_arguments
+from dept.command_line import MethodArguments, canonical_flag, parse_arguments
 from dept.training_args import TrainingArguments
-from dept_nlp.arguments import FLAG_ALIASES, DataArguments, ModelArguments
+from dept_nlp.arguments import DataArguments, ModelArguments
 from dept_nlp.tasks import TASKS, get_task
 from tests.conftest import OFFICIAL_CHECKPOINTS, REPO_ROOT, free_port
 
@@ -126,8 +126,9 @@ def test_every_task_has_exactly_one_recipe():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda path: path.stem)
 def test_recipe_keys_are_flags_of_the_training_cli(path):
-    known = {action.dest for action in HfArgumentParser(CLI_DATACLASSES)._actions}
-    flags = [FLAG_ALIASES.get(f"--{key}", f"--{key}") for key in _recipe(path)]
+    parser = HfArgumentParser(CLI_DATACLASSES)
+    known = {action.dest for action in parser._actions}
+    flags = [canonical_flag(f"--{key}", parser) for key in _recipe(path)]
     assert [flag for flag in flags if flag.removeprefix("--") not in known] == []
 
 
@@ -256,7 +257,7 @@ def test_sweep_commands_parse_and_override_the_recipe(tmp_path):
     argv = commands[-1]
     assert argv[0] == "python" and argv[1] == str(REPO_ROOT / "scripts" / "train_nlp.py")
     assert _flag(argv, "--output_dir") == "saved_t5-small/rte_lr4e-1_loralr5e-4_pl40_r45_st40000"
-    model_args, data_args, method_args, training_args = parse_arguments(CLI_DATACLASSES, argv[2:], FLAG_ALIASES)
+    model_args, data_args, method_args, training_args = parse_arguments(CLI_DATACLASSES, argv[2:])
     assert model_args.model_name_or_path == "google/t5-small"
     assert (method_args.prefix_length, method_args.r, data_args.max_seq_length) == (40, 45, 128)
     assert (training_args.learning_rate, training_args.lora_embedding_lr) == (0.4, 5e-4)

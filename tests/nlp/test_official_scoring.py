@@ -8,7 +8,7 @@ import torch
 
 from dept_nlp.arguments import DataArguments
 from dept_nlp.data_files import sample_sst2_files
-from dept_nlp.evaluation import TextEvaluator
+from dept_nlp.evaluate import TextEvaluator
 from dept_nlp.pipeline import load_splits
 from dept_nlp.preprocess import tokenize_rows
 from dept_nlp.tasks import get_task

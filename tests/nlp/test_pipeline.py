@@ -15,10 +15,8 @@ from safetensors.torch import load_file
 
 from dept_nlp.cli import train as main
 from dept_nlp.data_files import sample_sst2_files
-from tests.conftest import REPO_ROOT, free_port, save_tiny_model
+from tests.conftest import REPO_ROOT, TASK_TYPES, free_port, save_tiny_model
 from tests.nlp.fixtures import hub_rows, write_task_fixture
-
-FAMILIES = {"t5": "seq2seq", "llama": "causal", "bert": "cls"}
 
 
 def _vocabulary(task_name: str) -> list[str]:
@@ -33,7 +31,7 @@ def _model(tmp_path, kind: str, task_name: str) -> str:
     from tests.nlp.fixtures import hub_row
 
     texts = _vocabulary(task_name) + [get_task(task_name).format_example(hub_row(task_name, i))[0] for i in range(20)]
-    return str(save_tiny_model(FAMILIES[kind], tmp_path / f"{kind}-model", texts))
+    return str(save_tiny_model(TASK_TYPES[kind], tmp_path / f"{kind}-model", texts))
 
 
 def _flags(model_dir, output_dir, task_name, files, steps=4, **extra):
@@ -75,7 +73,7 @@ def test_classification_runs_on_decoder_only_and_encoder_classifier(tmp_path, ki
     results = main(_flags(_model(tmp_path, kind, "rte"), tmp_path / "out", "rte", files))
     assert 0.0 <= results["test_accuracy"] <= 100.0
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert config["task_type"] == FAMILIES[kind]
+    assert config["task_type"] == TASK_TYPES[kind]
     if kind == "bert":  # the head is saved with the adapter
         assert any(key.startswith("modules.classifier") for key in load_file(tmp_path / "out" / "adapter_model.safetensors"))
 

@@ -17,7 +17,7 @@ from dept import AdapterMismatchError, ConfigError, DePTConfig, DePTModel
 from dept.command_line import MethodArguments, parse_arguments
 from dept.methods import check_max_length, prepare_model
 from dept.training_args import TrainingArguments
-from dept_nlp.arguments import FLAG_ALIASES, DataArguments, ModelArguments
+from dept_nlp.arguments import DataArguments, ModelArguments
 from tests.dept.helpers import attach
 
 
@@ -154,7 +154,7 @@ def test_an_adapter_longer_than_max_seq_length_loads_and_runs(t5_model, tokenize
 
 def _parse(*flags: str):
     argv = ["--model_name_or_path", "t5-base", "--task_name", "sst2", "--output_dir", "unused", *flags]
-    return parse_arguments((ModelArguments, DataArguments, MethodArguments, TrainingArguments), argv, FLAG_ALIASES)
+    return parse_arguments((ModelArguments, DataArguments, MethodArguments, TrainingArguments), argv)
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,7 @@ def test_dept_eval_takes_one_local_file_per_task_and_prints_its_table_once(text,
 def test_dept_eval_help_lists_the_data_flags_of_the_adapters_modality(reference):
     finished = run("dept-eval", "--adapter", reference[0], "--help")
     assert finished.returncode == 0, finished.stderr[-3000:]
-    for flag in ("--validation_file", "--test_file", "--generation_max_length", "--model_family", "TASK=]PATH"):
+    for flag in ("--validation_file", "--test_file", "--generation_max_length", "--task_type", "TASK=]PATH"):
         assert flag in finished.stdout, flag
 
 

@@ -36,7 +36,7 @@ def save_adapter(family: str, base_dir: Path, directory: Path, seed: int, label_
     """A train-free stand-in for a trained adapter: its own P, a non-zero B (and for classifiers its own head),
     saved with the training_task.json that dept-train writes."""
     base = load_model(str(base_dir), family)
-    tokenizer = load_tokenizer(str(base_dir), family)
+    tokenizer = load_tokenizer(str(base_dir))
     config = DePTConfig(prompt_init="vocab", init_seed=seed, task_type=family, **sizes)
     model = get_dept_model(base, config, tokenizer)
     generator = torch.Generator().manual_seed(seed)
@@ -61,7 +61,7 @@ class OfflineReference:
 
     def __init__(self, family: str, base_dir: Path, adapters: dict[str, Path]):
         self.family = family
-        self.tokenizer = load_tokenizer(str(base_dir), family)
+        self.tokenizer = load_tokenizer(str(base_dir))
         self.models = {name: DePTModel.from_pretrained(load_model(str(base_dir), family), path)
                        for name, path in adapters.items()}
 

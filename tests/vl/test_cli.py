@@ -14,7 +14,6 @@ import yaml
 
 from dept.command_line import MethodArguments, parse_arguments
 from dept.training_args import TrainingArguments
-from dept_vl.cli import FLAG_ALIASES
 from dept_vl.cli import train as main
 from dept_vl.pipeline import VLDataArguments, VLModelArguments
 from tests.conftest import free_port
@@ -64,7 +63,7 @@ def test_every_shipped_vl_recipe_parses(config_file, tmp_path):
     if "model_name_or_path" not in yaml.safe_load(config_file.read_text()):
         extra += ["--model_name_or_path", "t5-small"]  # the demo adds its own tiny model
     model_args, data_args, method_args, training_args = parse_arguments(
-        ARGUMENT_TYPES, ["--config", str(config_file), *extra], FLAG_ALIASES
+        ARGUMENT_TYPES, ["--config", str(config_file), *extra]
     )
     assert data_args.task_names and method_args.peft_type == "PROMPT_TUNING_LORA"
     assert training_args.output_dir == str(tmp_path)  # the flag wins over the file

@@ -20,7 +20,7 @@ from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
 from dept_vl.cli import train as main
 from dept_vl.data import task_file_paths
-from dept_vl.evaluation import VLEvaluator
+from dept_vl.evaluate import VLEvaluator
 from dept_vl.features import GridFeatureExtractor, MissingFeaturesError, extract_to_h5
 from dept_vl.model import load_dept_vl_model
 from dept_vl.pipeline import VLDataArguments, build_vl_eval_components, load_vl_base_model
