@@ -8,14 +8,20 @@ Each model kind gets one small class that knows where the prompt goes:
   values are computed once and reused (`dept.prompt_cache`), so each call runs the base on its input alone.
 - `DePTModelForSequenceClassification` (BERT, RoBERTa): in front of the input, with a trainable head.
 
-The math itself lives once, in `DePTEmbedding`.
+Each kind takes `adapter_names=None` in `forward` and `generate`: a model built with `get_dept_model` or
+`from_pretrained` holds one adapter (a bank of one) and needs no names; one built with `config=None` serves the
+saved adapters given to `add_adapter`, each row on its own (`dept.MultiAdapterModel` is the directory-loading API
+over it). The math itself lives once, in `DePTEmbedding`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,8 +29,14 @@ from torch import nn
 
 from .adapter_files import load_adapter, save_adapter
 from .config import ConfigError, DePTConfig, infer_task_type
-from .distributed import full_shape, gathered_parameters, needs_synced_generation
-from .embedding import PADDING_OFFSET_MODEL_TYPES, DePTEmbedding, real_token_position_ids
+from .distributed import full_shape, needs_synced_generation
+from .embedding import (
+    PADDING_OFFSET_MODEL_TYPES,
+    DePTEmbedding,
+    PromptRouting,
+    place,
+    real_token_position_ids,
+)
 from .errors import UserError
 from .prompt_cache import (
     PromptKVCache,
@@ -34,6 +46,7 @@ from .prompt_cache import (
     generate_after_prompt,
     generation_expand_size,
     prompt_cache_applies,
+    stack_prompt_states,
     with_prompt_logits,
 )
 
@@ -43,6 +56,8 @@ logger = logging.getLogger(__name__)
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
 # Models with learned absolute positions, whose table bounds m + max_length.
 ABSOLUTE_POSITION_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "gpt2")
+MODULES_PREFIX = "modules."  # a trained module's keys in an adapter file: modules.<module>.<key>
+_VALID_ADAPTER_NAME = re.compile(r"^[^.]+$")
 
 
 class AdapterMismatchError(UserError, ValueError):
@@ -61,38 +76,50 @@ def embed_inputs(word_embeddings: nn.Module, input_ids, attention_mask, inputs_e
 
 
 class DePTModel(nn.Module):
-    """A frozen Hugging Face model plus a DePT adapter (P, A, B, and any trainable modules such as a head).
+    """A frozen Hugging Face model plus a bank of DePT adapters (P, A, B, and any trainable modules such as a head).
 
-    Build one with `get_dept_model(model, config)` or load one with `DePTModel.from_pretrained(model, dir)`.
+    Build one with `get_dept_model(model, config)` or load one with `DePTModel.from_pretrained(model, dir)`: a bank
+    of one adapter, which trains. `config=None` builds a bank with no adapter yet, for serving several saved
+    adapters over one frozen base (`add_adapter`, `remove_adapter`; `dept.MultiAdapterModel` wraps this): then
+    `forward` and `generate` take `adapter_names`, one name per row (or one for the whole batch), each row gives
+    exactly what its adapter alone gives, and each adapter's trained modules (a classifier head, a visual
+    projection) are applied to its own rows.
     """
 
     task_type: str = ""
-    prompt_first: bool = False  # True keeps `[P ; pads ; E']` under left padding (see DePTEmbedding)
+    prompt_first: bool = False  # True keeps P at position 0 under left padding (see DePTEmbedding)
     # A decoder-only `generate` fed embeddings returns only the new tokens (Hugging Face returns input + new).
     generate_returns_new_tokens_only: bool = True
 
     def __init__(
         self,
         base_model: nn.Module,
-        config: DePTConfig,
+        config: DePTConfig | None,
         tokenizer=None,
         modules_to_save: tuple[str, ...] = (),
         initialize: bool = True,
     ):
         super().__init__()
         base = self.describe_base(base_model)
-        token_dim = base["token_dim"]
-        check_compatible(config, getattr(base_model, "config", None), token_dim, self.task_type)
+        self.token_dim = token_dim = base["token_dim"]
+        if config is not None:  # before anything is changed
+            check_compatible(config, getattr(base_model, "config", None), token_dim, self.task_type)
+        self.base_model = base_model
+        for param in base_model.parameters():
+            param.requires_grad_(False)
+        self.adapter_modules = nn.ModuleDict()  # a served adapter's own copies of its trained modules
+        self.config = config
+        if config is None:  # a bank for serving: frozen, in eval mode, adapters come with add_adapter
+            self.modules_to_save = ()
+            self.prompt_encoder = DePTEmbedding([], token_dim, names=[]).to(self.input_device())
+            self.requires_grad_(False).eval()
+            return
         config.token_dim = token_dim
         config.vocab_size = base["vocab_size"]
         config.base_model_type = base["base_model_type"]
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = base["base_model_name_or_path"]
-        self.config = config
-        self.base_model = base_model
         self.modules_to_save = tuple(name for name in modules_to_save if hasattr(base_model, name))
-        for param in base_model.parameters():
-            param.requires_grad_(False)
         for name in self.modules_to_save:
             getattr(base_model, name).requires_grad_(True)
         self.prompt_encoder = DePTEmbedding(config, token_dim).to(self.input_device())
@@ -114,40 +141,132 @@ class DePTModel(nn.Module):
         """Where the inputs are embedded, so P, A and B live next to them."""
         return self.word_embeddings.weight.device
 
-    # ----------------------------------------------------------------------------------------------------------
-    # Initialisation
-    @torch.no_grad()
     def _initialize_prompt(self, tokenizer) -> None:
-        generator = torch.Generator().manual_seed(self.config.init_seed)
-        self.prompt_encoder.reset_lora_parameters(generator)
-        m = self.config.num_virtual_tokens
-        if m == 0:
+        """P from the frozen word embeddings (see `DePTEmbedding.initialize`), A and B as the paper says."""
+        self.prompt_encoder.initialize(self.word_embeddings.weight, tokenizer)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The adapters of the bank
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.prompt_encoder.names)
+
+    @property
+    def adapter_configs(self) -> dict[str, DePTConfig]:
+        return dict(zip(self.prompt_encoder.names, self.prompt_encoder.configs))
+
+    @torch.no_grad()
+    def add_adapter(self, name: str, config: DePTConfig, state: dict[str, torch.Tensor],
+                    source: str = "adapter") -> None:
+        """Serve a saved adapter (its config and tensors, as `dept.adapter_files.load_adapter` reads them) under
+        `name`. An adapter for another base model (d, vocabulary, model type, task type) is refused first."""
+        if self.config is not None:
+            raise ValueError("add_adapter serves saved adapters over a frozen base; this model trains its own "
+                             "adapter. Build the serving model with MultiAdapterModel(base_model).")
+        if not isinstance(name, str) or not _VALID_ADAPTER_NAME.match(name):
+            raise ValueError(f"Adapter name {name!r} must be a non-empty string without '.'.")
+        if name in self.prompt_encoder.names:
+            raise ValueError(f"An adapter named {name!r} is already loaded: remove_adapter({name!r}) first, "
+                             "or load this one under another name.")
+        check_saved_base(config, self.base_model, source, self.describe_base(self.base_model))
+        check_compatible(config, getattr(self.base_model, "config", None), self.token_dim, self.task_type)
+        check_adapter_state(config, state, source)
+        own = DePTEmbedding(config, self.token_dim)
+        load_adapter_tensors(own.adapter_tensors(), state, source)
+        modules = nn.ModuleDict()
+        for module_name, module_state in saved_modules(state).items():
+            base_module = getattr(self.base_model, module_name, None)
+            if not isinstance(base_module, nn.Module):
+                raise AdapterMismatchError(f"{source} holds weights for a module {module_name!r} that "
+                                           f"{type(self.base_model).__name__} does not have.")
+            modules[module_name] = load_module_state(copy.deepcopy(base_module), module_state, source, module_name)
+        if modules:
+            try:
+                self.adapter_modules[name] = modules.to(self.input_device()).requires_grad_(False).eval()
+            except KeyError:  # a name that clashes with a ModuleDict attribute, such as "keys"
+                raise ValueError(f"Adapter name {name!r} is reserved: choose another name.") from None
+        bank = self.prompt_encoder
+        self._restack([(n, c, bank.adapter_tensors(i)) for i, (n, c) in enumerate(zip(bank.names, bank.configs))]
+                      + [(name, config, own.adapter_tensors())])
+
+    def remove_adapter(self, name: str) -> None:
+        if self.config is not None or name not in self.prompt_encoder.names:
+            raise KeyError(f"No adapter named {name!r}; loaded adapters: {sorted(self.prompt_encoder.names)}.")
+        bank = self.prompt_encoder
+        self._restack([(n, c, bank.adapter_tensors(i)) for i, (n, c) in enumerate(zip(bank.names, bank.configs))
+                       if n != name])
+        if name in self.adapter_modules:
+            del self.adapter_modules[name]
+
+    @torch.no_grad()
+    def _restack(self, adapters: list[tuple[str, DePTConfig, dict[str, torch.Tensor]]]) -> None:
+        """A new bank holding `adapters` (name, config, tensors), frozen; once per add or remove, never per batch."""
+        bank = DePTEmbedding([config for _, config, _ in adapters], self.token_dim,
+                             names=[name for name, _, _ in adapters]).to(self.input_device())
+        for index, (_, _, tensors) in enumerate(adapters):
+            for key, target in bank.adapter_tensors(index).items():
+                target.copy_(tensors[key])
+        self.prompt_encoder = bank.requires_grad_(False).eval()
+
+    def adapter_index(self, adapter_names: str | Sequence[str] | None, batch_size: int) -> torch.Tensor | None:
+        """(batch,) index of each row's adapter in the bank; one name stands for the whole batch. None for a
+        model that trains its own adapter and is called without names."""
+        known = sorted(self.prompt_encoder.names)
+        if adapter_names is None:
+            if self.config is not None:
+                return None
+            if not known:
+                raise ValueError("No adapters are loaded: call add_adapter(name, directory) first.")
+            raise ValueError(f"Pass adapter_names: one adapter per row, or one name for the whole batch. "
+                             f"Loaded adapters: {known}.")
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names] * batch_size
+        if len(adapter_names) != batch_size:
+            raise ValueError(f"adapter_names has {len(adapter_names)} names but the batch has {batch_size} rows: "
+                             "give one adapter name per row.")
+        unknown = sorted(set(adapter_names) - set(known))
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown} in adapter_names. Loaded adapters: {known}. "
+                             "Load more with add_adapter(name, directory).")
+        ids = {name: i for i, name in enumerate(self.prompt_encoder.names)}
+        return torch.tensor([ids[name] for name in adapter_names], dtype=torch.long, device=self.input_device())
+
+    @contextmanager
+    def per_row_modules(self, adapter_index: torch.Tensor | None) -> Iterator[None]:
+        """While active, the base model's trainable modules (heads, projections) use each row's adapter copy."""
+        if adapter_index is None or not len(self.adapter_modules):
+            yield
             return
-        table = self.word_embeddings.weight
-        vocab_size, token_dim = full_shape(table)
-        if self.config.prompt_init == "text":
-            if tokenizer is None:
-                raise ConfigError(
-                    "prompt_init='text' needs the tokenizer to embed prompt_init_text: pass tokenizer=..., "
-                    "or use prompt_init='vocab' or 'random'."
-                )
-            # With special tokens, as the official code (for T5 the ids end in </s>), then tiled.
-            token_ids = tokenizer(self.config.prompt_init_text)["input_ids"]
-            if not token_ids:
-                raise ConfigError(f"prompt_init_text {self.config.prompt_init_text!r} tokenizes to nothing.")
-            repeats = -(-m // len(token_ids))  # tile the text, then cut to m tokens, as the official code does
-            ids = torch.tensor((token_ids * repeats)[:m])
-        elif self.config.prompt_init == "vocab":
-            ids = torch.randint(0, vocab_size, (m,), generator=generator)
-        else:
-            ids = None
-            noise = torch.randn(m, token_dim, generator=generator)
-        # Under ZeRO-3 (zero3_init_flag) the frozen table is a size-0 shard on each rank: gather it to read rows.
-        with gathered_parameters([table]):
-            if ids is None:
-                self.prompt_encoder.prompt_embeddings.copy_(noise * table.float().std().cpu())
-            else:
-                self.prompt_encoder.prompt_embeddings.copy_(table[ids.to(table.device)].float())
+        names = self.prompt_encoder.names
+        present = [names[i] for i in adapter_index.unique().tolist() if names[i] in self.adapter_modules]
+        module_names = sorted({module for name in present for module in self.adapter_modules[name]})
+        handles = []
+        try:
+            for module_name in module_names:
+                hook = self._route_module_hook(module_name, adapter_index)
+                handles.append(getattr(self.base_model, module_name).register_forward_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _route_module_hook(self, module_name: str, adapter_index: torch.Tensor):
+        names, batch = self.prompt_encoder.names, adapter_index.shape[0]
+
+        def hook(module, args, kwargs, output):
+            if not isinstance(output, torch.Tensor) or output.shape[0] != batch:
+                raise ValueError(f"Cannot route {module_name!r} per adapter: it must map a batch of {batch} rows "
+                                 f"to one tensor of {batch} rows (got {type(output).__name__}).")
+            output = output.clone()
+            for i in adapter_index.unique().tolist():  # a loop over the batch's adapters, not its rows
+                own = self.adapter_modules[names[i]] if names[i] in self.adapter_modules else {}
+                if module_name not in own:
+                    continue  # this adapter keeps the base model's module
+                rows = (adapter_index == i).nonzero().squeeze(1)
+                output[rows] = own[module_name](*_select_rows(args, rows, batch), **_select_rows(kwargs, rows, batch))
+            return output
+
+        return hook
 
     # ----------------------------------------------------------------------------------------------------------
     # The prompt
@@ -155,21 +274,35 @@ class DePTModel(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self.base_model.get_input_embeddings()
 
+    def embed_tokens(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None):
+        """Each row's E' (batch, seq, d) without the prompt, the (batch, seq) mask, each row's adapter index
+        (None: the bank's one adapter) and where the prompts go (`PromptRouting`)."""
+        inputs_embeds, attention_mask = embed_inputs(self.word_embeddings, input_ids, attention_mask, inputs_embeds)
+        adapter_index = self.adapter_index(adapter_names, inputs_embeds.shape[0])
+        routing = self.prompt_encoder.route(attention_mask, adapter_index, self.prompt_first)
+        tokens = self.prompt_encoder.update_tokens(inputs_embeds, attention_mask, adapter_index)
+        return tokens, attention_mask, adapter_index, routing
+
     def embed(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        adapter_names: str | Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Word embeddings with DePT applied: (batch, m + seq, d) and the (batch, m + seq) mask."""
-        inputs_embeds, attention_mask = embed_inputs(self.word_embeddings, input_ids, attention_mask, inputs_embeds)
-        return self.prompt_encoder(inputs_embeds, attention_mask, self.prompt_first)
+        """Word embeddings with DePT applied: (batch, width + seq, d) and the (batch, width + seq) mask."""
+        tokens, attention_mask, _, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
+                                                               adapter_names)
+        return self.prompt_encoder.with_prompts(tokens, attention_mask, routing)
 
-    def insert_prompt(self, per_token: torch.Tensor, attention_mask: torch.Tensor | None, fill_value) -> torch.Tensor:
+    def insert_prompt(self, per_token: torch.Tensor, attention_mask: torch.Tensor | None, fill_value,
+                      adapter_names: str | Sequence[str] | None = None) -> torch.Tensor:
         """Align labels or token types with the prompted sequence, `fill_value` over the prompt."""
         if attention_mask is None:
             attention_mask = torch.ones_like(per_token)
-        return self.prompt_encoder.insert_prompt(per_token, attention_mask, fill_value, self.prompt_first)
+        adapter_index = self.adapter_index(adapter_names, per_token.shape[0])
+        return self.prompt_encoder.route(attention_mask, adapter_index, self.prompt_first).insert_prompt(
+            per_token, fill_value)
 
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Positions counted over real tokens only (prompt first), so padding never shifts them."""
@@ -234,21 +367,23 @@ class DePTModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------
     # Save and load
-    def adapter_state_dict(self, parameters: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def adapter_state_dict(self, parameters: Mapping[str, torch.Tensor] | None = None,
+                           name: str | None = None) -> dict[str, torch.Tensor]:
         """The adapter's tensors under their file keys (`prompt_embeddings`, ..., `modules.<name>.<key>`).
 
         `parameters` (named as in `named_parameters()`) replaces the model's own tensors: whole tensors gathered
-        from ZeRO-3 or FSDP shards, or the fp32 master weights of a DeepSpeed run.
+        from ZeRO-3 or FSDP shards, or the fp32 master weights of a DeepSpeed run. `name` picks a served adapter.
         """
-        encoder = self.prompt_encoder
-        sources = {
-            "prompt_embeddings": ("prompt_encoder.prompt_embeddings", encoder.prompt_embeddings),
-            "lora_embedding_A": ("prompt_encoder.lora_embedding_A", encoder.lora_embedding_A),
-            "lora_embedding_B": ("prompt_encoder.lora_embedding_B", encoder.lora_embedding_B),
-        }
-        for name in self.modules_to_save:
-            for key, tensor in getattr(self.base_model, name).state_dict().items():
-                sources[f"modules.{name}.{key}"] = (f"base_model.{name}.{key}", tensor)
+        if name is not None:
+            tensors = self.prompt_encoder.adapter_tensors(self.prompt_encoder.names.index(name))
+            modules = self.adapter_modules[name] if name in self.adapter_modules else {}
+            for module_name, module in modules.items():
+                tensors.update({f"{MODULES_PREFIX}{module_name}.{k}": v for k, v in module.state_dict().items()})
+            return {key: tensor.detach() for key, tensor in tensors.items()}
+        sources = {key: (f"prompt_encoder.{key}", tensor) for key, tensor in self.prompt_encoder.adapter_tensors().items()}
+        for module_name in self.modules_to_save:
+            for key, tensor in getattr(self.base_model, module_name).state_dict().items():
+                sources[f"{MODULES_PREFIX}{module_name}.{key}"] = (f"base_model.{module_name}.{key}", tensor)
         parameters = parameters or {}
         return {key: parameters.get(source, tensor).detach() for key, (source, tensor) in sources.items()}
 
@@ -265,41 +400,16 @@ class DePTModel(nn.Module):
     @torch.no_grad()
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
         """Copy P, A, B (and modules) into the model, after checking every shape against it."""
-        encoder = self.prompt_encoder
-        targets = {
-            "prompt_embeddings": encoder.prompt_embeddings,
-            "lora_embedding_A": encoder.lora_embedding_A,
-            "lora_embedding_B": encoder.lora_embedding_B,
-        }
-        meaning = {
-            "prompt_embeddings": "(num_virtual_tokens, token_dim)",
-            "lora_embedding_A": "(max_length, r)",
-            "lora_embedding_B": "(r, token_dim)",
-        }
-        for key, target in targets.items():
-            if key not in state:
-                continue
-            if tuple(state[key].shape) != tuple(target.shape):
-                raise AdapterMismatchError(
-                    f"{source}: {key} has shape {tuple(state[key].shape)} but this model needs "
-                    f"{tuple(target.shape)} {meaning[key]}. The adapter was trained for another base model "
-                    "or another max_length."
-                )
-            target.copy_(state[key])
-        module_state = {k[len("modules."):]: v for k, v in state.items() if k.startswith("modules.")}
-        unknown = sorted({key.split(".")[0] for key in module_state} - set(self.modules_to_save))
+        load_adapter_tensors(self.prompt_encoder.adapter_tensors(), state, source)
+        modules = saved_modules(state)
+        unknown = sorted(set(modules) - set(self.modules_to_save))
         if unknown:
             raise AdapterMismatchError(
                 f"{source} holds trained modules {unknown} that this model does not train "
                 f"(modules_to_save={list(self.modules_to_save)}): pass modules_to_save to keep them."
             )
-        for name in self.modules_to_save:
-            own = {k[len(name) + 1:]: v for k, v in module_state.items() if k.startswith(name + ".")}
-            if own:
-                try:
-                    getattr(self.base_model, name).load_state_dict(own)
-                except RuntimeError as err:
-                    raise AdapterMismatchError(f"{source}: the saved {name!r} does not fit this model: {err}") from None
+        for module_name, module_state in modules.items():
+            load_module_state(getattr(self.base_model, module_name), module_state, source, module_name)
 
     @classmethod
     def from_pretrained(
@@ -313,21 +423,81 @@ class DePTModel(nn.Module):
         config, state, source = load_adapter(adapter_dir)
         kind = _MODEL_CLASSES[infer_task_type(model)] if cls is DePTModel else cls
         check_saved_base(config, model, source, kind.describe_base(model))
-        saved_modules = tuple(dict.fromkeys(key.split(".")[1] for key in state if key.startswith("modules.")))
-        if saved_modules and "modules_to_save" not in kwargs:
-            kwargs["modules_to_save"] = saved_modules  # a saved head or visual projection comes back with it
+        check_adapter_state(config, state, source)
+        if saved_modules(state) and "modules_to_save" not in kwargs:
+            kwargs["modules_to_save"] = tuple(saved_modules(state))  # a saved head or visual projection comes back
         dept_model = kind(model, config, initialize=False, **kwargs)
-        if "lora_embedding_B" not in state and config.r > 0:
-            warnings.warn(
-                f"{source} holds only the prompt: lora_embedding_A/B are missing, so B = 0 and A @ B = 0. "
-                "The adapter acts as vanilla prompt tuning with this prompt.",
-                stacklevel=2,
-            )
         dept_model.load_adapter_state_dict(state, source)
         if not is_trainable:
             dept_model.requires_grad_(False)
             dept_model.eval()
         return dept_model
+
+
+def check_adapter_state(config: DePTConfig, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse an adapter whose prompt is missing; warn that a prompt-only adapter (three of the official
+    checkpoints) acts as vanilla prompt tuning."""
+    if config.num_virtual_tokens > 0 and "prompt_embeddings" not in state:
+        raise AdapterMismatchError(f"{source} has no prompt_embeddings, but its config says "
+                                   f"num_virtual_tokens={config.num_virtual_tokens}.")
+    if config.r > 0 and "lora_embedding_B" not in state:
+        warnings.warn(f"{source} holds only the prompt: lora_embedding_A/B are missing, so B = 0 and A @ B = 0. "
+                      "The adapter acts as vanilla prompt tuning with this prompt.", stacklevel=3)
+
+
+_TENSOR_MEANINGS = {
+    "prompt_embeddings": "(num_virtual_tokens, token_dim)",
+    "lora_embedding_A": "(max_length, r)",
+    "lora_embedding_B": "(r, token_dim)",
+}
+
+
+def load_adapter_tensors(targets: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy P, A and B from `state` into `targets` (an adapter's tensors in a bank), after checking each shape."""
+    for key, target in targets.items():
+        if key not in state:
+            continue
+        if tuple(state[key].shape) != tuple(target.shape):
+            raise AdapterMismatchError(
+                f"{source}: {key} has shape {tuple(state[key].shape)} but this model needs "
+                f"{tuple(target.shape)} {_TENSOR_MEANINGS[key]}. The adapter was trained for another base model "
+                "or another max_length."
+            )
+        with torch.no_grad():
+            target.copy_(state[key])
+
+
+def saved_modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The trained modules of an adapter file (`modules.<name>.<key>`), each as its own state dict."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if key.startswith(MODULES_PREFIX):
+            module_name, _, param_name = key[len(MODULES_PREFIX):].partition(".")
+            modules.setdefault(module_name, {})[param_name] = tensor
+    return modules
+
+
+def load_module_state(module: nn.Module, module_state: dict[str, torch.Tensor], source: str, name: str) -> nn.Module:
+    try:
+        module.load_state_dict(module_state)
+    except RuntimeError as err:
+        raise AdapterMismatchError(
+            f"{source}: the saved {name!r} does not fit this model (adapters served together must share its "
+            f"shape, e.g. the number of labels): {err}"
+        ) from None
+    return module
+
+
+def _select_rows(inputs, rows: torch.Tensor, batch: int):
+    """The given rows of every batch-first tensor in a tuple or dict of module inputs."""
+    def pick(value):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value.index_select(0, rows)
+        return value
+
+    if isinstance(inputs, dict):
+        return {key: pick(value) for key, value in inputs.items()}
+    return tuple(pick(value) for value in inputs)
 
 
 class DePTModelForSeq2SeqLM(DePTModel):
@@ -338,29 +508,45 @@ class DePTModelForSeq2SeqLM(DePTModel):
 
     task_type = "seq2seq"
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None, **kwargs):
         if kwargs.get("encoder_outputs") is not None:  # the prompt is already inside the encoder outputs
-            return self.base_model(attention_mask=self._encoder_mask(attention_mask), **kwargs)
-        embeds, mask = self.embed(input_ids, attention_mask, inputs_embeds)
-        return self.base_model(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+            return self._with_encoder_outputs(attention_mask, adapter_names, **kwargs)
+        tokens, attention_mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
+                                                                           adapter_names)
+        embeds, mask = self.prompt_encoder.with_prompts(tokens, attention_mask, routing)
+        with self.per_row_modules(adapter_index):
+            return self.base_model(inputs_embeds=embeds, attention_mask=mask, **kwargs)
 
-    def _encoder_mask(self, attention_mask):
-        return None if attention_mask is None else self.insert_prompt(attention_mask, attention_mask, 1)
+    def _with_encoder_outputs(self, attention_mask, adapter_names, **kwargs):
+        if attention_mask is None:
+            if self.config is None:
+                raise ValueError("With encoder_outputs, pass the attention_mask of the unprompted input, so that "
+                                 "each row's prompt slots can be masked.")
+            return self.base_model(attention_mask=None, **kwargs)
+        adapter_index = self.adapter_index(adapter_names, attention_mask.shape[0])
+        routing = self.prompt_encoder.route(attention_mask, adapter_index)
+        with self.per_row_modules(adapter_index):
+            return self.base_model(attention_mask=routing.prompted_mask(attention_mask), **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
-        embeds, mask = self.embed(input_ids, attention_mask, inputs_embeds)
-        return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **self._generate_kwargs(kwargs))
+    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None, **kwargs):
+        tokens, attention_mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
+                                                                           adapter_names)
+        embeds, mask = self.prompt_encoder.with_prompts(tokens, attention_mask, routing)
+        with self.per_row_modules(adapter_index):
+            return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                            **self._generate_kwargs(kwargs))
 
 
 class DePTModelForCausalLM(DePTModel):
     """DePT for decoder-only LMs: `[P ; E']`, labels -100 over P, positions counted over real tokens.
 
-    `forward` returns logits over all m + seq positions (as PEFT does). `generate` returns only the new tokens.
+    `forward` returns logits over all width + seq positions (as PEFT does; width is the longest prompt among the
+    rows' adapters, the shorter ones padded with masked slots). `generate` returns only the new tokens.
 
-    In eval mode (when nothing needs gradients through P) P's keys, values and logits are computed once and
-    reused by every call, which then runs the base model on its own tokens only (the prompt KV cache, see
-    `dept.prompt_cache`). Set `use_prompt_cache = False`, or pass `use_prompt_cache=False` to a call, to run
+    In eval mode (when nothing needs gradients through P) each adapter's P keys, values and logits are computed
+    once and reused by every call, which then runs the base model on its own tokens only (the prompt KV cache,
+    see `dept.prompt_cache`). Set `use_prompt_cache = False`, or pass `use_prompt_cache=False` to a call, to run
     the whole prompted sequence instead.
     """
 
@@ -369,66 +555,94 @@ class DePTModelForCausalLM(DePTModel):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.use_prompt_cache = True
-        self._prompt_cache = PromptKVCache()
+        self.prompt_caches: dict[str, PromptKVCache] = {}  # by adapter name
+        self._stacked_prompt_states: tuple[tuple, PromptStates | None] | None = None
 
     def prompt_states(self) -> PromptStates | None:
-        """P's keys, values and logits (one row), recomputed only after P or the base model changed."""
-        prompt = self.prompt_encoder.prompt_embeddings
-        return self._prompt_cache.get(self.base_model, prompt, lambda: compute_prompt_states(self.base_model, prompt))
+        """P's keys, values and logits, one row per adapter of the bank (stacked to the longest m); each
+        adapter's are recomputed only after its P or the base model changed."""
+        bank = self.prompt_encoder
+        self.prompt_caches = {name: cache for name, cache in self.prompt_caches.items() if name in bank.names}
+        if bank.num_adapters == 1:
+            return self._adapter_prompt_states(0)
+        states, generations = [], []
+        for index, name in enumerate(bank.names):
+            if bank.configs[index].num_virtual_tokens == 0:
+                states.append(None)
+                continue
+            if (state := self._adapter_prompt_states(index)) is None:
+                return None  # this base model's cache is not plain keys and values
+            states.append(state)
+            generations.append((name, self.prompt_caches[name].generation))
+        key = (tuple(generations), id(bank))
+        if self._stacked_prompt_states is None or self._stacked_prompt_states[0] != key:
+            self._stacked_prompt_states = key, stack_prompt_states(states, bank.num_virtual_tokens)
+        return self._stacked_prompt_states[1]
 
-    def _cached_prompt(self, use_prompt_cache: bool | None, kwargs: dict,
+    def _adapter_prompt_states(self, index: int) -> PromptStates | None:
+        name = self.prompt_encoder.names[index]
+        prompt = self.prompt_encoder.adapter_tensors(index)["prompt_embeddings"]
+        cache = self.prompt_caches.setdefault(name, PromptKVCache())
+
+        def compute():
+            with self.per_row_modules(torch.tensor([index], device=prompt.device)):  # an adapter's own lm_head
+                return compute_prompt_states(self.base_model, prompt)
+
+        return cache.get(self.base_model, prompt, compute)
+
+    def _cached_prompt(self, use_prompt_cache: bool | None, routing: PromptRouting, kwargs: dict,
                        generating: bool = False) -> PromptStates | None:
         enabled = self.use_prompt_cache if use_prompt_cache is None else use_prompt_cache
-        if self.config.num_virtual_tokens == 0 or not prompt_cache_applies(self, enabled, kwargs, generating):
+        if routing.width == 0 or not prompt_cache_applies(self, enabled, kwargs, generating):
             return None
         return self.prompt_states()
 
-    def embed_tokens(self, input_ids=None, attention_mask=None, inputs_embeds=None):
-        """E' (batch, seq, d) without the prompt, and the (batch, seq) mask."""
-        inputs_embeds, attention_mask = embed_inputs(self.word_embeddings, input_ids, attention_mask, inputs_embeds)
-        return self.prompt_encoder.update_tokens(inputs_embeds, attention_mask), attention_mask
+    @staticmethod
+    def _rows(states: PromptStates, routing: PromptRouting, batch: int, expand: int = 1) -> PromptStates:
+        """Each row's prompt states: the one adapter's repeated (no copy), or each row's own from the bank."""
+        if routing.adapter_index is None:
+            return states.select(batch * expand)
+        return states.select(routing.adapter_index.repeat_interleave(expand), routing.width)
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, adapter_names=None,
                 use_prompt_cache: bool | None = None, **kwargs):
         kwargs.pop("position_ids", None)
-        if (states := self._cached_prompt(use_prompt_cache, kwargs)) is not None:
-            tokens, mask = self.embed_tokens(input_ids, attention_mask, inputs_embeds)
-            batch = tokens.shape[0]
-            num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-            output = forward_after_prompt(self.base_model, states.select(batch), tokens, mask,
-                                          mask.new_ones(batch, self.config.num_virtual_tokens), **kwargs)
-            layout = self.prompt_encoder.prompt_layout(mask)
-            if labels is not None:
-                labels = self.insert_prompt(labels, mask, -100)
-            return with_prompt_logits(self.base_model, output, states.select(batch).logits,
-                                      lambda prompt, tokens: DePTEmbedding.place(prompt, tokens, layout),
-                                      labels, num_items_in_batch)
-        embeds, mask = self.embed(input_ids, attention_mask, inputs_embeds)
+        tokens, mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
+                                                                 adapter_names)
         if labels is not None:
-            labels = self.insert_prompt(labels, attention_mask, -100)
-        return self.base_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=self.position_ids(mask), labels=labels, **kwargs
-        )
+            labels = routing.insert_prompt(labels, -100)
+        with self.per_row_modules(adapter_index):
+            if (states := self._cached_prompt(use_prompt_cache, routing, kwargs)) is not None:
+                rows = self._rows(states, routing, tokens.shape[0])
+                num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+                output = forward_after_prompt(self.base_model, rows, tokens, mask, routing.prompt_mask(mask),
+                                              **kwargs)
+                return with_prompt_logits(self.base_model, output, rows.logits,
+                                          lambda prompt, tokens: place(prompt, tokens, routing.layout),
+                                          labels, num_items_in_batch)
+            embeds, mask = self.prompt_encoder.with_prompts(tokens, mask, routing)
+            return self.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.position_ids(mask),
+                                   labels=labels, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, use_cache: bool = True,
-                 use_prompt_cache: bool | None = None, **kwargs):
+    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None,
+                 use_cache: bool = True, use_prompt_cache: bool | None = None, **kwargs):
         """Prompt at prefill, then the KV cache carries it; with the prompt cache the prefill runs on the input
         alone. `use_cache=False` recomputes the whole sequence at every step (greedy only): slow, but the
         reference the cached paths must match."""
-        if not use_cache:
-            embeds, mask = self.embed(input_ids, attention_mask, inputs_embeds)
-            return self._greedy_without_cache(embeds, mask, **kwargs)
-        kwargs = self._generate_kwargs(kwargs)
-        if (states := self._cached_prompt(use_prompt_cache, kwargs, generating=True)) is not None:
-            tokens, mask = self.embed_tokens(input_ids, attention_mask, inputs_embeds)
-            rows = tokens.shape[0] * generation_expand_size(self.base_model, kwargs)
-            prompt_mask = mask.new_ones(tokens.shape[0], self.config.num_virtual_tokens)
-            return generate_after_prompt(self.base_model, states.select(rows), tokens, mask, prompt_mask, **kwargs)
-        embeds, mask = self.embed(input_ids, attention_mask, inputs_embeds)
-        # Positions over real tokens, also for the new tokens after a right-padded input.
-        return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                        position_ids=self.position_ids(mask), **kwargs)
+        tokens, mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
+                                                                 adapter_names)
+        with self.per_row_modules(adapter_index):
+            if not use_cache:
+                return self._greedy_without_cache(*self.prompt_encoder.with_prompts(tokens, mask, routing), **kwargs)
+            kwargs = self._generate_kwargs(kwargs)
+            if (states := self._cached_prompt(use_prompt_cache, routing, kwargs, generating=True)) is not None:
+                rows = self._rows(states, routing, tokens.shape[0], generation_expand_size(self.base_model, kwargs))
+                return generate_after_prompt(self.base_model, rows, tokens, mask, routing.prompt_mask(mask), **kwargs)
+            embeds, mask = self.prompt_encoder.with_prompts(tokens, mask, routing)
+            # Positions over real tokens, also for the new tokens after a right-padded input.
+            return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                            position_ids=self.position_ids(mask), **kwargs)
 
     def _greedy_without_cache(self, embeds, mask, max_new_tokens: int = 20, min_new_tokens: int = 0,
                               eos_token_id=None, pad_token_id=None, do_sample: bool = False, num_beams: int = 1,
@@ -474,13 +688,17 @@ class DePTModelForSequenceClassification(DePTModel):
     def __init__(self, base_model, config, tokenizer=None, modules_to_save=CLASSIFIER_HEAD_NAMES, initialize=True):
         super().__init__(base_model, config, tokenizer, modules_to_save, initialize)
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None, **kwargs):
-        embeds, mask = self.embed(input_ids, attention_mask, inputs_embeds)
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None,
+                adapter_names=None, **kwargs):
+        tokens, attention_mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
+                                                                           adapter_names)
+        embeds, mask = self.prompt_encoder.with_prompts(tokens, attention_mask, routing)
         if token_type_ids is not None:
-            token_type_ids = self.insert_prompt(token_type_ids, attention_mask, 0)
+            token_type_ids = routing.insert_prompt(token_type_ids, 0)
         kwargs.pop("position_ids", None)
-        return self.base_model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=token_type_ids,
-                               position_ids=self.position_ids(mask), **kwargs)
+        with self.per_row_modules(adapter_index):
+            return self.base_model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=token_type_ids,
+                                   position_ids=self.position_ids(mask), **kwargs)
 
 
 _MODEL_CLASSES = {

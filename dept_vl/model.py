@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
 from transformers import initialization as init
@@ -41,7 +40,6 @@ from transformers.models.t5.modeling_t5 import T5LayerNorm, T5Stack
 from transformers.utils.output_capturing import capture_outputs
 
 from dept import DePTConfig, DePTModelForSeq2SeqLM, get_dept_model
-from dept.adapter_files import WEIGHTS_NAME
 from dept.methods import LoraSettings, prepare_model
 
 logger = logging.getLogger(__name__)
@@ -329,14 +327,9 @@ def get_dept_vl_model(
 def load_dept_vl_model(
     model: VLT5ForConditionalGeneration, adapter_dir: str | Path, is_trainable: bool = False
 ) -> DePTModelForSeq2SeqLM:
-    """Load a DePT adapter onto a VL-T5 model, with the visual embedding it was saved with, if any."""
-    weights = Path(adapter_dir) / WEIGHTS_NAME
-    saved_visual = False
-    if weights.is_file():
-        with safe_open(str(weights), framework="pt") as handle:
-            saved_visual = any(key.startswith(f"modules.{VISUAL_MODULE}.") for key in handle.keys())
-    modules = (VISUAL_MODULE,) if saved_visual else ()
-    return DePTModelForSeq2SeqLM.from_pretrained(model, adapter_dir, is_trainable=is_trainable, modules_to_save=modules)
+    """Load a DePT adapter onto a VL-T5 model, with the visual embedding it was saved with, if any (the model's
+    load path brings back every module saved with the adapter)."""
+    return DePTModelForSeq2SeqLM.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
 
 
 def prepare_vl_model(

@@ -119,7 +119,6 @@ class DePTModelForImageClassification(DePTModel):
     def grid_size(self) -> tuple[int, int]:
         return tuple(self.base_model.patch_embed.grid_size)
 
-    @torch.no_grad()
     def _initialize_prompt(self, tokenizer) -> None:
         """A, B as in text DePT; P ~ U(-v, v) with v = sqrt(6 / (channels * patch_h * patch_w + d)), VPT's init."""
         if self.config.num_virtual_tokens and self.config.prompt_init != "random":
@@ -127,13 +126,9 @@ class DePTModelForImageClassification(DePTModel):
                 f"prompt_init={self.config.prompt_init!r} needs a vocabulary; images have none. Use "
                 "prompt_init='random' (VPT's initialisation)."
             )
-        generator = torch.Generator().manual_seed(self.config.init_seed)
-        self.prompt_encoder.reset_lora_parameters(generator)
-        prompt = self.prompt_encoder.prompt_embeddings
         proj = self.base_model.patch_embed.proj
         fan_in = proj.in_channels * math.prod(proj.kernel_size)
-        bound = math.sqrt(6.0 / (fan_in + prompt.shape[1]))
-        prompt.copy_(torch.empty(prompt.shape).uniform_(-bound, bound, generator=generator))
+        self.prompt_encoder.initialize(prompt_bound=math.sqrt(6.0 / (fan_in + self.prompt_encoder.token_dim)))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dept import AdapterMismatchError, ConfigError, DePTModel, InputTooLongError, MultiAdapterModel
-from dept.multi_adapter import MultiAdapterModelForCausalLM, MultiAdapterModelForSeq2SeqLM
+from dept.model import DePTModelForCausalLM, DePTModelForSeq2SeqLM
 from tests.conftest import OFFICIAL_CHECKPOINTS
 from tests.dept.helpers import attach
 
@@ -120,17 +120,19 @@ def test_one_adapter_name_serves_the_whole_batch(t5_model, tokenizer, tmp_path):
 def test_update_tables_hold_scaling_times_A_B_padded_with_zeros(t5_model, tokenizer, tmp_path):
     paths = save_adapters("t5", t5_model, tokenizer, tmp_path)
     multi = MultiAdapterModel(t5_model, paths)
-    assert tuple(multi.prompts.shape) == (4, 6, 32)  # the longest m
-    assert tuple(multi.embedding_updates.shape) == (4, 24, 32)  # the longest max_length
+    bank = multi.model.prompt_encoder
+    prompts, embedding_updates = bank.prompt_embeddings, bank.embedding_update()
+    assert tuple(prompts.shape) == (4, 6, 32)  # the longest m
+    assert tuple(embedding_updates.shape) == (4, 24, 32)  # the longest max_length
     for i, (name, sizes) in enumerate(ADAPTERS.items()):
-        encoder = multi.adapters[name].prompt_encoder
+        encoder = DePTModel.from_pretrained(t5_model, paths[name]).prompt_encoder  # the adapter alone
         m, r, s = sizes["num_virtual_tokens"], sizes["r"], sizes["max_length"]
         scaling = 8.0 / r**0.5 if r else 0.0
         expected = scaling * encoder.lora_embedding_A @ encoder.lora_embedding_B
-        torch.testing.assert_close(multi.embedding_updates[i, :s], expected, atol=1e-6, rtol=0)
-        assert torch.count_nonzero(multi.embedding_updates[i, s:]) == 0
-        assert torch.equal(multi.prompts[i, :m], encoder.prompt_embeddings)
-        assert torch.count_nonzero(multi.prompts[i, m:]) == 0
+        torch.testing.assert_close(embedding_updates[i, :s], expected, atol=1e-6, rtol=0)
+        assert torch.count_nonzero(embedding_updates[i, s:]) == 0
+        assert torch.equal(prompts[i, :m], encoder.prompt_embeddings)
+        assert torch.count_nonzero(prompts[i, m:]) == 0
 
 
 def test_decoder_only_labels_are_ignored_over_every_prompt_slot(llama_model, tokenizer, tmp_path):
@@ -161,7 +163,7 @@ def test_from_dept_models_equals_loading_from_directories(t5_model, tokenizer, t
     built = {name: DePTModel.from_pretrained(t5_model, path) for name, path in paths.items()}
     from_models = MultiAdapterModel.from_dept_models(built)
     from_dirs = MultiAdapterModel(base_model=t5_model, adapters=paths)
-    assert isinstance(from_models, MultiAdapterModelForSeq2SeqLM)
+    assert isinstance(from_models.model, DePTModelForSeq2SeqLM)
     batch = tokenize(tokenizer, TEXTS)
     assert torch.equal(logits("t5", from_models, batch, adapter_names=ROW_ADAPTERS),
                        logits("t5", from_dirs, batch, adapter_names=ROW_ADAPTERS))
@@ -194,7 +196,7 @@ def test_adapter_for_another_width_is_refused_on_load(t5_model, tokenizer, tmp_p
 def test_adapter_for_another_model_kind_is_refused(t5_model, llama_model, tokenizer, tmp_path):
     attach("t5", t5_model, tokenizer).save_pretrained(tmp_path / "t5")
     multi = MultiAdapterModel(llama_model)
-    assert isinstance(multi, MultiAdapterModelForCausalLM)
+    assert isinstance(multi.model, DePTModelForCausalLM)
     with pytest.raises((AdapterMismatchError, ConfigError)):
         multi.add_adapter("t5", tmp_path / "t5")
 
@@ -216,7 +218,7 @@ def test_loading_a_second_adapter_under_a_taken_name_is_refused(t5_model, tokeni
         multi.add_adapter("a", paths["short_prompt"])
     multi.remove_adapter("a")
     multi.add_adapter("a", paths["short_prompt"])
-    assert multi.adapters["a"].config.num_virtual_tokens == 2
+    assert multi.adapters["a"].num_virtual_tokens == 2
 
 
 def test_each_row_is_checked_against_its_own_max_length(t5_model, tokenizer, tmp_path):

@@ -66,8 +66,10 @@ def test_decoder_only_adapters_are_served_with_the_prompt_cache_as_offline_uncac
     requests = [(name, TEXTS[i:i + 2]) for i, name in enumerate(ADAPTER_SIZES)] * 2  # several inputs per request
     responses, _ = asyncio.run(_generate_concurrently(engine, requests, max_batch_size=6, max_wait_ms=100))
     _assert_equal_to_offline(requests, responses, OfflineReference("causal", base, adapters))
-    for name, adapter in engine.multi.adapters.items():  # each prompt's KV cache was computed once, for all batches
-        assert adapter.prompt_cache.generation == (adapter.prompt_encoder.num_virtual_tokens > 0), name
+    caches = engine.multi.model.prompt_caches
+    for name, config in engine.multi.adapters.items():  # each prompt's KV cache was computed once, for all batches
+        generation = caches[name].generation if name in caches else 0
+        assert generation == (config.num_virtual_tokens > 0), name
 
 
 def test_classifier_scores_equal_offline_probabilities(tmp_path):

@@ -11,16 +11,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dept import DePTConfig, DePTModel
+from dept import DePTModel
 from dept_serve import ServingEngine
 from dept_vl.data import open_feature_files, visual_inputs
 from dept_vl.features import extract_to_h5
 from dept_vl.images import load_image
-from dept_vl.model import VLT5Config, VLT5ForConditionalGeneration, get_dept_vl_model
+from dept_vl.model import VLT5Config, VLT5ForConditionalGeneration
 from dept_vl.pipeline import load_vl_base_model
 from tests.conftest import build_word_tokenizer, tiny_t5_config
 from tests.serve.conftest import served
 from tests.serve.fixtures import WORDS
+from tests.vl.conftest import save_trained_vl_adapter
 
 FEAT_DIM = 512  # resnet18's
 IMAGE_FEATURES = {"backbone": "resnet18", "pretrained": False, "image_size": 64}  # a 2 x 2 grid
@@ -30,13 +31,7 @@ QUESTIONS = ["vqa: what color is the circle?", "vqa: what shape is on the left?"
 
 def _save_vl_adapter(base_dir, tokenizer, directory, task, seed, **sizes):
     base = load_vl_base_model(str(base_dir), FEAT_DIM)
-    model = get_dept_vl_model(base, DePTConfig(prompt_init="vocab", init_seed=seed, **sizes), tokenizer)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # stand-ins for trained weights: a non-zero B and its own visual projection
-        model.prompt_encoder.lora_embedding_B.normal_(0, 0.5, generator=generator)
-        for param in base.visual_embedding.parameters():
-            param.add_(0.5 * torch.randn(param.shape, generator=generator))
-    model.save_pretrained(directory)
+    save_trained_vl_adapter(base, tokenizer, directory, seed, visual_scale=0.5, **sizes)
     record = {"task_names": [task], "modality": "vl", "feat_dim": FEAT_DIM, "image_features": IMAGE_FEATURES}
     (directory / "training_task.json").write_text(json.dumps(record))
     return directory

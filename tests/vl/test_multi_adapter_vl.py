@@ -5,23 +5,15 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from dept import DePTConfig, DePTModel, MultiAdapterModel
-from dept_vl.model import get_dept_vl_model
-from tests.vl.conftest import make_regions
+from dept import DePTModel, MultiAdapterModel
+from tests.vl.conftest import make_regions, save_trained_vl_adapter
 
 TEXTS = ["vqa: what color is the circle?", "gqa: what shape is on the left?", "caption:"]
 
 
 def _trained_adapter(vl_model, tokenizer, directory, seed, **sizes):
-    model = get_dept_vl_model(vl_model, DePTConfig(prompt_init="vocab", init_seed=seed, **sizes), tokenizer)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # stand-ins for trained weights: a non-zero B and a moved visual projection
-        model.prompt_encoder.lora_embedding_B.normal_(0, 0.5, generator=generator)
-        for param in vl_model.visual_embedding.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    model.save_pretrained(directory)
+    save_trained_vl_adapter(vl_model, tokenizer, directory, seed, **sizes)
     assert any(key.startswith("modules.visual_embedding.") for key in load_file(directory / "adapter_model.safetensors"))
-    return {name: p.detach().clone() for name, p in vl_model.visual_embedding.state_dict().items()}
 
 
 def test_each_row_of_a_mixed_vl_batch_matches_its_adapter_alone(vl_model, tokenizer, tmp_path):
