@@ -72,13 +72,16 @@ FLAG_ALIASES = {
 (`--task_name` is the text CLI's own flag, and the VL CLI's `--tasks`)."""
 
 
-def config_flag(flag: str, default=dataclasses.MISSING, unset: str | None = None) -> dataclasses.Field:
-    """The dataclass field of the flag `--{flag}`, which sets `DePTConfig.<CONFIG_FLAGS[flag]>`: the default is
-    the config's unless given, and the help is the config field's (with `unset`: what a None default means)."""
-    name = CONFIG_FLAGS[flag]
+def config_flag(flag: str, default=dataclasses.MISSING, unset: str | None = None, *, field_name: str | None = None,
+                subject: str | None = None) -> dataclasses.Field:
+    """The dataclass field of the flag `--{flag}`, which sets `DePTConfig.<CONFIG_FLAGS[flag]>` (or `field_name`,
+    for a flag of a second adapter, e.g. the ViT's): the default is the config's unless given, and the help is the
+    config field's, after `subject` (whose adapter it sets) and before `unset` (what a None default means)."""
+    name = field_name or CONFIG_FLAGS[flag]
     config_field = DePTConfig.__dataclass_fields__[name]
     metadata = {key: value for key, value in config_field.metadata.items() if key == "choices"}
-    metadata["help"] = DePTConfig.field_help(name) + (f" Unset: {unset}." if unset else "")
+    metadata["help"] = ((f"{subject}: " if subject else "") + DePTConfig.field_help(name)
+                        + (f" Unset: {unset}." if unset else ""))
     return field(default=config_field.default if default is dataclasses.MISSING else default, metadata=metadata)
 
 

@@ -49,6 +49,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from dept import DePTConfig
+from dept.command_line import config_flag
 from dept.config import ConfigError
 from dept.errors import FlagError
 from dept_vl.features import create_backbone, feature_grid, grid_boxes, grid_transform, weights_fingerprint
@@ -59,6 +60,7 @@ VISION_ADAPTER_DIR = "vision_adapter"  # the vision adapter's place inside the t
 VISION_PEFT_TYPES = ("PROMPT_TUNING_LORA", "PROMPT_TUNING", "NONE")
 DEFAULT_VISION_PREFIX_LENGTH = 10
 DEFAULT_VISION_RANK = 8
+VISION_FLAG_SUBJECT = "The ViT tuned inside the model"
 TASK_FILE_KEY = "vision_backbone"  # the backbone's record in training_task.json
 
 
@@ -77,14 +79,13 @@ class VisionBackboneArguments:
         metadata={"help": "PROMPT_TUNING_LORA (visual DePT), PROMPT_TUNING (VPT-shallow) or NONE (frozen ViT).",
                   "choices": list(VISION_PEFT_TYPES)},
     )
-    vision_prefix_length: int | None = field(
-        default=None, metadata={"help": f"m of the ViT's prompt (default {DEFAULT_VISION_PREFIX_LENGTH}, or the "
-                                        "--peft_model_id pair's)."})
-    vision_r: int | None = field(
-        default=None, metadata={"help": f"Rank of the ViT's A @ B, one row of A per patch (default "
-                                        f"{DEFAULT_VISION_RANK}, or the --peft_model_id pair's)."})
-    vision_lora_alpha: float = field(default=8.0,
-                                     metadata={"help": "The ViT's A @ B is scaled by lora_alpha / sqrt(r)."})
+    vision_prefix_length: int | None = config_flag(
+        "vision_prefix_length", None, f"{DEFAULT_VISION_PREFIX_LENGTH}, or the --peft_model_id pair's",
+        field_name="num_virtual_tokens", subject=VISION_FLAG_SUBJECT)
+    vision_r: int | None = config_flag(
+        "vision_r", None, f"{DEFAULT_VISION_RANK}, or the --peft_model_id pair's (A has one row per patch)",
+        field_name="r", subject=VISION_FLAG_SUBJECT)
+    vision_lora_alpha: float = config_flag("vision_lora_alpha", field_name="lora_alpha", subject=VISION_FLAG_SUBJECT)
     vision_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the ViT's prompt (default --learning_rate)."})
     vision_lora_embedding_lr: float | None = field(

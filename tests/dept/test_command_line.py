@@ -112,3 +112,16 @@ def test_an_alias_that_is_the_command_lines_own_flag_stays_itself():
 def test_aliases_reach_the_config_the_run_builds():
     _, _, method_args, _ = parse_arguments(CLIS["dept-train"][0], [*CLIS["dept-train"][1], "--num_virtual_tokens", "7"])
     assert method_args.dept_config(max_length=64, task_type="seq2seq").num_virtual_tokens == 7
+
+
+def test_the_vision_backbone_flags_take_the_config_fields_help_after_naming_the_vit():
+    from dept_vl.vision_backbone import VISION_FLAG_SUBJECT, VisionBackboneArguments
+
+    actions = {action.dest: action for action in HfArgumentParser(VisionBackboneArguments)._actions}
+    for flag, name in {"vision_prefix_length": "num_virtual_tokens", "vision_r": "r",
+                       "vision_lora_alpha": "lora_alpha"}.items():
+        prefix = f"{VISION_FLAG_SUBJECT}: {DePTConfig.field_help(name)}"
+        assert actions[flag].help.startswith(prefix), (flag, actions[flag].help)
+        rest = actions[flag].help[len(prefix):]
+        assert rest == "" or (actions[flag].default is None and rest.startswith(" Unset: ")), (flag, rest)
+    assert actions["vision_lora_alpha"].default == DePTConfig.lora_alpha
