@@ -40,7 +40,6 @@ dir's root, `training_task.json` beside it recording the backbone), the vision a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from torch import nn
 
 from dept import DePTConfig
 from dept.command_line import config_flag
-from dept.config import ConfigError
+from dept.config import ConfigError, read_training_task
 from dept.errors import FlagError
 from dept_vl.features import create_backbone, feature_grid, grid_boxes, grid_transform, weights_fingerprint
 from dept_vl.model import load_dept_vl_model
@@ -327,10 +326,8 @@ def backbone_record(model: VLT5WithVisionBackbone, vision_args: VisionBackboneAr
 
 def read_backbone_record(adapter_dir: str | Path | None) -> dict | None:
     """The backbone record of a pair saved by `dept-train-vl --vision_backbone`, or None for any other adapter."""
-    path = Path(adapter_dir) / "training_task.json" if adapter_dir else None
-    if path is None or not path.is_file():
-        return None
-    return json.loads(path.read_text()).get(TASK_FILE_KEY)
+    record = read_training_task(adapter_dir) if adapter_dir and Path(adapter_dir).is_dir() else None
+    return (record or {}).get(TASK_FILE_KEY)
 
 
 def check_pair_flags(peft_model_id: str | None, vision_args: VisionBackboneArguments | None) -> None:

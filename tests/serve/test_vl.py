@@ -8,11 +8,13 @@ import io
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from dept import DePTModel
 from dept_serve import ServingEngine
+from dept_serve.errors import InvalidInputError
 from dept_vl.data import open_feature_files, visual_inputs
 from dept_vl.features import extract_to_h5
 from dept_vl.images import load_image
@@ -106,3 +108,21 @@ def test_vl_adapters_answer_from_uploaded_images_and_feature_ids_as_offline(tmp_
     assert "'img9'" in errors[1]
     assert "1 inputs but 2 images" in errors[2]
     assert "send either images" in errors[3]
+
+
+def test_a_pair_with_a_vision_adapter_is_refused_before_anything_loads(tmp_path):
+    tokenizer = build_word_tokenizer(WORDS, tmp_path / "base")
+    torch.manual_seed(0)
+    config = VLT5Config.from_t5_config(tiny_t5_config(len(tokenizer)), feat_dim=FEAT_DIM, n_images=2)
+    VLT5ForConditionalGeneration(config).save_pretrained(tmp_path / "base")
+    frozen = _save_vl_adapter(tmp_path / "base", tokenizer, tmp_path / "frozen", "vqa", 1, num_virtual_tokens=2, r=2,
+                              max_length=16)
+    pair = _save_vl_adapter(tmp_path / "base", tokenizer, tmp_path / "pair", "vqa", 2, num_virtual_tokens=2, r=2,
+                            max_length=16)
+    record = json.loads((pair / "training_task.json").read_text())
+    record["vision_backbone"] = {"backbone": "vit_tiny_patch16_224", "image_size": 64}
+    (pair / "training_task.json").write_text(json.dumps(record))
+    engine = ServingEngine.load(str(tmp_path / "base"), {"frozen": frozen}, device="cpu")
+    with pytest.raises(InvalidInputError, match=r"is a pair: .*vit_tiny_patch16_224.*dept-train-vl --peft_model_id"):
+        engine.add_adapter("pair", pair)
+    assert sorted(engine.adapters) == ["frozen"] and engine.multi.list_adapters() == ["frozen"]
