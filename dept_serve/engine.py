@@ -33,7 +33,7 @@ from dept_vl.data import open_feature_files, visual_inputs
 from dept_vl.features import FeatureStoreError, GridFeatureExtractor, MissingFeaturesError
 from dept_vl.pipeline import VLModelArguments, load_vl_base_model
 from dept_vl.pipeline import load_tokenizer as load_vl_tokenizer
-from dept_vl.vision_backbone import TASK_FILE_KEY as VISION_BACKBONE_KEY
+from dept_vl.vision_backbone import pair_refusal
 
 MODALITIES = ("text", "vl")
 
@@ -161,11 +161,9 @@ class ServingEngine:
         if config.task_type != self.task_type:
             raise InvalidInputError(f"{path} is a {config.task_type!r} adapter, but this server's base model is "
                                     f"a {self.task_type!r} model: it was trained on another base model.")
-        if modality == "vl" and record.get(VISION_BACKBONE_KEY):
-            raise InvalidInputError(
-                f"{path} is a pair: its text adapter reads features from a ViT it tuned itself "
-                f"({record[VISION_BACKBONE_KEY].get('backbone')}, in vision_adapter/), and dept-serve computes frozen "
-                "features only. Evaluate the pair with dept-train-vl --peft_model_id DIR --vision_backbone ... --do_eval.")
+        refusal = pair_refusal(str(path), record, "dept-serve") if modality == "vl" else None
+        if refusal:
+            raise InvalidInputError(refusal)
         if modality == "vl" and record.get("feat_dim") != self.base_model.config.feat_dim:
             raise InvalidInputError(f"{path} reads {record.get('feat_dim')}-dimensional image features, but this "
                                     f"VL-T5 reads {self.base_model.config.feat_dim}-dimensional ones.")

@@ -29,7 +29,7 @@ from dept.config import ConfigError
 from dept.errors import TaskMismatchError
 from dept_vl import metrics
 from dept_vl.tasks import TASKS
-from dept_vl.vision_backbone import TASK_FILE_KEY as VISION_BACKBONE_KEY
+from dept_vl.vision_backbone import pair_refusal
 
 VISUAL_INPUTS = ("vis_feats", "vis_boxes", "vis_attention_mask", "pixel_values")  # pixels: a ViT inside the model
 
@@ -136,12 +136,9 @@ def check_task_fits_adapter(task_name: str, training_task: dict | None, source: 
             f"{source} was trained on {training_task['task_names']}, not on {task_name}, whose answers differ. "
             f"Evaluate it on one of its tasks, or train an adapter for {task_name}."
         )
-    if training_task.get(VISION_BACKBONE_KEY):  # its text adapter reads the features of a ViT tuned with it
-        raise ConfigError(
-            f"{source} was trained with a vision adapter on {training_task[VISION_BACKBONE_KEY]['backbone']} "
-            "(--vision_backbone), which dept-eval does not load: evaluate the pair with dept-train-vl "
-            "--peft_model_id DIR --vision_backbone ... --image_dir ... --do_eval."
-        )
+    refusal = pair_refusal(source, training_task, "dept-eval")
+    if refusal:
+        raise ConfigError(refusal)
     if not isinstance(training_task.get("feat_dim"), int):
         raise ConfigError(f"{source}'s training_task.json has no integer 'feat_dim'; dept-train-vl writes one.")
 

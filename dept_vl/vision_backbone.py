@@ -330,6 +330,17 @@ def read_backbone_record(adapter_dir: str | Path | None) -> dict | None:
     return (record or {}).get(TASK_FILE_KEY)
 
 
+def pair_refusal(source: str, training_task: dict | None, tool: str) -> str | None:
+    """Why `tool` (which computes or reads frozen features) must not run the adapter at `source`, if it is a pair
+    whose text adapter reads a ViT tuned with it; None for any other adapter."""
+    record = (training_task or {}).get(TASK_FILE_KEY)
+    if not record:
+        return None
+    return (f"{source} is a pair: its text adapter reads features from a ViT it tuned itself "
+            f"({record.get('backbone')}, in {VISION_ADAPTER_DIR}/, --vision_backbone), which {tool} does not load: "
+            "evaluate the pair with dept-train-vl --peft_model_id DIR --vision_backbone ... --image_dir ... --do_eval.")
+
+
 def check_pair_flags(peft_model_id: str | None, vision_args: VisionBackboneArguments | None) -> None:
     """Refuse, before anything loads, to continue a pair without its backbone or with another one, and a frozen-
     feature adapter that is asked to bring a vision adapter."""
