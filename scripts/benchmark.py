@@ -6,7 +6,7 @@ and the shared trainer's throughput against a bare accelerate loop.
     python scripts/benchmark.py --sizes tiny --steps 2 --output_dir /tmp/smoke           # seconds
 
 Writes results.json, results.md (tables and the targets) and results.png (time and memory against model size)
-to --output_dir, and refuses a directory that already holds results unless --overwrite. See dept_bench/throughput.py
+to --output_dir, and refuses a directory that already holds results unless --overwrite. See benchmarks/throughput.py
 for what each method, workload and figure is.
 """
 
@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from dept_bench.throughput import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a folder of the repo, not installed
+
+from benchmarks.throughput import (
     METHODS,
     SIZES,
     WORKLOADS,
@@ -28,7 +31,7 @@ from dept_bench.throughput import (
     targets_table,
     trainer_loop_table,
 )
-from dept_bench.throughput import write_results as write
+from benchmarks.throughput import write_results as write
 
 
 def _names(choices):

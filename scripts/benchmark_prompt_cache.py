@@ -6,15 +6,18 @@ alone (the limit), HF PEFT prompt tuning (l = 100) and DePT without the cache.
     python scripts/benchmark_prompt_cache.py --model llama-1b --device cuda --threads 0 --output_dir out_gpu
 
 Writes prompt_cache.json and prompt_cache.md to --output_dir, and refuses a directory that already holds them
-unless --overwrite. See dept_bench/prompt_cache.py for what each method and figure is.
+unless --overwrite. See benchmarks/prompt_cache.py for what each method and figure is.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from dept_bench.prompt_cache import PromptCacheSettings, check_output_dir, run, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a folder of the repo, not installed
+
+from benchmarks.prompt_cache import PromptCacheSettings, check_output_dir, run, write_results
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -30,9 +33,9 @@ def _ints(text: str) -> tuple[int, ...]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = PromptCacheSettings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=defaults.model, help="a decoder-only model shape from dept_bench.throughput")
+    parser.add_argument("--model", default=defaults.model, help="a decoder-only model shape from benchmarks.throughput")
     parser.add_argument("--workloads", default=",".join(defaults.workloads),
-                        help="comma list of dept_bench.throughput workloads (default: short,fixed)")
+                        help="comma list of benchmarks.throughput workloads (default: short,fixed)")
     parser.add_argument("--output_dir", required=True, help="where prompt_cache.json and prompt_cache.md go")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --output_dir")
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda")

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from dept_bench.throughput import check_output_dir
-from dept_bench.vit import MODELS, Settings, run_benchmark, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a folder of the repo, not installed
+
+from benchmarks.throughput import check_output_dir
+from benchmarks.vit import MODELS, Settings, run_benchmark, write_results
 
 
 def main(argv: list[str] | None = None) -> int:

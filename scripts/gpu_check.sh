@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU machine (one GPU, under 8 minutes), printing one table:
 #   1. the efficiency benchmark, --device cuda --bf16, at t5-base, t5-large and a LLaMA-7B-shaped model with
-#      4 layers (dept_bench.throughput's "gpu" sizes): the targets of dept_bench.throughput.TARGETS, measured against their goals;
+#      4 layers (benchmarks.throughput's "gpu" sizes): the targets of benchmarks.throughput.TARGETS, measured against their goals;
 #   2. a short DePT training (sst2 sample data, a small random T5, fp32 so that runs are comparable) under
 #      accelerate's single-GPU, DeepSpeed ZeRO-2, ZeRO-3 (with zero3_init_flag, so the prompt init reads a
 #      ZeRO-3 shard where the model is built after the Accelerator) and FSDP 1 / FSDP 2 configs, one process each, in parallel:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dept_bench.prompt_cache import (
+from benchmarks.prompt_cache import (
     METHODS,
     PromptCacheSettings,
     Timings,

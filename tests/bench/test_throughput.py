@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dept_bench import throughput
-from dept_bench.throughput import (
+from benchmarks import throughput
+from benchmarks.throughput import (
     LOOP_ROUNDS,
     METHODS,
     MODELS,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dept_bench.vit import Settings, budget_matched_rank, time_methods, to_markdown, write_results
+from benchmarks.vit import Settings, budget_matched_rank, time_methods, to_markdown, write_results
 
 
 @pytest.mark.parametrize(("d", "r"), [(768, 31), (1024, 33)])

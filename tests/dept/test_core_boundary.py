@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 CORE = Path(__file__).resolve().parents[2] / "dept"
-OUTSIDE_THE_CORE = ("dept_nlp", "dept_vl", "dept_eval", "dept_bench", "dept_serve", "dept_tune")
+OUTSIDE_THE_CORE = ("dept_nlp", "dept_vl", "dept_eval", "benchmarks", "dept_serve", "dept_tune")
 
 
 def names_outside_the_core(source: str) -> list[tuple[int, str]]:
@@ -41,7 +41,7 @@ from dept_vl.evaluate import VLEvaluator
 PLUGINS = {"text": "dept_eval.cli"}
 
 def load():
-    import dept_bench.throughput
+    import benchmarks.throughput
     return importlib.import_module("dept_serve")
 '''
     assert sorted(line for line, _ in names_outside_the_core(source)) == [2, 3, 4, 7, 8]

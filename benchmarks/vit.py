@@ -13,7 +13,7 @@ Time is the median train step (forward, backward, AdamW step) after warm-up. Bot
 ViT in one process and alternate step by step on the same batch, so a load change on a shared machine affects
 both alike. On CPU the ratio is taken on the process's CPU time (one thread by default), which waiting for a
 busy core does not inflate; wall time is reported beside it. Peak memory is measured apart, each method in a
-fresh process over one train step (`dept_bench.throughput.PeakMemory`: the CUDA allocator's peak on GPU, the peak RSS
+fresh process over one train step (`benchmarks.throughput.PeakMemory`: the CUDA allocator's peak on GPU, the peak RSS
 on CPU).
 
     python scripts/benchmark_vit.py --models vit-b16,vit-l16 --output_dir bench_results/vit
@@ -35,7 +35,7 @@ from pathlib import Path
 import timm
 import torch
 
-from dept_bench.throughput import PeakMemory, check_output_dir
+from benchmarks.throughput import PeakMemory, check_output_dir
 from dept_vl.vit import DePTModelForImageClassification, num_patches, vit_dept_config
 
 VPT_LENGTH = 100

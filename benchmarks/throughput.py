@@ -18,7 +18,7 @@ Each figure is the median over `steps` steps after `warmup` steps. Models have r
 architectures' dims. Every method sees the same seeded batches. On CPU each (method, phase) runs in a fresh
 process, forked from a server that has already imported torch, so peak RSS belongs to that method alone.
 
-    from dept_bench.throughput import Settings, run_benchmark, write_results
+    from benchmarks.throughput import Settings, run_benchmark, write_results
 
     if __name__ == "__main__":  # fresh processes re-import the main module
         results = run_benchmark(Settings(device="cpu", steps=2), ["t5-tiny"], ["short"])
@@ -615,7 +615,7 @@ class FreshProcessRunner:
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         self.context = multiprocessing.get_context(method)
         if method == "forkserver":
-            preload = ["dept_bench.throughput"] + (["peft"] if importlib.util.find_spec("peft") else [])
+            preload = ["benchmarks.throughput"] + (["peft"] if importlib.util.find_spec("peft") else [])
             self.context.set_forkserver_preload(preload)
 
     def __call__(self, job: Job, settings: Settings) -> dict:

@@ -19,7 +19,7 @@ Two sweeps report how the gap to PEFT grows: with the prompt length (PEFT PT l =
 cache) and with the request rate (the measured per-request prefill time in an M/D/1 queue: one server, Poisson
 arrivals, requests served one at a time; plus the per-request time when a busy server batches).
 
-    from dept_bench.prompt_cache import PromptCacheSettings, run, write_results
+    from benchmarks.prompt_cache import PromptCacheSettings, run, write_results
 
     write_results(run(PromptCacheSettings(model="llama-tiny", steps=1)), "bench_output")
 """
@@ -55,7 +55,7 @@ TARGET = ("prefill with the prompt cache vs the limit", "dept_cached", "prefill_
 
 @dataclass(frozen=True)
 class PromptCacheSettings:
-    """What to run: a model from `dept_bench.throughput.MODELS`, workloads, batch size, generated tokens, rounds, CPU
+    """What to run: a model from `benchmarks.throughput.MODELS`, workloads, batch size, generated tokens, rounds, CPU
     threads (None: torch's default), prompt lengths for the length sweep, batch sizes for the rate sweep."""
 
     model: str = "llama-small"
