@@ -17,8 +17,11 @@ over it). The math itself lives once, in `DePTEmbedding`.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import logging
 import re
+import types
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -64,6 +67,43 @@ class AdapterMismatchError(UserError, ValueError):
     """An adapter that does not fit the model it is loaded into."""
 
 
+def expose_forward_signature(model: nn.Module, base_model: nn.Module) -> None:
+    """Let `inspect.signature(model.forward)` name what `base_model.forward` takes, next to the model's own
+    parameters, so that transformers' `Trainer` (`remove_unused_columns=True`) keeps `labels`,
+    `decoder_input_ids`, `token_type_ids`, VL-T5's visual inputs and the like.
+
+    The model's own named parameters keep their places (they are what it really takes positionally); the base's
+    other parameters follow as keyword-only, then `**kwargs`, which the model passes to the base. A base whose
+    forward takes `**kwargs` may pass them to its parent's forward (VL-T5 passes `labels` and the decoder's inputs
+    to T5's), so the parents' parameters are named too.
+    """
+    implementation = type(model).forward
+    own = inspect.signature(implementation).parameters
+    base: dict[str, inspect.Parameter] = {}
+    for cls in type(base_model).__mro__:
+        if "forward" not in vars(cls):
+            continue
+        parameters = list(inspect.signature(vars(cls)["forward"]).parameters.values())[1:]  # without self
+        base.update({p.name: p for p in parameters if p.name not in base})
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    named = [p for p in own.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    passed_on = [p.replace(kind=p.KEYWORD_ONLY) for name, p in base.items()
+                 if name not in own and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    positional = [p for p in named if p.kind is not p.KEYWORD_ONLY]
+    keyword_only = [p for p in named if p.kind is p.KEYWORD_ONLY]
+    var_keyword = inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)
+    signature = inspect.signature(implementation).replace(
+        parameters=[*positional, *passed_on, *keyword_only, var_keyword])
+
+    @functools.wraps(implementation)
+    def forward(self, *args, **kwargs):
+        return implementation(self, *args, **kwargs)
+
+    forward.__signature__ = signature
+    model.forward = types.MethodType(forward, model)  # per instance: each base model takes its own arguments
+
+
 def embed_inputs(word_embeddings: nn.Module, input_ids, attention_mask, inputs_embeds):
     """(inputs_embeds, attention_mask) from whichever of input_ids / inputs_embeds was given; mask of ones if none."""
     if inputs_embeds is None:
@@ -87,6 +127,9 @@ class DePTModel(nn.Module):
     """
 
     task_type: str = ""
+    # True where `forward` passes the base model's arguments through: its signature then names them (see
+    # `expose_forward_signature`), so transformers' Trainer keeps labels, decoder_input_ids and the like.
+    forwards_to_base: bool = False
     prompt_first: bool = False  # True keeps P at position 0 under left padding (see DePTEmbedding)
     # A decoder-only `generate` fed embeddings returns only the new tokens (Hugging Face returns input + new).
     generate_returns_new_tokens_only: bool = True
@@ -109,6 +152,8 @@ class DePTModel(nn.Module):
             param.requires_grad_(False)
         self.adapter_modules = nn.ModuleDict()  # a served adapter's own copies of its trained modules
         self.config = config
+        if self.forwards_to_base:
+            expose_forward_signature(self, self.base_model)
         if config is None:  # a bank for serving: frozen, in eval mode, adapters come with add_adapter
             self.modules_to_save = ()
             self.prompt_encoder = DePTEmbedding([], token_dim, names=[]).to(self.input_device())
@@ -507,15 +552,17 @@ class DePTModelForSeq2SeqLM(DePTModel):
     """
 
     task_type = "seq2seq"
+    forwards_to_base = True
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, adapter_names=None,
+                **kwargs):
         if kwargs.get("encoder_outputs") is not None:  # the prompt is already inside the encoder outputs
-            return self._with_encoder_outputs(attention_mask, adapter_names, **kwargs)
+            return self._with_encoder_outputs(attention_mask, adapter_names, labels=labels, **kwargs)
         tokens, attention_mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
                                                                            adapter_names)
         embeds, mask = self.prompt_encoder.with_prompts(tokens, attention_mask, routing)
         with self.per_row_modules(adapter_index):
-            return self.base_model(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+            return self.base_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
 
     def _with_encoder_outputs(self, attention_mask, adapter_names, **kwargs):
         if attention_mask is None:
@@ -551,6 +598,7 @@ class DePTModelForCausalLM(DePTModel):
     """
 
     task_type = "causal"
+    forwards_to_base = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -683,12 +731,13 @@ class DePTModelForSequenceClassification(DePTModel):
     """
 
     task_type = "cls"
+    forwards_to_base = True
     prompt_first = True  # the pooler reads position 0, so the prompt stays in front even under left padding
 
     def __init__(self, base_model, config, tokenizer=None, modules_to_save=CLASSIFIER_HEAD_NAMES, initialize=True):
         super().__init__(base_model, config, tokenizer, modules_to_save, initialize)
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None,
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None, labels=None,
                 adapter_names=None, **kwargs):
         tokens, attention_mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
                                                                            adapter_names)
@@ -698,7 +747,7 @@ class DePTModelForSequenceClassification(DePTModel):
         kwargs.pop("position_ids", None)
         with self.per_row_modules(adapter_index):
             return self.base_model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=token_type_ids,
-                                   position_ids=self.position_ids(mask), **kwargs)
+                                   position_ids=self.position_ids(mask), labels=labels, **kwargs)
 
 
 _MODEL_CLASSES = {
