@@ -131,8 +131,6 @@ class DePTModel(nn.Module):
     # `expose_forward_signature`), so transformers' Trainer keeps labels, decoder_input_ids and the like.
     forwards_to_base: bool = False
     prompt_first: bool = False  # True keeps P at position 0 under left padding (see DePTEmbedding)
-    # A decoder-only `generate` fed embeddings returns only the new tokens (Hugging Face returns input + new).
-    generate_returns_new_tokens_only: bool = True
 
     def __init__(
         self,
@@ -533,6 +531,18 @@ def load_module_state(module: nn.Module, module_state: dict[str, torch.Tensor], 
     return module
 
 
+def prepend_inputs(input_ids: torch.Tensor, generated):
+    """transformers' decoder-only convention: the input ids (repeated for beams and returned sequences) followed by
+    the new tokens, in a tensor or in `generate`'s output object."""
+    sequences = generated if isinstance(generated, torch.Tensor) else generated.sequences
+    inputs = input_ids.to(sequences.device).repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+    sequences = torch.cat([inputs, sequences], dim=1)
+    if isinstance(generated, torch.Tensor):
+        return sequences
+    generated.sequences = sequences
+    return generated
+
+
 def _select_rows(inputs, rows: torch.Tensor, batch: int):
     """The given rows of every batch-first tensor in a tuple or dict of module inputs."""
     def pick(value):
@@ -576,7 +586,10 @@ class DePTModelForSeq2SeqLM(DePTModel):
             return self.base_model(attention_mask=routing.prompted_mask(attention_mask), **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None, **kwargs):
+    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None,
+                 new_tokens_only: bool = False, **kwargs):
+        """The decoder's tokens (its start token, then the new ones), as transformers returns them for an
+        encoder-decoder: they never hold the input, so `new_tokens_only` changes nothing here."""
         tokens, attention_mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
                                                                            adapter_names)
         embeds, mask = self.prompt_encoder.with_prompts(tokens, attention_mask, routing)
@@ -589,7 +602,9 @@ class DePTModelForCausalLM(DePTModel):
     """DePT for decoder-only LMs: `[P ; E']`, labels -100 over P, positions counted over real tokens.
 
     `forward` returns logits over all width + seq positions (as PEFT does; width is the longest prompt among the
-    rows' adapters, the shorter ones padded with masked slots). `generate` returns only the new tokens.
+    rows' adapters, the shorter ones padded with masked slots). `generate` follows transformers: given `input_ids`
+    it returns them followed by the new tokens (so `out[:, input_ids.shape[1]:]` is the answer), given only
+    `inputs_embeds` the new tokens; `new_tokens_only=True` asks for the new tokens alone.
 
     In eval mode (when nothing needs gradients through P) each adapter's P keys, values and logits are computed
     once and reused by every call, which then runs the base model on its own tokens only (the prompt KV cache,
@@ -674,10 +689,21 @@ class DePTModelForCausalLM(DePTModel):
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None,
-                 use_cache: bool = True, use_prompt_cache: bool | None = None, **kwargs):
+                 use_cache: bool = True, use_prompt_cache: bool | None = None, new_tokens_only: bool = False,
+                 **kwargs):
         """Prompt at prefill, then the KV cache carries it; with the prompt cache the prefill runs on the input
         alone. `use_cache=False` recomputes the whole sequence at every step (greedy only): slow, but the
-        reference the cached paths must match."""
+        reference the cached paths must match.
+
+        Returns `input_ids` followed by the new tokens, as transformers and PEFT do (the new tokens alone when
+        only `inputs_embeds` is given, or with `new_tokens_only=True`).
+        """
+        new_tokens = self._generate_new_tokens(input_ids, attention_mask, inputs_embeds, adapter_names, use_cache,
+                                               use_prompt_cache, **kwargs)
+        return new_tokens if input_ids is None or new_tokens_only else prepend_inputs(input_ids, new_tokens)
+
+    def _generate_new_tokens(self, input_ids, attention_mask, inputs_embeds, adapter_names, use_cache,
+                             use_prompt_cache, **kwargs):
         tokens, mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
                                                                  adapter_names)
         with self.per_row_modules(adapter_index):
