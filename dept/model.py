@@ -37,6 +37,7 @@ from .embedding import (
     PADDING_OFFSET_MODEL_TYPES,
     DePTEmbedding,
     PromptRouting,
+    invalidate_after_load,
     place,
     real_token_position_ids,
 )
@@ -48,6 +49,7 @@ from .prompt_cache import (
     forward_after_prompt,
     generate_after_prompt,
     generation_expand_size,
+    needs_gradients,
     prompt_cache_applies,
     stack_prompt_states,
     with_prompt_logits,
@@ -124,6 +126,11 @@ class DePTModel(nn.Module):
     `forward` and `generate` take `adapter_names`, one name per row (or one for the whole batch), each row gives
     exactly what its adapter alone gives, and each adapter's trained modules (a classifier head, a visual
     projection) are applied to its own rows.
+
+    Caching rule: the eval caches (the scaling * A @ B table, the prompt's KV cache) are recomputed after every
+    `train()`/`eval()` call, load (`load_state_dict`, `load_adapter_state_dict`), move or cast, adapter add or
+    remove, and forward that needs gradients, never keyed on tensor versions or addresses, and after any other
+    in-place change of P, A, B or the base's weights in eval mode you call `invalidate_caches()`.
     """
 
     task_type: str = ""
@@ -150,6 +157,7 @@ class DePTModel(nn.Module):
             param.requires_grad_(False)
         self.adapter_modules = nn.ModuleDict()  # a served adapter's own copies of its trained modules
         self.config = config
+        self.register_load_state_dict_post_hook(invalidate_after_load)
         if self.forwards_to_base:
             expose_forward_signature(self, self.base_model)
         if config is None:  # a bank for serving: frozen, in eval mode, adapters come with add_adapter
@@ -187,6 +195,22 @@ class DePTModel(nn.Module):
     def _initialize_prompt(self, tokenizer) -> None:
         """P from the frozen word embeddings (see `DePTEmbedding.initialize`), A and B as the paper says."""
         self.prompt_encoder.initialize(self.word_embeddings.weight, tokenizer)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The eval caches (see the caching rule in the class docstring)
+    def invalidate_caches(self) -> None:
+        """Drop every cached value; the next eval call recomputes it from the current weights."""
+        self.prompt_encoder.invalidate_caches()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.invalidate_caches()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self.invalidate_caches()  # a move or a cast
+        return result
 
     # ----------------------------------------------------------------------------------------------------------
     # The adapters of the bank
@@ -231,6 +255,7 @@ class DePTModel(nn.Module):
         bank = self.prompt_encoder
         self._restack([(n, c, bank.adapter_tensors(i)) for i, (n, c) in enumerate(zip(bank.names, bank.configs))]
                       + [(name, config, own.adapter_tensors())])
+        self._forget_adapter(name)  # computed from nothing yet, whatever was once served under this name
 
     def remove_adapter(self, name: str) -> None:
         if self.config is not None or name not in self.prompt_encoder.names:
@@ -240,6 +265,10 @@ class DePTModel(nn.Module):
                        if n != name])
         if name in self.adapter_modules:
             del self.adapter_modules[name]
+        self._forget_adapter(name)
+
+    def _forget_adapter(self, name: str) -> None:
+        """Drop what was cached for adapter `name` (the bank itself is new after every add or remove)."""
 
     @torch.no_grad()
     def _restack(self, adapters: list[tuple[str, DePTConfig, dict[str, torch.Tensor]]]) -> None:
@@ -453,6 +482,7 @@ class DePTModel(nn.Module):
             )
         for module_name, module_state in modules.items():
             load_module_state(getattr(self.base_model, module_name), module_state, source, module_name)
+        self.invalidate_caches()
 
     @classmethod
     def from_pretrained(
@@ -616,16 +646,25 @@ class DePTModelForCausalLM(DePTModel):
     forwards_to_base = True
 
     def __init__(self, *args, **kwargs):
+        self.prompt_caches: dict[str, PromptKVCache] = {}  # by adapter name; before the base class calls eval()
+        self._stacked_prompt_states: tuple[tuple, PromptStates | None] | None = None
         super().__init__(*args, **kwargs)
         self.use_prompt_cache = True
-        self.prompt_caches: dict[str, PromptKVCache] = {}  # by adapter name
-        self._stacked_prompt_states: tuple[tuple, PromptStates | None] | None = None
+
+    def invalidate_caches(self) -> None:
+        super().invalidate_caches()
+        for cache in self.prompt_caches.values():
+            cache.clear()
+        self._stacked_prompt_states = None
+
+    def _forget_adapter(self, name: str) -> None:
+        self.prompt_caches.pop(name, None)
+        self._stacked_prompt_states = None
 
     def prompt_states(self) -> PromptStates | None:
         """P's keys, values and logits, one row per adapter of the bank (stacked to the longest m); each
-        adapter's are recomputed only after its P or the base model changed."""
+        adapter's are computed once, then kept as the caching rule says."""
         bank = self.prompt_encoder
-        self.prompt_caches = {name: cache for name, cache in self.prompt_caches.items() if name in bank.names}
         if bank.num_adapters == 1:
             return self._adapter_prompt_states(0)
         states, generations = [], []
@@ -637,7 +676,7 @@ class DePTModelForCausalLM(DePTModel):
                 return None  # this base model's cache is not plain keys and values
             states.append(state)
             generations.append((name, self.prompt_caches[name].generation))
-        key = (tuple(generations), id(bank))
+        key = tuple(generations)
         if self._stacked_prompt_states is None or self._stacked_prompt_states[0] != key:
             self._stacked_prompt_states = key, stack_prompt_states(states, bank.num_virtual_tokens)
         return self._stacked_prompt_states[1]
@@ -651,10 +690,12 @@ class DePTModelForCausalLM(DePTModel):
             with self.per_row_modules(torch.tensor([index], device=prompt.device)):  # an adapter's own lm_head
                 return compute_prompt_states(self.base_model, prompt)
 
-        return cache.get(self.base_model, prompt, compute)
+        return cache.get(self.base_model, compute)
 
     def _cached_prompt(self, use_prompt_cache: bool | None, routing: PromptRouting, kwargs: dict,
                        generating: bool = False) -> PromptStates | None:
+        if needs_gradients(self):  # a graph through P: a step may follow
+            self.invalidate_caches()
         enabled = self.use_prompt_cache if use_prompt_cache is None else use_prompt_cache
         if routing.width == 0 or not prompt_cache_applies(self, enabled, kwargs, generating):
             return None
