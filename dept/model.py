@@ -59,8 +59,6 @@ logger = logging.getLogger(__name__)
 
 # Heads that are trained with the prompt, as PEFT's modules_to_save for sequence classification.
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
-# Models with learned absolute positions, whose table bounds m + max_length.
-ABSOLUTE_POSITION_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "gpt2")
 MODULES_PREFIX = "modules."  # a trained module's keys in an adapter file: modules.<module>.<key>
 _VALID_ADAPTER_NAME = re.compile(r"^[^.]+$")
 
@@ -851,15 +849,27 @@ def check_compatible(config: DePTConfig, base_config, token_dim: int, task_type:
             f"The adapter has token_dim={config.token_dim} but the model's embeddings have d={token_dim}: "
             "it was trained on another base model."
         )
+    check_position_limit(config, base_config)
+
+
+def check_position_limit(config: DePTConfig, base_config) -> None:
+    """Refuse m + s beyond the base model's position limit, where it has one (`max_position_embeddings`: learned
+    absolute positions such as BERT's and GPT-2's, or the RoPE range of LLaMA; T5's relative positions have none)."""
     model_type = getattr(base_config, "model_type", None)
     max_positions = getattr(base_config, "max_position_embeddings", None)
-    if model_type in ABSOLUTE_POSITION_MODEL_TYPES and max_positions is not None:
-        offset = base_config.pad_token_id + 1 if model_type in PADDING_OFFSET_MODEL_TYPES else 0
-        if config.num_virtual_tokens + config.max_length + offset > max_positions:
-            raise ConfigError(
-                f"num_virtual_tokens + max_length = {config.num_virtual_tokens + config.max_length} exceeds the "
-                f"{max_positions - offset} positions of this {model_type} model: lower max_length."
-            )
+    if not isinstance(max_positions, int):
+        return
+    offset = base_config.pad_token_id + 1 if model_type in PADDING_OFFSET_MODEL_TYPES else 0
+    limit = max_positions - offset
+    length = config.num_virtual_tokens + config.max_length
+    if length > limit:
+        raise ConfigError(
+            f"num_virtual_tokens + max_length = {config.num_virtual_tokens} + {config.max_length} = {length} "
+            f"exceeds the {limit} positions of this {model_type} model (its max_position_embeddings"
+            f"{f' less {offset}' if offset else ''}): lower num_virtual_tokens (--prefix_length) or max_length "
+            "(--max_seq_length) so that they add up to at most "
+            f"{limit}."
+        )
 
 
 def describe_hf_base(model: nn.Module) -> dict:
