@@ -244,7 +244,7 @@ class ServingEngine:
         generated = self.multi.generate(
             **self._batch(rows), adapter_names=[row.adapter for row in rows], max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id)
+            pad_token_id=self.tokenizer.pad_token_id, new_tokens_only=True)
         return [{"text": self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
                  "token_ids": self.new_tokens(ids)} for ids in generated.tolist()]
 

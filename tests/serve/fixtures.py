@@ -73,7 +73,7 @@ class OfflineReference:
     def generate(self, adapter: str, text: str, max_new_tokens: int, num_beams: int = 1) -> list[int]:
         uncached = {"use_prompt_cache": False} if self.family == "causal" else {}  # the reference path
         output = self.models[adapter].generate(**self.inputs(text), max_new_tokens=max_new_tokens,
-                                               num_beams=num_beams, do_sample=False,
+                                               num_beams=num_beams, do_sample=False, new_tokens_only=True,
                                                pad_token_id=self.tokenizer.pad_token_id, **uncached)[0].tolist()
         if self.family == "seq2seq":
             output = output[1:]  # the decoder's start token
