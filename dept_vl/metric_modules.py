@@ -108,22 +108,29 @@ class Vqa(evaluate.Metric):
         return {"accuracy": metrics.vqa_accuracy(predictions, references, normalization=normalization)}
 
 
-class Accuracy(evaluate.Metric):
-    """Exact-match accuracy after strip and lower-case; the config name is the task ("gqa" or "nlvr2")."""
+class Gqa(evaluate.Metric):
+    """GQA accuracy: exact match after strip and lower-case."""
+
+    _task = "GQA"
+    _citation = _GQA_CITATION
 
     def _info(self) -> evaluate.MetricInfo:
-        citations = {"gqa": _GQA_CITATION, "nlvr2": _NLVR2_CITATION}
-        if self.config_name not in citations:
-            raise ValueError(f"VL accuracy is for {list(citations)}; got config {self.config_name!r}.")
         return evaluate.MetricInfo(
-            description=f"{self.config_name} accuracy: exact match after strip and lower-case (dept_vl.metrics).",
-            citation=citations[self.config_name],
+            description=f"{self._task} accuracy: exact match after strip and lower-case (dept_vl.metrics).",
+            citation=self._citation,
             inputs_description=_ACCURACY_INPUTS,
             features=_features(_STRING),
         )
 
     def _compute(self, predictions, references) -> dict[str, float]:
         return {"accuracy": metrics.accuracy(predictions, references)}
+
+
+class Nlvr2(Gqa):
+    """NLVR2 accuracy ("true"/"false"): exact match after strip and lower-case."""
+
+    _task = "NLVR2"
+    _citation = _NLVR2_CITATION
 
 
 class Bleu4(evaluate.Metric):
@@ -160,9 +167,7 @@ class Cider(evaluate.Metric):
 
 def load(name: str, **module_kwargs) -> evaluate.EvaluationModule:
     """See `dept_vl.metrics.load`."""
-    if name in ("gqa", "nlvr2"):
-        return Accuracy(config_name=name, **module_kwargs)
-    modules = {"vqa": Vqa, "bleu4": Bleu4, "cider": Cider}
+    modules = {"vqa": Vqa, "gqa": Gqa, "nlvr2": Nlvr2, "bleu4": Bleu4, "cider": Cider}
     if name not in modules:
         raise ValueError(f"No VL metric {name!r}; pick one of vqa, gqa, nlvr2, bleu4, cider.")
     return modules[name](**module_kwargs)

@@ -11,6 +11,8 @@ import evaluate
 import pytest
 import torch
 from datasets import Dataset, Value
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import BertForSequenceClassification
 
 from dept_nlp import metrics
@@ -58,17 +60,17 @@ def test_a_task_module_gives_the_numbers_of_compute_in_one_call_in_batches_and_e
     assert module.compute() == expected
 
 
-def test_the_modules_keep_the_official_rules_by_hand():
+def test_the_modules_keep_the_official_rules_by_hand(cache_dir):
     # Hand-checked as in test_metrics.py: the module path changes no number.
-    assert metrics.load("sst2").compute(predictions=["1", "0", "maybe", "1"], references=["1", "1", "0", "1"]) == {
+    assert metrics.load("sst2", cache_dir=cache_dir).compute(predictions=["1", "0", "maybe", "1"], references=["1", "1", "0", "1"]) == {
         "accuracy": 50.0}
-    mrpc = metrics.load("mrpc").compute(predictions=["1", "0", "x", "1"], references=["1", "1", "1", "0"])
+    mrpc = metrics.load("mrpc", cache_dir=cache_dir).compute(predictions=["1", "0", "x", "1"], references=["1", "1", "1", "0"])
     assert mrpc == pytest.approx({"accuracy": 25.0, "f1": 40.0})
     # sklearn's MCC on the raw strings: (c*s - sum p*t) / sqrt((s^2 - sum p^2)(s^2 - sum t^2)) = 6 / sqrt(80).
-    cola = metrics.load("cola").compute(predictions=["1", "x", "0", "0"], references=["1", "1", "0", "0"])
+    cola = metrics.load("cola", cache_dir=cache_dir).compute(predictions=["1", "x", "0", "0"], references=["1", "1", "0", "0"])
     assert cola == {"matthews_correlation": pytest.approx(100 * 6 / 80 ** 0.5)}
-    assert metrics.load("mrqa").compute(predictions=["the cat sat", " Paris "],
-                                        references=[["A cat sat down", "dog"], ["London", "paris"]]) == pytest.approx(
+    assert metrics.load("mrqa", cache_dir=cache_dir).compute(predictions=["the cat sat", " Paris "],
+                                                             references=[["A cat sat down", "dog"], ["London", "paris"]]) == pytest.approx(
         {"em": 0.0, "f1": 40.0, "em_max_over_answers": 50.0, "f1_max_over_answers": 90.0})
 
 
@@ -78,6 +80,20 @@ def test_the_mrqa_module_scores_every_mrqa_task_as_the_task_does(task, cache_dir
     expected = metrics.compute(task, predictions, references)
     assert metrics.load("mrqa", cache_dir=cache_dir).compute(predictions=predictions, references=references) == expected
     assert metrics.load(task, cache_dir=cache_dir).compute(predictions=predictions, references=references) == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["cola", "mrpc", "superglue-cb"]), st.data())
+def test_a_task_module_equals_compute_for_any_predictions_and_any_batching(task, data):
+    labels = metrics.valid_labels(task)
+    size = data.draw(st.integers(1, 12))
+    references = data.draw(st.lists(st.sampled_from(labels), min_size=size, max_size=size))
+    predictions = data.draw(st.lists(st.sampled_from([*labels, "", " 1", "x", "yes"]), min_size=size, max_size=size))
+    cuts = sorted(data.draw(st.lists(st.integers(0, size), max_size=3)))
+    module = metrics.load(task, keep_in_memory=True)  # in memory: no cache files across hypothesis examples
+    for start, end in zip([0, *cuts], [*cuts, size]):
+        module.add_batch(predictions=predictions[start:end], references=references[start:end])
+    assert module.compute() == metrics.compute(task, predictions, references)
 
 
 @pytest.mark.parametrize(("task", "predictions", "references"), CASES, ids=[case[0] for case in CASES])
