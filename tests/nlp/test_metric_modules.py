@@ -82,15 +82,20 @@ def test_the_mrqa_module_scores_every_mrqa_task_as_the_task_does(task, cache_dir
     assert metrics.load(task, cache_dir=cache_dir).compute(predictions=predictions, references=references) == expected
 
 
+@pytest.fixture(scope="module")
+def module_cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("evaluate"))
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.sampled_from(["cola", "mrpc", "superglue-cb"]), st.data())
-def test_a_task_module_equals_compute_for_any_predictions_and_any_batching(task, data):
+def test_a_task_module_equals_compute_for_any_predictions_and_any_batching(module_cache_dir, task, data):
     labels = metrics.valid_labels(task)
     size = data.draw(st.integers(1, 12))
     references = data.draw(st.lists(st.sampled_from(labels), min_size=size, max_size=size))
     predictions = data.draw(st.lists(st.sampled_from([*labels, "", " 1", "x", "yes"]), min_size=size, max_size=size))
     cuts = sorted(data.draw(st.lists(st.integers(0, size), max_size=3)))
-    module = metrics.load(task, keep_in_memory=True)  # in memory: no cache files across hypothesis examples
+    module = metrics.load(task, keep_in_memory=True, cache_dir=module_cache_dir)  # in memory: no files between examples
     for start, end in zip([0, *cuts], [*cuts, size]):
         module.add_batch(predictions=predictions[start:end], references=references[start:end])
     assert module.compute() == metrics.compute(task, predictions, references)
@@ -201,3 +206,26 @@ def test_the_text_classification_evaluator_scores_a_pipeline_with_a_task_module(
     results = task_evaluator.compute(model_or_pipeline=model, tokenizer=tokenizer, data=data, device=-1,
                                      metric=combined)
     assert results["accuracy"] == 75.0 and results["matthews_correlation"] == 0.0  # constant predictions
+
+
+def test_the_readme_metrics_example_gives_the_numbers_it_shows(monkeypatch, tmp_path):
+    from dept_vl import metrics as vl_metrics
+
+    monkeypatch.setattr(evaluate.config, "HF_METRICS_CACHE", tmp_path)  # evaluate's default cache, kept out of ~
+
+    text_metrics = metrics
+    # --- README code ("Metrics with evaluate"), the shown results asserted ---
+    mrpc = text_metrics.load("mrpc")
+    mrpc.add_batch(predictions=["1", "0"], references=["1", "1"])
+    mrpc.add_batch(predictions=["yes"], references=["0"])
+    assert mrpc.compute() == pytest.approx({"accuracy": 100 / 3, "f1": 50.0})
+    cola = evaluate.combine([text_metrics.load("cola"), text_metrics.load("accuracy", task="cola")])
+    # MCC on the raw strings: (c*s - sum p*t) / sqrt((s^2 - sum p^2)(s^2 - sum t^2)) = (6 - 3) / sqrt(6 * 4).
+    assert cola.compute(predictions=["1", "x", "0"], references=["1", "1", "0"]) == pytest.approx(
+        {"matthews_correlation": 100 * 3 / 24 ** 0.5, "accuracy": 200 / 3})
+    captions = evaluate.combine([vl_metrics.load("bleu4"), vl_metrics.load("cider")])
+    assert vl_metrics.load("vqa").compute(predictions=["Two."], references=[["2"] * 9 + ["3"]]) == {"accuracy": 100.0}
+    # --- end ---
+    predictions, references = ["a dog runs on the grass", "a red car"], [["a dog on grass", "dogs"], ["a red car"]]
+    assert captions.compute(predictions=predictions, references=references) == vl_metrics.caption_scores(
+        predictions, references)
