@@ -76,9 +76,7 @@ class TaskMetrics(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
         task = get_task(self.config_name)
         names = self.metric_names or task.metric_names
-        if not set(names) <= set(metrics.available_metrics(task.name)):
-            raise ValueError(f"{task.name} cannot be scored with {list(names)}; "
-                             f"pick from {list(metrics.available_metrics(task.name))}.")
+        metrics.check_metric_names(task.name, names)  # at load time, not at the first compute
         if task.is_extractive_qa:
             features, inputs = _answers_features(), _MRQA_INPUTS
         else:

@@ -55,6 +55,13 @@ def available_metrics(task_name: str) -> tuple[str, ...]:
     return ("accuracy", *binary_f1, "f1_multiclass", "matthews_correlation")
 
 
+def check_metric_names(task_name: str, metric_names: Sequence[str]) -> None:
+    """Raise a ValueError naming the choices unless `metric_names` is a non-empty subset of `available_metrics`."""
+    available = available_metrics(task_name)
+    if not metric_names or not set(metric_names) <= set(available):
+        raise ValueError(f"{task_name} cannot be scored with {list(metric_names)}; pick from {list(available)}.")
+
+
 def compute(
     task_name: str,
     predictions: Sequence[str],
@@ -75,9 +82,8 @@ def compute(
         metric_names: score these instead, in this order; any of `available_metrics(task_name)`.
     """
     task = get_task(task_name)
-    if metric_names is not None and (not metric_names or not set(metric_names) <= set(available_metrics(task_name))):
-        raise ValueError(f"{task_name} cannot be scored with {list(metric_names)}; "
-                         f"pick from {list(available_metrics(task_name))}.")
+    if metric_names is not None:
+        check_metric_names(task_name, metric_names)
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references.")
     if len(predictions) == 0:
