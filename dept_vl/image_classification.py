@@ -87,10 +87,9 @@ class ImageModelArguments:
     head_learning_rate: float | None = field(
         default=None,
         metadata={"aliases": ["--head_lr"],
-                  "help": f"Learning rate of the classification head with DePT and VPT (default "
-                          f"{DEFAULT_HEAD_LEARNING_RATE}: a fresh linear layer, apart from P's --learning_rate and "
-                          "A, B's --lora_embedding_lr). LoRA and FULL train the head with the rest, at "
-                          "--learning_rate."},
+                  "help": "Learning rate of the classification head with DePT and VPT, apart from P's "
+                          "--learning_rate and A, B's --lora_embedding_lr (the head is a fresh linear layer). LoRA and "
+                          f"FULL train the head with the rest, at --learning_rate. Unset: {DEFAULT_HEAD_LEARNING_RATE}."},
     )
 
     def create_kwargs(self) -> dict:
@@ -138,7 +137,7 @@ class ImageDataArguments(RunStages):
         metadata={"choices": list(TRAIN_AUGMENTATIONS),
                   "help": "Training images' preprocessing. none: the evaluation transform (timm's resize, centre crop "
                           "and normalisation for the model), as VPT on VTAB; timm: timm's training augmentation "
-                          "(random-resized crop of 8-100% of the image, horizontal flip, colour jitter 0.4), for "
+                          "(random-resized crop at scale 0.08-1, horizontal flip, colour jitter 0.4), for "
                           "large data sets: it can hurt small ones, and flips change digits and text."},
     )
 
@@ -300,12 +299,12 @@ def select_splits(splits: DatasetDict, data_args: ImageDataArguments) -> dict:
 def check_every_class_trains(selected: dict, names: list[str], data_args: ImageDataArguments) -> None:
     """Refuse classes with no training image that other splits hold: the head could never predict them, yet they
     would be scored."""
-    trained = set(selected["train"].unique(data_args.label_column))
+    trained = set(selected["train"][data_args.label_column])  # not unique(): it would copy a split with an index map
     untrained = {index for index in range(len(names)) if index not in trained}
     if not untrained:
         return
     found_in = [split for split, dataset in selected.items()
-                if split != "train" and untrained & set(dataset.unique(data_args.label_column))]
+                if split != "train" and untrained & set(dataset[data_args.label_column])]
     cut = (f", or raise --max_train_samples {data_args.max_train_samples}"
            if data_args.max_train_samples is not None else "")
     raise ImageDataError(
@@ -432,9 +431,10 @@ class ImageClassificationEvaluator:
 
 
 def check_model_flags(model_args: ImageModelArguments, method_args: MethodArguments) -> None:
-    """Refuse, before any data loads, a name timm does not know, a model that is not a ViT, and a head learning rate
-    for a method that has none of its own. The model is built on the meta device (no weights, no memory), without
-    --model_kwargs, which a non-ViT would refuse with a TypeError of its own (`img_size`)."""
+    """Refuse, before any data loads, a name timm does not know, a model that is not a ViT, `timm.create_model`
+    arguments it does not take, and a head learning rate for a method that has none of its own. The model is built
+    on the meta device (no weights, no memory): first without --model_kwargs, which a non-ViT would refuse with a
+    TypeError of its own (`img_size`), then with them."""
     name = model_args.model_name_or_path
     if not (name.startswith("hf-hub:") or timm.is_model(name)):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
@@ -446,19 +446,21 @@ def check_model_flags(model_args: ImageModelArguments, method_args: MethodArgume
             f"--model_name_or_path {name} is a {type(model).__name__}, not a ViT: visual DePT puts P and A @ B on a "
             "ViT's patch embeddings, so it needs timm's VisionTransformer (patch_embed, class token, position "
             "embedding). Pick a ViT, e.g. vit_base_patch16_224 (timm.list_models('vit_*')).")
-    model_args.create_kwargs()  # a malformed --model_kwargs fails here, before the data loads
+    with torch.device("meta"):
+        create_vit(model_args, num_classes=2, pretrained=False)
     if model_args.head_learning_rate is not None and method_args.peft_type not in ("PROMPT_TUNING_LORA",
                                                                                    "PROMPT_TUNING"):
         raise ConfigError(f"--head_learning_rate applies to DePT and VPT; --peft_type {method_args.peft_type} "
                           "trains the head with the rest, at --learning_rate. Drop it.")
 
 
-def create_vit(model_args: ImageModelArguments, num_classes: int) -> torch.nn.Module:
-    """The timm ViT with a fresh `num_classes` head, through `timm.create_model`."""
+def create_vit(model_args: ImageModelArguments, num_classes: int, pretrained: bool | None = None) -> torch.nn.Module:
+    """The timm ViT with a fresh `num_classes` head, through `timm.create_model` (`pretrained`: default the flag's)."""
     kwargs = model_args.create_kwargs()
+    pretrained = model_args.pretrained if pretrained is None else pretrained
     try:
-        model = timm.create_model(model_args.model_name_or_path, pretrained=model_args.pretrained,
-                                  num_classes=num_classes, **kwargs)
+        model = timm.create_model(model_args.model_name_or_path, pretrained=pretrained, num_classes=num_classes,
+                                  **kwargs)
     except TypeError as error:  # an argument the model does not take
         raise ConfigError(f"timm.create_model({model_args.model_name_or_path!r}) refused the arguments {kwargs} "
                           f"(from --model_kwargs, --img_size, --dynamic_img_size): {error}.") from error
