@@ -71,7 +71,8 @@ def budget_matched_rank(token_dim: int, s: int, prompt_length: int = VPT_LENGTH,
 
 
 def build(model: str, method: str, vit=None):
-    """`method` on the ViT `vit` (a random-weight `model` if None): VPT l = 100, DePT, or the limit (P alone, m = 60)."""
+    """`method` on the ViT `vit` (a random-weight `model` if None): VPT l = 100, DePT, or the limit (P alone,
+    m = 60)."""
     vit = vit if vit is not None else timm.create_model(MODELS[model], pretrained=False, num_classes=NUM_CLASSES)
     d, s = vit.embed_dim, num_patches(vit)
     m, r = {"vpt": (VPT_LENGTH, 0), "dept": (DEPT_NUM_VIRTUAL_TOKENS, budget_matched_rank(d, s)),

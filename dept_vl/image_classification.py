@@ -88,8 +88,9 @@ class ImageModelArguments:
         default=None,
         metadata={"aliases": ["--head_lr"],
                   "help": "Learning rate of the classification head with DePT and VPT, apart from P's "
-                          "--learning_rate and A, B's --lora_embedding_lr (the head is a fresh linear layer). LoRA and "
-                          f"FULL train the head with the rest, at --learning_rate. Unset: {DEFAULT_HEAD_LEARNING_RATE}."},
+                          "--learning_rate and A, B's --lora_embedding_lr (the head is a fresh linear layer). LoRA "
+                          "and FULL train the head with the rest, at --learning_rate. "
+                          f"Unset: {DEFAULT_HEAD_LEARNING_RATE}."},
     )
 
     def create_kwargs(self) -> dict:
@@ -195,8 +196,9 @@ def check_image_folders(roots: dict[str, Path]) -> None:
                                   or any(has_images.get(sub, False) for sub in subfolders))
         if not has_images[root]:
             raise ImageDataError(
-                f"--{flag} {root} holds no image files (none with an extension that datasets' imagefolder reads: .jpg, "
-                ".jpeg, .png, .webp, ...): put each class's images in a subfolder of its own, e.g. DIR/cat/1.jpg, DIR/dog/2.jpg.")
+                f"--{flag} {root} holds no image files (none with an extension that datasets' imagefolder reads: "
+                ".jpg, .jpeg, .png, .webp, ...): put each class's images in a subfolder of its own, e.g. "
+                "DIR/cat/1.jpg, DIR/dog/2.jpg.")
         empty = [folder for folder, found in has_images.items()
                  if not found and has_images.get(folder.parent) and folder != root
                  and not folder.name.startswith((".", "__"))]
@@ -241,8 +243,9 @@ def class_names(splits: DatasetDict, label_column: str) -> list[str]:
         if not all(isinstance(label, int) and not isinstance(label, bool) for label in values):
             examples = sorted(map(repr, values))[:5]
             raise ImageDataError(
-                f"The labels in {label_column!r} are not class indices ({', '.join(examples)}, ...): use a dataset whose "
-                "label column is a ClassLabel or holds the integers 0..n-1, or name that column with --label_column.")
+                f"The labels in {label_column!r} are not class indices ({', '.join(examples)}, ...): use a dataset "
+                "whose label column is a ClassLabel or holds the integers 0..n-1, or name that column with "
+                "--label_column.")
         labels = sorted(values)
         if labels and (labels[0] < 0 or labels != list(range(labels[-1] + 1))):
             raise ImageDataError(
@@ -307,11 +310,11 @@ def check_every_class_trains(selected: dict, names: list[str], data_args: ImageD
                 if split != "train" and untrained & set(dataset[data_args.label_column])]
     cut = (f", or raise --max_train_samples {data_args.max_train_samples}"
            if data_args.max_train_samples is not None else "")
+    where = f" (found in {', '.join(found_in)})" if found_in else ""
     raise ImageDataError(
         f"No training images for {len(untrained)} of the {len(names)} classes: "
-        f"{[names[index] for index in sorted(untrained)]}{' (found in ' + ', '.join(found_in) + ')' if found_in else ''}"
-        f". The head would never learn them: add training images of these classes, or remove them from every "
-        f"split{cut}.")
+        f"{[names[index] for index in sorted(untrained)]}{where}. The head would never learn them: add training "
+        f"images of these classes, or remove them from every split{cut}.")
 
 
 def image_sources(dataset, image_column: str) -> tuple:

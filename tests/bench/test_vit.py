@@ -21,7 +21,8 @@ def test_a_timing_run_measures_vpt_dept_and_the_limit_on_one_frozen_vit(tmp_path
     vpt, dept, limit = timing["vpt"], timing["dept"], timing["limit"]
     assert (vpt["num_virtual_tokens"], vpt["r"], vpt["tokens_per_image"]) == (100, 0, 297)
     assert (dept["num_virtual_tokens"], dept["r"], dept["tokens_per_image"]) == (60, 19, 257)
-    assert (limit["num_virtual_tokens"], limit["r"], limit["tokens_per_image"]) == (60, 0, 257)  # DePT's tokens, no A·B
+    # the limit: DePT's tokens, no A·B
+    assert (limit["num_virtual_tokens"], limit["r"], limit["tokens_per_image"]) == (60, 0, 257)
     assert vpt["dept_parameters"] == 100 * 192 and dept["dept_parameters"] == 60 * 192 + 196 * 19 + 19 * 192
     assert limit["dept_parameters"] == 60 * 192
     assert all(len(row["train_step_cpu_times_s"]) == 1 and row["train_step_cpu_s"] > 0 for row in timing.values())

@@ -419,7 +419,8 @@ def test_training_images_get_the_evaluation_transform_unless_timm_augmentation_i
 
 def test_the_head_trains_at_its_own_learning_rate(image_folder, tmp_path):
     rates = {}
-    for name, extra in {"default": [], "flag": ["--head_learning_rate", "0.02"], "alias": ["--head_lr", "0.02"]}.items():
+    flags = {"default": [], "flag": ["--head_learning_rate", "0.02"], "alias": ["--head_lr", "0.02"]}
+    for name, extra in flags.items():
         train(run_flags(image_folder, tmp_path / name, "--do_train", "--max_steps", "2", "--logging_steps", "1",
                         "--prefix_length", "2", "--r", "2", "--lora_embedding_lr", "1e-4", *extra))
         first = log_history(tmp_path / name)[0]
