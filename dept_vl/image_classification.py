@@ -442,19 +442,27 @@ def check_model_flags(model_args: ImageModelArguments, method_args: MethodArgume
     if not (name.startswith("hf-hub:") or timm.is_model(name)):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ConfigError(f"Unknown timm model {name!r}; similar names: {close}.")
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False)
-    if not isinstance(model, VisionTransformer):
+    model = on_meta_device(lambda: timm.create_model(name, pretrained=False))
+    if model is not None and not isinstance(model, VisionTransformer):
         raise ConfigError(
             f"--model_name_or_path {name} is a {type(model).__name__}, not a ViT: visual DePT puts P and A @ B on a "
             "ViT's patch embeddings, so it needs timm's VisionTransformer (patch_embed, class token, position "
             "embedding). Pick a ViT, e.g. vit_base_patch16_224 (timm.list_models('vit_*')).")
-    with torch.device("meta"):
-        create_vit(model_args, num_classes=2, pretrained=False)
+    on_meta_device(lambda: create_vit(model_args, num_classes=2, pretrained=False))
     if model_args.head_learning_rate is not None and method_args.peft_type not in ("PROMPT_TUNING_LORA",
                                                                                    "PROMPT_TUNING"):
         raise ConfigError(f"--head_learning_rate applies to DePT and VPT; --peft_type {method_args.peft_type} "
                           "trains the head with the rest, at --learning_rate. Drop it.")
+
+
+def on_meta_device(build):
+    """`build()` on the meta device, or None where a model's initialisation needs real tensors (the real build then
+    makes the same checks, only later)."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except (NotImplementedError, RuntimeError):
+        return None
 
 
 def create_vit(model_args: ImageModelArguments, num_classes: int, pretrained: bool | None = None) -> torch.nn.Module:
