@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
@@ -215,12 +216,25 @@ def test_a_dead_workers_trial_on_sqlite_runs_again_after_the_grace_period(tiny_t
     assert sorted(retry.intermediate_values) == list(range(resumed_at + 2, 9, 2))  # resumed from its checkpoint
 
 
-@pytest.mark.parametrize("storage", ["default", "journal", "sqlite", "sqlite_without_tables", "other_study"])
+def _database_contents(url: str) -> tuple[list[str], list[str]]:
+    """The tables of a database, and the studies in them."""
+    engine = sqlalchemy.create_engine(url)
+    try:
+        tables = sorted(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    return tables, sorted(optuna.get_all_study_names(open_storage(url))) if "studies" in tables else []
+
+
+@pytest.mark.parametrize("storage", ["default", "journal", "sqlite", "sqlite_without_tables", "other_study",
+                                     pytest.param("postgresql", marks=pytest.mark.skipif(
+                                         POSTGRES_URL_VAR not in os.environ, reason=f"no {POSTGRES_URL_VAR}"))])
 def test_report_only_on_a_missing_study_is_refused_and_creates_nothing(tiny_task, tmp_path, capsys, storage):
     root = tmp_path / "reported"
     url = {"default": None, "journal": str(tmp_path / "elsewhere.log"), "sqlite": f"sqlite:///{tmp_path / 'x.db'}",
            "sqlite_without_tables": f"sqlite:///{tmp_path / 'empty.db'}",
-           "other_study": str(tmp_path / "other.log")}[storage]
+           "other_study": str(tmp_path / "other.log"), "postgresql": os.environ.get(POSTGRES_URL_VAR)}[storage]
+    database_before = _database_contents(url) if storage == "postgresql" else None
     if storage == "sqlite_without_tables":
         sqlite3.connect(tmp_path / "empty.db").close()
     if storage == "other_study":
@@ -231,13 +245,15 @@ def test_report_only_on_a_missing_study_is_refused_and_creates_nothing(tiny_task
         tune(_argv(tiny_task, root, *flags))
     assert stopped.value.code == 2
     error = capsys.readouterr().err.strip()
-    where = url or str(root / "optuna_journal.log")
+    where = re.sub(r"(//[^:/@]+):[^@]*@", r"\1:***@", url) if url else str(root / "optuna_journal.log")  # no password
     assert error == (f"dept-tune: error: There is no study 'reported' in {where}: nothing to report. Check "
                      "--storage, --study_name and --output_dir, or run without --report_only to start the study.")
     after = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     assert after == before and not root.exists()  # no file, table, study or trial was created
     if storage == "other_study":
         assert optuna.get_all_study_names(open_storage(url)) == ["another"]
+    if storage == "postgresql":
+        assert _database_contents(url) == database_before
 
 
 @pytest.mark.slow
@@ -290,6 +306,17 @@ def test_two_workers_on_one_journal_file_share_the_trials(tiny_task, tmp_path):
     storage = str(root / "optuna_journal.log")
     _two_workers(argv, storage, "parallel", tmp_path)
     _assert_shared_fairly(_load(storage, "parallel"), 6)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_workers_on_one_sqlite_file_share_the_trials_while_sending_heartbeats(tiny_task, tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    argv = _argv(tiny_task, tmp_path / "parallel", "--n_trials", "4", "--pruner", "none", "--max_steps", "2",
+                 "--storage", url, "--heartbeat_interval", "1", "--grace_period", "30")
+    open_storage(url)  # Optuna's tables, before two processes race to create them
+    _two_workers(argv, url, "parallel", tmp_path)
+    _assert_shared_fairly(_load(url, "parallel"), 4)
 
 
 @pytest.mark.slow
