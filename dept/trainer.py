@@ -710,6 +710,7 @@ class Trainer:
                 self.on_evaluate(self.state.global_step, metrics)
             except Exception:  # the caller stops the run here (a pruner): keep its log up to this evaluation
                 if self.accelerator.is_main_process:
+                    self.output_dir.mkdir(parents=True, exist_ok=True)
                     state = json.dumps(dataclasses.asdict(self.state), indent=2) + "\n"
                     write_text_atomically(self.output_dir / TRAINER_STATE_NAME, state)
                 raise

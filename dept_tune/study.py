@@ -56,7 +56,7 @@ class StudySettings:
     """Everything a worker needs, fixed before the first trial (see `dept_tune.cli` for each flag)."""
 
     pipeline: Pipeline
-    argv: list[str]  # the pipeline's flags, without the searched ones
+    argv: list[str]  # the pipeline's flags, without the searched ones (with --metric as --metric_for_best_model)
     base: tuple  # those flags parsed: (model_args, data_args, method_args, training_args, ...)
     specs: dict[str, ParamSpec]
     metric: str  # without the eval_ prefix
@@ -107,7 +107,7 @@ def make_settings(pipeline: Pipeline, argv: list[str], specs: dict[str, ParamSpe
     n_trials = 20 if n_trials is None else n_trials
     if n_trials < 1:
         raise ValueError(f"--n_trials must be >= 1, got {n_trials}.")
-    return StudySettings(pipeline, list(argv), base, specs, metric, direction, n_trials, sampler, keep_all,
+    return StudySettings(pipeline, [*argv, *metric_flags], base, specs, metric, direction, n_trials, sampler, keep_all,
                          budget_pairs)
 
 
@@ -120,7 +120,7 @@ def describe_space(settings: StudySettings) -> dict:
 
 
 def training_flags(settings: StudySettings) -> dict:
-    """Every training flag's value after the recipe is read, but the searched ones and `NOT_SETUP_FLAGS`: the
+    """Every training flag's value after the recipe is read, except the searched ones and `NOT_SETUP_FLAGS`: the
     setup every trial of the study shares, stored with it so that a resume with another setup is refused."""
     values = {}
     for arguments in settings.base:
@@ -348,8 +348,7 @@ def run_trial(settings: StudySettings, study: optuna.Study, trial: optuna.Trial)
     values = trial_values(settings, trial)
     output_dir = claim_output_dir(settings, trial, values)
     flags = [*settings.argv, "--do_train", "true", "--do_eval", "true", "--output_dir", str(output_dir),
-             "--resume_from_checkpoint", "auto", "--overwrite_output_dir", "true",
-             "--metric_for_best_model", settings.metric]
+             "--resume_from_checkpoint", "auto", "--overwrite_output_dir", "true"]
     for name, value in values.items():
         flags += [f"--{name}", str(value)]
     parsed = settings.pipeline.parse(flags)

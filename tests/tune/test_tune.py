@@ -341,6 +341,7 @@ def test_two_workers_share_a_study_on_postgresql(tiny_task, tmp_path):
         (["--search", "r=100:200"], "nothing to search"),
         (["--storage", "postgresql://dept:secret@127.0.0.1:1/optuna"], "Cannot reach the study storage"),
         (["--sampler", "grid", "--n_trials", "5"], "runs every grid point once: 6 trials"),
+        (["--metric", "loss", "--metric_for_best_model", "accuracy"], "both name the metric: give only --metric"),
     ],
 )
 def test_bad_search_or_storage_is_refused_before_any_training(tiny_task, tmp_path, capsys, extra, message):
