@@ -7,8 +7,8 @@
 
 Every flag that is not dept-tune's own goes to the training CLI (`dept-train`, or `dept-train-vl` when the run
 names VL `--tasks`), so a trial is exactly the run that CLI would make with the trial's values. Start the same
-command again to resume a stopped study, or several times (here or on other machines, sharing `--storage`) to
-run trials in parallel.
+command again to resume a stopped study (with the same training flags: another setup is refused), or several
+times to run trials in parallel: here, or on other machines sharing a database server's `--storage`.
 """
 
 from __future__ import annotations
