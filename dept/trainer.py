@@ -343,7 +343,8 @@ class Trainer:
         accelerator: an `Accelerator` to use; by default one is made from `args`.
         on_evaluate: called as `on_evaluate(global_step, metrics)` after each evaluation during training, on every
             process. It may raise to stop the run (a hyperparameter search's pruner raises `optuna.TrialPruned`);
-            the checkpoints written so far stay, so the run can resume.
+            the checkpoints written so far stay, so the run can resume, and `trainer_state.json` holds the log up
+            to this evaluation.
 
     Example:
         >>> trainer = Trainer(model, TrainingArguments(output_dir="out"), collate_fn=collate,  # doctest: +SKIP
@@ -705,7 +706,14 @@ class Trainer:
         main = metrics.get(self.metric_for_best_model)
         logger.info(f"step {self.state.global_step}: {self.metric_for_best_model} = {main}", main_process_only=True)
         if self.on_evaluate is not None:
-            self.on_evaluate(self.state.global_step, metrics)
+            try:
+                self.on_evaluate(self.state.global_step, metrics)
+            except Exception:  # the caller stops the run here (a pruner): keep its log up to this evaluation
+                if self.accelerator.is_main_process:
+                    self.output_dir.mkdir(parents=True, exist_ok=True)
+                    state = json.dumps(dataclasses.asdict(self.state), indent=2) + "\n"
+                    write_text_atomically(self.output_dir / TRAINER_STATE_NAME, state)
+                raise
         return metrics
 
     # ------------------------------------------------------------------------------------------- helpers
@@ -719,18 +727,10 @@ class Trainer:
             )
 
     def _best_model_criterion(self) -> tuple[str, bool]:
-        """("eval_<metric>", greater_is_better) for picking the best checkpoint."""
-        name = self.args.metric_for_best_model
-        if name is None:
-            name = self.evaluator.main_metric if self.evaluator is not None else "loss"
-        name = name if name.startswith("eval_") else f"eval_{name}"
-        greater = self.args.greater_is_better
-        if greater is None:
-            if self.evaluator is not None and name == f"eval_{self.evaluator.main_metric}":
-                greater = self.evaluator.greater_is_better
-            else:
-                greater = not name.endswith("loss")
-        return name, greater
+        """("eval_<metric>", greater_is_better) for picking the best checkpoint: `args.best_model_criterion`."""
+        if self.evaluator is None:
+            return self.args.best_model_criterion()
+        return self.args.best_model_criterion(self.evaluator.main_metric, self.evaluator.greater_is_better)
 
     def _update_best(self, metrics: dict[str, float], checkpoint: Path) -> None:
         if self.metric_for_best_model not in metrics:
