@@ -83,12 +83,14 @@ def load_official_weights(weights_path: str | Path) -> dict[str, torch.Tensor]:
         raise UnsafeCheckpointError(
             f"Refusing to load {weights_path}: it holds objects other than tensors, which could run code. "
             "Only plain tensor checkpoints are loaded (torch.load with weights_only=True rejected this one: "
-            f"{_first_line(err)})."
+            f"{_unpickler_reason(err)})."
         ) from None
     except Exception as err:  # torch reports a damaged file as RuntimeError, EOFError, KeyError, ... by its format
-        raise _damaged(weights_path, f"{type(err).__name__}: {_first_line(err)}") from None
+        what = "it is empty (0 bytes)" if Path(weights_path).stat().st_size == 0 else \
+            f"{type(err).__name__}: {_first_line(err) or 'it ends too soon'}"
+        raise _damaged(weights_path, what, OFFICIAL_FIX) from None
     if not isinstance(raw, dict):
-        raise _damaged(weights_path, f"it holds a {type(raw).__name__}, not a dict of tensors")
+        raise _damaged(weights_path, f"it holds a {type(raw).__name__}, not a dict of tensors", OFFICIAL_FIX)
     unknown = sorted(map(str, set(raw) - set(OFFICIAL_KEYS)))
     if unknown or "prompt_embeddings" not in raw:
         raise DamagedAdapterError(
@@ -98,7 +100,7 @@ def load_official_weights(weights_path: str | Path) -> dict[str, torch.Tensor]:
     not_tensors = sorted(f"{key} ({type(value).__name__})" for key, value in raw.items()
                          if not isinstance(value, torch.Tensor))
     if not_tensors:
-        raise _damaged(weights_path, f"these entries are not tensors: {', '.join(not_tensors)}")
+        raise _damaged(weights_path, f"these entries are not tensors: {', '.join(not_tensors)}", OFFICIAL_FIX)
     return {OFFICIAL_KEYS[key]: value.float() for key, value in raw.items()}
 
 
@@ -106,11 +108,19 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0]
 
 
-def _damaged(weights_path: str | Path, what: str) -> DamagedAdapterError:
-    return DamagedAdapterError(
-        f"{weights_path} is damaged ({what}). Copy the adapter again, or save it again from its training run "
-        "(its checkpoint-* directories hold the same parameters)."
-    )
+def _unpickler_reason(err: BaseException) -> str:
+    """The reason in torch's weights-only refusal, without its advice to load the file unsafely."""
+    reason = (str(err).partition("WeightsUnpickler error:")[2] or str(err)).strip().partition("\n\n")[0]
+    return " ".join(reason.split()).partition(". ")[0].rstrip(".")
+
+
+OFFICIAL_FIX = "Download or copy the checkpoint again."
+OUR_FIX = ("Copy the adapter again, or save it again from its training run (its checkpoint-* directories hold the "
+           "same parameters).")
+
+
+def _damaged(weights_path: str | Path, what: str, fix: str = OUR_FIX) -> DamagedAdapterError:
+    return DamagedAdapterError(f"{weights_path} is damaged ({what}). {fix}")
 
 
 def load_adapter(directory: str | Path) -> tuple[DePTConfig, dict[str, torch.Tensor], str]:

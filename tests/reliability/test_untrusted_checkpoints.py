@@ -68,7 +68,7 @@ def _truncated(handle_payload, handle):
 
 DAMAGED = {  # name: (payload, how it is written, what the error says)
     "truncated": (_official_tensors(), _truncated, "is damaged (RuntimeError: PytorchStreamReader failed"),
-    "empty": (None, lambda payload, handle: None, "is damaged (EOFError"),
+    "empty": (None, lambda payload, handle: None, "is damaged (it is empty (0 bytes))"),
     "a_list": ([torch.zeros(4, 32)], torch.save, "is damaged (it holds a list, not a dict of tensors)"),
     "not_tensors": ({"prompt_embeddings": [0.0, 1.0]}, torch.save, "these entries are not tensors: prompt_embeddings"),
 }
