@@ -186,6 +186,16 @@ class ChoiceText:
             return self._send(self.text)
         return self._send(self._settled(self.text))
 
+    def complete(self, output: dict) -> None:
+        """The whole choice at once, from /v1/generate's output for its prompt (cut at a stop string if any)."""
+        if not self.stop:
+            self.token_ids, self.text = list(output["token_ids"]), output["text"]
+            self.finish_reason = "stop" if self.token_ids[-1:] == [self.eos_token_id] else "length"
+            return
+        for token in output["token_ids"]:
+            self.add(token)
+        self.finish()
+
     def finish(self) -> str:
         """At the end of its row: the rest of the text; `finish_reason` is 'length' unless it stopped."""
         if self.finish_reason is None:
@@ -246,9 +256,7 @@ def add_openai_routes(app: FastAPI, service: DePTService) -> None:
             if not body.stream:
                 job = await service.submit(adapter, key, prompts)
                 for choice, row in zip(choices, await job.rows):
-                    for token in row.future.result()["token_ids"]:
-                        choice.add(token)
-                    choice.finish()
+                    choice.complete(row.future.result())
                 service.metrics.latency.labels(ENDPOINT, adapter.name).observe(time.perf_counter() - start)
                 return {**answer, "choices": [_choice(i, c.text, c.token_ids, c.finish_reason)
                                               for i, c in enumerate(choices)],
