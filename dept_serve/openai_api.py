@@ -71,7 +71,7 @@ def _only(allowed: tuple, why: str):
     return AfterValidator(check)
 
 
-StopText = Annotated[Text, Field(min_length=1)]
+StopText = Annotated[Text, Field(min_length=1, max_length=256)]
 
 
 class StreamOptions(BaseModel):
@@ -82,13 +82,15 @@ class StreamOptions(BaseModel):
 def request_model(limits: Limits) -> type[BaseModel]:
     """The body of POST /v1/completions with this server's limits; what it cannot honour, its schema refuses."""
     greedy = "this server decodes greedily (as /v1/generate with num_beams 1): send 0 or leave it out"
+    default_max_tokens = min(16, limits.max_new_tokens)
 
     class CompletionRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         model: str = Field(description="A loaded adapter's name (GET /v1/models).")
         prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=limits.max_inputs)] = Field(
             description="The input text, or a list of them (one choice each), formatted as in training.")
-        max_tokens: int | None = Field(16, ge=1, le=limits.max_new_tokens, description="New tokens at most.")
+        max_tokens: int | None = Field(default_max_tokens, ge=1, le=limits.max_new_tokens,
+                                       description="New tokens at most (OpenAI's default, 16, or this server's limit).")
         temperature: Annotated[float | None, _only((None, 0), greedy)] = Field(
             None, json_schema_extra={"minimum": 0, "maximum": 0}, description=f"0 only: {greedy}.")
         top_p: float | None = Field(None, gt=0, le=1, description="Accepted and unused: decoding is greedy.")
@@ -220,6 +222,7 @@ class ChoiceText:
 def add_openai_routes(app: FastAPI, service: DePTService) -> None:
     """POST /v1/completions, GET /v1/models and GET /v1/models/{model} on `app`."""
     CompletionRequest = request_model(service.limits)  # noqa: N806 - a class
+    default_max_tokens = CompletionRequest.model_fields["max_tokens"].default
 
     def card(name: str) -> dict:
         return {"id": name, "object": "model", "created": service.engine.adapters[name].loaded_at,
@@ -243,7 +246,7 @@ def add_openai_routes(app: FastAPI, service: DePTService) -> None:
     async def completions(body: CompletionRequest):
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        max_tokens = default_max_tokens if body.max_tokens is None else body.max_tokens
         answer = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                   "model": body.model}
         eos = service.engine.tokenizer.eos_token_id

@@ -187,3 +187,10 @@ def test_streamed_text_equals_the_whole_decoding_with_t5s_sentencepiece(tmp_path
     for i, output in enumerate(outputs):
         assert streamed[i] == {"text": output["text"], "token_ids": output["token_ids"],
                                "finish_reason": _finish_reason(output)}
+
+
+def test_model_and_prompt_alone_decode_greedily_up_to_openais_default_or_the_servers_limit(t5_server):
+    """No temperature (greedy here, not OpenAI's 1), no max_tokens: 16 new tokens, or this server's 12 at most."""
+    (choice,) = _client(t5_server).completions.create(model="long_prompt", prompt=TEXTS[2]).choices
+    (output,) = _generate(t5_server, "long_prompt", [TEXTS[2]], max_new_tokens=LIMITS["max_new_tokens"])
+    assert (choice.text, choice.model_extra["token_ids"]) == (output["text"], output["token_ids"])
