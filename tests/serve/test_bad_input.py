@@ -12,6 +12,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import T5ForConditionalGeneration
 
 from dept import DePTConfig, get_dept_model
@@ -382,3 +384,27 @@ def test_invalid_base64_images_are_refused_as_invalid_base64_by_the_spec_and_the
     for data in (b"x", b"xy", b"xyz", bytes(range(256))):  # every padding, every byte: the pattern takes them
         encoded = base64.b64encode(data).decode()
         assert re.fullmatch(BASE64_PATTERN, encoded) and base64_file(encoded) == data
+
+
+def _near_base64():
+    """Valid encodings, the same with one character changed, added or dropped, and free text of its characters."""
+    encoded = st.binary(max_size=10).map(lambda data: base64.b64encode(data).decode())
+    characters = "QUJDRAab09+/=%- \n\u00e9"
+    edited = st.tuples(encoded, st.integers(0, 20), st.sampled_from(characters), st.sampled_from(["put", "add", "drop"]))
+    return st.one_of(encoded, edited.map(lambda e: _edit(*e)), st.text(alphabet=characters, max_size=12))
+
+
+def _edit(text: str, at: int, character: str, how: str) -> str:
+    at = min(at, len(text))
+    return text[:at] + ("" if how == "drop" else character) + text[at + (how != "add"):]
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(_near_base64())
+def test_the_server_takes_exactly_the_base64_the_spec_pattern_admits(data):
+    try:
+        base64_file(data)
+        taken = True
+    except ValueError:
+        taken = False
+    assert taken == bool(re.fullmatch(BASE64_PATTERN, data))
