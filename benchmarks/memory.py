@@ -111,12 +111,22 @@ def unique_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum({_storage_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
+class _Saved:
+    """What autograd holds in place of a saved tensor while the hooks are on: it lives exactly as long as the
+    graph that saved it."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
 class SavedActivations:
     """Bytes that autograd saves for backward inside the `with` block, counted once per storage.
 
     Leaves out the storages of `exclude` (the model's parameters and buffers: they are held anyway). Counts only
-    the tensors still held when `bytes()` is called, so a branch whose graph was dropped does not count (and a
-    freed storage whose address is reused is not confused with the new one).
+    what a graph still holds when `bytes()` is called: a branch whose graph was dropped does not count, and a
+    freed storage whose address was reused is not confused with the new one.
 
         with SavedActivations(exclude=model.parameters()) as saved:
             loss = model(**batch).loss
@@ -128,15 +138,16 @@ class SavedActivations:
         self._saved: list[tuple[weakref.ref, tuple[str, int], int]] = []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _pack(self, tensor: torch.Tensor) -> _Saved:
+        saved = _Saved(tensor)  # the graph holds the same tensor as without hooks, through this
         key = _storage_key(tensor)
         if key not in self._excluded:
-            self._saved.append((weakref.ref(tensor), key, tensor.untyped_storage().nbytes()))
-        return tensor  # autograd keeps the tensor itself: counting changes nothing it holds
+            self._saved.append((weakref.ref(saved), key, tensor.untyped_storage().nbytes()))
+        return saved
 
     @staticmethod
-    def _unpack(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
+    def _unpack(saved: _Saved) -> torch.Tensor:
+        return saved.tensor
 
     def __enter__(self) -> SavedActivations:
         self._hooks.__enter__()
@@ -146,7 +157,7 @@ class SavedActivations:
         self._hooks.__exit__(*exc)
 
     def held(self) -> dict[tuple[str, int], int]:
-        """{storage: bytes} of the saved tensors still held."""
+        """{storage: bytes} of the saved tensors a graph still holds."""
         return {key: nbytes for ref, key, nbytes in self._saved if ref() is not None}
 
     def bytes(self) -> int:
