@@ -126,10 +126,12 @@ def requests(workload: str, vocab_size: int, batch_size: int, settings: PromptCa
 
 @dataclass
 class Method:
-    """A method as two calls on a left-padded batch: `generate(batch, new_tokens)` and the eval `forward(batch)`."""
+    """A method as two calls on a left-padded batch, `generate(batch, new_tokens)` and the eval `forward(batch)`,
+    and the module they run (the frozen base itself for the two limits)."""
 
     generate: Callable[[dict, int], object]
     forward: Callable[[dict], object]
+    model: nn.Module
 
 
 def _cache_keyword(model: nn.Module) -> str:
@@ -187,10 +189,10 @@ def build_methods(base: nn.Module, max_length: int, prompt_length: int = DEPT_NU
     methods = {}
     if "limit" in names:
         methods["limit"] = Method(lambda batch, tokens: base.generate(**batch, **_greedy(tokens)),
-                                  lambda batch: base(**batch))
+                                  lambda batch: base(**batch), base)
     if "prefix_limit" in names:
         prefixed = PrefixCachedModel(base, prompt_length, seed)
-        methods["prefix_limit"] = Method(prefixed.generate, prefixed.forward)
+        methods["prefix_limit"] = Method(prefixed.generate, prefixed.forward, prefixed.base)
     if {"dept_cached", "dept_uncached"} & set(names):
         config = DePTConfig(num_virtual_tokens=prompt_length, r=DEPT_R, max_length=max_length, prompt_init="random",
                             task_type="causal")
@@ -201,7 +203,7 @@ def build_methods(base: nn.Module, max_length: int, prompt_length: int = DEPT_NU
                 methods[name] = Method(
                     lambda batch, tokens, cached=cached: dept_model.generate(**batch, use_prompt_cache=cached,
                                                                              **_greedy(tokens)),
-                    lambda batch, cached=cached: dept_model(**batch, use_prompt_cache=cached))
+                    lambda batch, cached=cached: dept_model(**batch, use_prompt_cache=cached), dept_model)
     if "pt_peft" in names:
         import peft
 
@@ -209,7 +211,7 @@ def build_methods(base: nn.Module, max_length: int, prompt_length: int = DEPT_NU
                                          num_transformer_submodules=1)
         peft_model = peft.get_peft_model(copy.deepcopy(base), config).eval()
         methods["pt_peft"] = Method(lambda batch, tokens: peft_model.generate(**batch, **_greedy(tokens)),
-                                    lambda batch: peft_model(**batch))
+                                    lambda batch: peft_model(**batch), peft_model)
     return {name: methods[name] for name in names if name in methods}
 
 
