@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +157,14 @@ def test_cli_refuses_unknown_models_and_existing_results(results, tmp_path, caps
     write_results(results, tmp_path)
     assert cli.main(["--models", "llama-tiny", "--output_dir", str(tmp_path)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_gpu_check_dry_run_lists_the_memory_benchmark_on_cuda(tmp_path):
+    completed = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--out",
+                                str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+                               env={**os.environ, "PY": sys.executable})
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    memory = [line for line in completed.stderr.splitlines() if "scripts/benchmark_memory.py" in line]
+    assert len(memory) == 1
+    assert "--models t5-base,llama-small,vit-b16 --device cuda --batch_size 8 --max_length 256" in memory[0]
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
