@@ -414,7 +414,8 @@ def to_markdown(results: dict) -> str:
     lines = [
         "# Memory: DePT against PT (l = 100) and the limit (the same model on m + s tokens, no A·B)",
         "",
-        f"{meta['date']} · {meta['device']} · torch {meta['versions']['torch']}, transformers "
+        f"{meta['date']} · {meta['device']} ({meta['cpu_count']} CPUs, {meta['torch_threads']} torch threads; "
+        f"{meta['platform']}) · torch {meta['versions']['torch']}, transformers "
         f"{meta['versions']['transformers']}, timm {meta['versions']['timm']} · commit {meta['git_commit']} · "
         f"{meta['wall_time_s']:.0f} s",
         "",
@@ -431,15 +432,17 @@ def to_markdown(results: dict) -> str:
         "",
         "## Target: DePT within 1.02× of the limit",
         "",
-        "| model | saved activations | train step peak | inference peak | train total (with weights) | met |",
-        "|---|---:|---:|---:|---:|---|",
+        "| model | saved activations | train step peak | inference peak | train total (with weights) | "
+        "DePT − limit: saved, train peak (KiB) | met |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for record in results["records"]:
-        over = record["dept_over"]["limit"]
+        over, methods = record["dept_over"]["limit"], record["methods"]
         met = all(row["met"] for row in results["targets"] if row["model"] == record["model"])
+        extra = [(methods["dept"][f] - methods["limit"][f]) / 2**10 for f in FIGURES[:2]]
         lines.append(f"| {record['model']} | " + " | ".join(
             f"{over[f]:.4f}×" if f in over else "–" for f in (*FIGURES, "train_total_bytes"))
-            + f" | {'yes' if met else 'no'} |")
+            + f" | {extra[0]:+,.1f}, {extra[1]:+,.1f} | {'yes' if met else 'no'} |")
     lines += ["", "## DePT against PT (l = 100), same parameter budget", "",
               "| model | saved activations | train step peak | inference peak | train total (with weights) |",
               "|---|---:|---:|---:|---:|"]
