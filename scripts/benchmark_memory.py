@@ -2,7 +2,7 @@
 with no A·B), at t5-base and llama-small dims (s = 256) and at ViT-B/16: activation bytes saved for backward, the
 allocator's peak over a training step and over an eval forward.
 
-    python scripts/benchmark_memory.py --output_dir bench_results/memory          # CPU: t5-base, llama-small, vit-b16
+    python scripts/benchmark_memory.py --output_dir bench_results/memory    # CPU: t5-base, llama-small, vit-b16, ~20 min
     python scripts/benchmark_memory.py --models t5-tiny,llama-tiny,vit-tiny --batch_size 2 --max_length 32 \\
         --output_dir /tmp/memory                                                   # seconds
     python scripts/benchmark_memory.py --device cuda --output_dir out_gpu          # torch.cuda.max_memory_allocated

@@ -3,7 +3,7 @@ fed the input alone, the frozen model with a 60-token prefix already in its KV c
 attends to m prompt keys), HF PEFT prompt tuning (l = 100) and DePT without the cache. Every ratio comes with its
 spread over rounds and over --runs fresh processes.
 
-    python scripts/benchmark_prompt_cache.py --output_dir bench_results          # CPU, llama-small, 3 runs: ~25 min
+    python scripts/benchmark_prompt_cache.py --output_dir bench_results       # CPU, llama-small, 3 runs: ~10 min quiet
     python scripts/benchmark_prompt_cache.py --model llama-tiny --steps 1 --runs 1 --no_sweeps \
         --output_dir /tmp/smoke                                                   # seconds
     python scripts/benchmark_prompt_cache.py --model llama-1b --device cuda --threads 0 --output_dir out_gpu
