@@ -32,8 +32,9 @@ How the allocator's peak is taken:
   and free that goes through c10's CPU allocator (every tensor torch creates), each with its size, in order; the
   peak is the maximum of their running sum. It is exact to the byte for those; it does not see memory that
   libraries allocate on their own (BLAS and oneDNN scratch buffers, Python objects), nor the free of a block
-  allocated before the step began (none is freed in these steps: grads are None at the start and the caches are
-  kept). The allocation sizes do not depend on the machine's load, so one run suffices.
+  allocated before the step began (grads are None at the start and the caches are kept, so none should be; torch
+  logs "Memory block of unknown size was allocated before the profiling started" when one is). The allocation
+  sizes do not depend on the machine's load, so one run suffices.
 
     from benchmarks.memory import Settings, run_benchmark, write_results
 
