@@ -124,3 +124,12 @@ def test_eval_cache_is_computed_once_and_never_stale(t5_model, tokenizer):
         torch.testing.assert_close(after_update, expected, atol=1e-6, rtol=0)
         dept_model.load_adapter_state_dict({"lora_embedding_B": torch.zeros_like(encoder.lora_embedding_B)})
         assert torch.count_nonzero(encoder.embedding_update()) == 0
+
+
+def test_a_classifier_without_a_prompt_does_not_depend_on_left_padding(bert_model, tokenizer):
+    """With m = 0 the pooler's position 0 must hold the first real token, not a pad, whatever the padding side."""
+    dept_model = attach("bert", bert_model, tokenizer, num_virtual_tokens=0)
+    with torch.no_grad():
+        alone = _logits_per_row("bert", dept_model, tokenizer, TEXTS[:1], "left")[0]
+        padded = _logits_per_row("bert", dept_model, tokenizer, TEXTS, "left")[0]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
