@@ -5,8 +5,9 @@
 
 The ref's `dept/` is extracted (`git archive`) as a package `dept_ref`; both versions wrap one frozen base model
 (random weights, `benchmarks.throughput.MODELS` dims) with the paper's adapter (m = 60, r = 30, s = 256) and take
-turns, in alternating order, on the same batches. Prints each version's median seconds and the ratio new / ref
-(below 1: this tree is faster). Timings on a shared machine are noisy: compare ratios from one run.
+turns, in alternating order, on the same batches. Prints each version's median seconds, the ratio of the medians
+new / ref and the median of the per-batch ratios (below 1: this tree is faster). Timings on a shared machine are
+noisy: `--ref HEAD` (the same code twice) shows the noise floor.
 """
 
 from __future__ import annotations
@@ -103,9 +104,10 @@ def main() -> None:
                     if index >= 2:
                         times[version].append(seconds)
             new, ref = statistics.median(times["new"]), statistics.median(times["ref"])
-            print(f"{name}: new {new:.4f} s, ref {args.ref} {ref:.4f} s, ratio new/ref {new / ref:.3f} "
-                  f"({args.rounds} interleaved rounds, batch {args.batch_size} x <= {args.length}, "
-                  f"{args.threads} thread(s))")
+            paired = statistics.median(a / b for a, b in zip(times["new"], times["ref"]))  # robust to load drift
+            print(f"{name}: new {new:.4f} s, ref {args.ref} {ref:.4f} s, ratio of medians new/ref {new / ref:.3f}, "
+                  f"median of paired ratios {paired:.3f} ({args.rounds} interleaved rounds, batch {args.batch_size} "
+                  f"x <= {args.length}, {args.threads} thread(s))")
 
 
 if __name__ == "__main__":
