@@ -11,6 +11,7 @@
 """
 
 from .adapter_files import UnsafeCheckpointError, load_adapter, save_adapter
+from .bank import AdapterBank
 from .config import ConfigError, DePTConfig
 from .embedding import DePTEmbedding, InputTooLongError
 from .model import (
@@ -25,6 +26,7 @@ from .model import (
 from .multi_adapter import MultiAdapterModel
 
 __all__ = [
+    "AdapterBank",
     "AdapterMismatchError",
     "ConfigError",
     "DePTConfig",

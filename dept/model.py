@@ -8,23 +8,22 @@ Each model kind gets one small class that knows where the prompt goes:
   values are computed once and reused (`dept.prompt_cache`), so each call runs the base on its input alone.
 - `DePTModelForSequenceClassification` (BERT, RoBERTa): in front of the input, with a trainable head.
 
-Each kind takes `adapter_names=None` in `forward` and `generate`: a model built with `get_dept_model` or
-`from_pretrained` holds one adapter (a bank of one) and needs no names; one built with `config=None` serves the
-saved adapters given to `add_adapter`, each row on its own (`dept.MultiAdapterModel` is the directory-loading API
-over it). The math itself lives once, in `DePTEmbedding`.
+Each holds one adapter, the one it trains (`get_dept_model`) or loads (`DePTModel.from_pretrained`). The math
+lives once, in `dept.embedding`; serving several adapters in one batch is `dept.MultiAdapterModel`'s job.
+
+Caching rule: the eval caches (the scaling * A @ B table, the prompt's KV cache) are recomputed after every
+`train()`/`eval()` call, load (`load_state_dict`, `load_adapter_state_dict`), move or cast, adapter add or remove,
+and forward that needs gradients, never keyed on tensor versions or addresses, and after any other in-place change
+of P, A, B or the base's weights in eval mode you call `invalidate_caches()`.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
-import logging
-import re
 import types
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -38,7 +37,6 @@ from .embedding import (
     DePTEmbedding,
     PromptRouting,
     invalidate_after_load,
-    place,
     real_token_position_ids,
 )
 from .errors import UserError
@@ -51,20 +49,29 @@ from .prompt_cache import (
     generation_expand_size,
     needs_gradients,
     prompt_cache_applies,
-    stack_prompt_states,
     with_prompt_logits,
 )
-
-logger = logging.getLogger(__name__)
 
 # Heads that are trained with the prompt, as PEFT's modules_to_save for sequence classification.
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
 MODULES_PREFIX = "modules."  # a trained module's keys in an adapter file: modules.<module>.<key>
-_VALID_ADAPTER_NAME = re.compile(r"^[^.]+$")
 
 
 class AdapterMismatchError(UserError, ValueError):
     """An adapter that does not fit the model it is loaded into."""
+
+
+def forward_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The parameters of `cls.forward`, and of its parents' while each forward takes `**kwargs` it may pass on."""
+    parameters: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "forward" not in vars(klass):
+            continue
+        own = list(inspect.signature(vars(klass)["forward"]).parameters.values())[1:]  # without self
+        parameters.update({p.name: p for p in own if p.name not in parameters})
+        if not any(p.kind is p.VAR_KEYWORD for p in own):
+            break
+    return parameters
 
 
 def expose_forward_signature(model: nn.Module, base_model: nn.Module) -> None:
@@ -72,29 +79,20 @@ def expose_forward_signature(model: nn.Module, base_model: nn.Module) -> None:
     parameters, so that transformers' `Trainer` (`remove_unused_columns=True`) keeps `labels`,
     `decoder_input_ids`, `token_type_ids`, VL-T5's visual inputs and the like.
 
-    The model's own named parameters keep their places (they are what it really takes positionally); the base's
-    other parameters follow as keyword-only, then `**kwargs`, which the model passes to the base. A base whose
-    forward takes `**kwargs` may pass them to its parent's forward (VL-T5 passes `labels` and the decoder's inputs
-    to T5's), so the parents' parameters are named too.
+    The positional parameters of the model's forward keep their places (they are what it really takes
+    positionally); every other parameter of the model's forwards, then of the base's, follows as keyword-only, then
+    `**kwargs`, which the model passes on. A forward that takes `**kwargs` may pass them to its parent's (VL-T5 passes
+    `labels` and the decoder's inputs to T5's), so the parents' parameters are named too.
     """
     implementation = type(model).forward
-    own = inspect.signature(implementation).parameters
-    base: dict[str, inspect.Parameter] = {}
-    for cls in type(base_model).__mro__:
-        if "forward" not in vars(cls):
-            continue
-        parameters = list(inspect.signature(vars(cls)["forward"]).parameters.values())[1:]  # without self
-        base.update({p.name: p for p in parameters if p.name not in base})
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            break
-    named = [p for p in own.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    passed_on = [p.replace(kind=p.KEYWORD_ONLY) for name, p in base.items()
-                 if name not in own and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    positional = [p for p in named if p.kind is not p.KEYWORD_ONLY]
-    keyword_only = [p for p in named if p.kind is p.KEYWORD_ONLY]
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    first = list(inspect.signature(implementation).parameters.values())
+    positional = [p for p in first if p.kind is p.POSITIONAL_OR_KEYWORD]  # self first
+    named = {**forward_parameters(type(model)), **forward_parameters(type(base_model))}
+    keyword_only = [p.replace(kind=p.KEYWORD_ONLY) for name, p in named.items()
+                    if p.kind not in variadic and name not in {q.name for q in positional}]
     var_keyword = inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)
-    signature = inspect.signature(implementation).replace(
-        parameters=[*positional, *passed_on, *keyword_only, var_keyword])
+    signature = inspect.signature(implementation).replace(parameters=[*positional, *keyword_only, var_keyword])
 
     @functools.wraps(implementation)
     def forward(self, *args, **kwargs):
@@ -116,19 +114,10 @@ def embed_inputs(word_embeddings: nn.Module, input_ids, attention_mask, inputs_e
 
 
 class DePTModel(nn.Module):
-    """A frozen Hugging Face model plus a bank of DePT adapters (P, A, B, and any trainable modules such as a head).
+    """A frozen Hugging Face model plus one DePT adapter: P, A, B, and any trainable modules such as a head.
 
-    Build one with `get_dept_model(model, config)` or load one with `DePTModel.from_pretrained(model, dir)`: a bank
-    of one adapter, which trains. `config=None` builds a bank with no adapter yet, for serving several saved
-    adapters over one frozen base (`add_adapter`, `remove_adapter`; `dept.MultiAdapterModel` wraps this): then
-    `forward` and `generate` take `adapter_names`, one name per row (or one for the whole batch), each row gives
-    exactly what its adapter alone gives, and each adapter's trained modules (a classifier head, a visual
-    projection) are applied to its own rows.
-
-    Caching rule: the eval caches (the scaling * A @ B table, the prompt's KV cache) are recomputed after every
-    `train()`/`eval()` call, load (`load_state_dict`, `load_adapter_state_dict`), move or cast, adapter add or
-    remove, and forward that needs gradients, never keyed on tensor versions or addresses, and after any other
-    in-place change of P, A, B or the base's weights in eval mode you call `invalidate_caches()`.
+    Build one with `get_dept_model(model, config)`, or load one with `DePTModel.from_pretrained(model, dir)`.
+    The caching rule of its eval caches is in the module docstring.
     """
 
     task_type: str = ""
@@ -140,29 +129,17 @@ class DePTModel(nn.Module):
     def __init__(
         self,
         base_model: nn.Module,
-        config: DePTConfig | None,
+        config: DePTConfig,
         tokenizer=None,
         modules_to_save: tuple[str, ...] = (),
         initialize: bool = True,
     ):
         super().__init__()
         base = self.describe_base(base_model)
-        self.token_dim = token_dim = base["token_dim"]
-        if config is not None:  # before anything is changed
-            check_compatible(config, getattr(base_model, "config", None), token_dim, self.task_type)
-        self.base_model = base_model
-        for param in base_model.parameters():
-            param.requires_grad_(False)
-        self.adapter_modules = nn.ModuleDict()  # a served adapter's own copies of its trained modules
+        token_dim = base["token_dim"]
+        check_compatible(config, getattr(base_model, "config", None), token_dim, self.task_type)  # before any change
+        self._attach(base_model, token_dim)
         self.config = config
-        self.register_load_state_dict_post_hook(invalidate_after_load)
-        if self.forwards_to_base:
-            expose_forward_signature(self, self.base_model)
-        if config is None:  # a bank for serving: frozen, in eval mode, adapters come with add_adapter
-            self.modules_to_save = ()
-            self.prompt_encoder = DePTEmbedding([], token_dim, names=[]).to(self.input_device())
-            self.requires_grad_(False).eval()
-            return
         config.token_dim = token_dim
         config.vocab_size = base["vocab_size"]
         config.base_model_type = base["base_model_type"]
@@ -177,6 +154,14 @@ class DePTModel(nn.Module):
             self.prompt_encoder.lora_embedding_B.requires_grad_(False)
         if initialize:
             self._initialize_prompt(tokenizer)
+
+    def _attach(self, base_model: nn.Module, token_dim: int) -> None:
+        """Hold the frozen base model (`dept.MultiAdapterModel`'s models attach the same way)."""
+        self.token_dim = token_dim
+        self.base_model = base_model.requires_grad_(False)
+        self.register_load_state_dict_post_hook(invalidate_after_load)
+        if self.forwards_to_base:
+            expose_forward_signature(self, base_model)
 
     # ----------------------------------------------------------------------------------------------------------
     # The base model (a model kind for a non-Hugging Face base overrides these)
@@ -195,7 +180,7 @@ class DePTModel(nn.Module):
         self.prompt_encoder.initialize(self.word_embeddings.weight, tokenizer)
 
     # ----------------------------------------------------------------------------------------------------------
-    # The eval caches (see the caching rule in the class docstring)
+    # The eval caches (see the caching rule in the module docstring)
     def invalidate_caches(self) -> None:
         """Drop every cached value; the next eval call recomputes it from the current weights."""
         self.prompt_encoder.invalidate_caches()
@@ -211,168 +196,36 @@ class DePTModel(nn.Module):
         return result
 
     # ----------------------------------------------------------------------------------------------------------
-    # The adapters of the bank
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.prompt_encoder.names)
-
-    @property
-    def adapter_configs(self) -> dict[str, DePTConfig]:
-        return dict(zip(self.prompt_encoder.names, self.prompt_encoder.configs))
-
-    @torch.no_grad()
-    def add_adapter(self, name: str, config: DePTConfig, state: dict[str, torch.Tensor],
-                    source: str = "adapter") -> None:
-        """Serve a saved adapter (its config and tensors, as `dept.adapter_files.load_adapter` reads them) under
-        `name`. An adapter for another base model (d, vocabulary, model type, task type) is refused first."""
-        if self.config is not None:
-            raise ValueError("add_adapter serves saved adapters over a frozen base; this model trains its own "
-                             "adapter. Build the serving model with MultiAdapterModel(base_model).")
-        if not isinstance(name, str) or not _VALID_ADAPTER_NAME.match(name):
-            raise ValueError(f"Adapter name {name!r} must be a non-empty string without '.'.")
-        if name in self.prompt_encoder.names:
-            raise ValueError(f"An adapter named {name!r} is already loaded: remove_adapter({name!r}) first, "
-                             "or load this one under another name.")
-        check_saved_base(config, self.base_model, source, self.describe_base(self.base_model))
-        check_compatible(config, getattr(self.base_model, "config", None), self.token_dim, self.task_type)
-        check_adapter_state(config, state, source)
-        own = DePTEmbedding(config, self.token_dim)
-        load_adapter_tensors(own.adapter_tensors(), state, source)
-        modules = nn.ModuleDict()
-        for module_name, module_state in saved_modules(state).items():
-            base_module = getattr(self.base_model, module_name, None)
-            if not isinstance(base_module, nn.Module):
-                raise AdapterMismatchError(f"{source} holds weights for a module {module_name!r} that "
-                                           f"{type(self.base_model).__name__} does not have.")
-            modules[module_name] = load_module_state(copy.deepcopy(base_module), module_state, source, module_name)
-        if modules:
-            try:
-                self.adapter_modules[name] = modules.to(self.input_device()).requires_grad_(False).eval()
-            except KeyError:  # a name that clashes with a ModuleDict attribute, such as "keys"
-                raise ValueError(f"Adapter name {name!r} is reserved: choose another name.") from None
-        bank = self.prompt_encoder
-        self._restack([(n, c, bank.adapter_tensors(i)) for i, (n, c) in enumerate(zip(bank.names, bank.configs))]
-                      + [(name, config, own.adapter_tensors())])
-        self._forget_adapter(name)  # computed from nothing yet, whatever was once served under this name
-
-    def remove_adapter(self, name: str) -> None:
-        if self.config is not None or name not in self.prompt_encoder.names:
-            raise KeyError(f"No adapter named {name!r}; loaded adapters: {sorted(self.prompt_encoder.names)}.")
-        bank = self.prompt_encoder
-        self._restack([(n, c, bank.adapter_tensors(i)) for i, (n, c) in enumerate(zip(bank.names, bank.configs))
-                       if n != name])
-        if name in self.adapter_modules:
-            del self.adapter_modules[name]
-        self._forget_adapter(name)
-
-    def _forget_adapter(self, name: str) -> None:
-        """Drop what was cached for adapter `name` (the bank itself is new after every add or remove)."""
-
-    @torch.no_grad()
-    def _restack(self, adapters: list[tuple[str, DePTConfig, dict[str, torch.Tensor]]]) -> None:
-        """A new bank holding `adapters` (name, config, tensors), frozen; once per add or remove, never per batch."""
-        bank = DePTEmbedding([config for _, config, _ in adapters], self.token_dim,
-                             names=[name for name, _, _ in adapters]).to(self.input_device())
-        for index, (_, _, tensors) in enumerate(adapters):
-            for key, target in bank.adapter_tensors(index).items():
-                target.copy_(tensors[key])
-        self.prompt_encoder = bank.requires_grad_(False).eval()
-
-    def adapter_index(self, adapter_names: str | Sequence[str] | None, batch_size: int) -> torch.Tensor | None:
-        """(batch,) index of each row's adapter in the bank; one name stands for the whole batch. None for a
-        model that trains its own adapter and is called without names."""
-        known = sorted(self.prompt_encoder.names)
-        if adapter_names is None:
-            if self.config is not None:
-                return None
-            if not known:
-                raise ValueError("No adapters are loaded: call add_adapter(name, directory) first.")
-            raise ValueError(f"Pass adapter_names: one adapter per row, or one name for the whole batch. "
-                             f"Loaded adapters: {known}.")
-        if isinstance(adapter_names, str):
-            adapter_names = [adapter_names] * batch_size
-        if len(adapter_names) != batch_size:
-            raise ValueError(f"adapter_names has {len(adapter_names)} names but the batch has {batch_size} rows: "
-                             "give one adapter name per row.")
-        unknown = sorted(set(adapter_names) - set(known))
-        if unknown:
-            raise ValueError(f"Unknown adapter(s) {unknown} in adapter_names. Loaded adapters: {known}. "
-                             "Load more with add_adapter(name, directory).")
-        ids = {name: i for i, name in enumerate(self.prompt_encoder.names)}
-        return torch.tensor([ids[name] for name in adapter_names], dtype=torch.long, device=self.input_device())
-
-    @contextmanager
-    def per_row_modules(self, adapter_index: torch.Tensor | None) -> Iterator[None]:
-        """While active, the base model's trainable modules (heads, projections) use each row's adapter copy."""
-        if adapter_index is None or not len(self.adapter_modules):
-            yield
-            return
-        names = self.prompt_encoder.names
-        present = [names[i] for i in adapter_index.unique().tolist() if names[i] in self.adapter_modules]
-        module_names = sorted({module for name in present for module in self.adapter_modules[name]})
-        handles = []
-        try:
-            for module_name in module_names:
-                hook = self._route_module_hook(module_name, adapter_index)
-                handles.append(getattr(self.base_model, module_name).register_forward_hook(hook, with_kwargs=True))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _route_module_hook(self, module_name: str, adapter_index: torch.Tensor):
-        names, batch = self.prompt_encoder.names, adapter_index.shape[0]
-
-        def hook(module, args, kwargs, output):
-            if not isinstance(output, torch.Tensor) or output.shape[0] != batch:
-                raise ValueError(f"Cannot route {module_name!r} per adapter: it must map a batch of {batch} rows "
-                                 f"to one tensor of {batch} rows (got {type(output).__name__}).")
-            output = output.clone()
-            for i in adapter_index.unique().tolist():  # a loop over the batch's adapters, not its rows
-                own = self.adapter_modules[names[i]] if names[i] in self.adapter_modules else {}
-                if module_name not in own:
-                    continue  # this adapter keeps the base model's module
-                rows = (adapter_index == i).nonzero().squeeze(1)
-                output[rows] = own[module_name](*_select_rows(args, rows, batch), **_select_rows(kwargs, rows, batch))
-            return output
-
-        return hook
-
-    # ----------------------------------------------------------------------------------------------------------
     # The prompt
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self.base_model.get_input_embeddings()
 
-    def embed_tokens(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None):
-        """Each row's E' (batch, seq, d) without the prompt, the (batch, seq) mask, each row's adapter index
-        (None: the bank's one adapter) and where the prompts go (`PromptRouting`)."""
+    def route(self, attention_mask: torch.Tensor) -> PromptRouting:
+        """Where the prompt goes, for a (batch, seq) attention mask."""
+        return self.prompt_encoder.route(attention_mask, self.prompt_first)
+
+    def embed_tokens(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        """E' (batch, seq, d) without the prompt, the (batch, seq) mask, and where the prompt goes."""
         inputs_embeds, attention_mask = embed_inputs(self.word_embeddings, input_ids, attention_mask, inputs_embeds)
-        adapter_index = self.adapter_index(adapter_names, inputs_embeds.shape[0])
-        routing = self.prompt_encoder.route(attention_mask, adapter_index, self.prompt_first)
-        tokens = self.prompt_encoder.update_tokens(inputs_embeds, attention_mask, adapter_index)
-        return tokens, attention_mask, adapter_index, routing
+        routing = self.route(attention_mask)
+        return self.prompt_encoder.update_tokens(inputs_embeds, attention_mask), attention_mask, routing
 
     def embed(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        adapter_names: str | Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Word embeddings with DePT applied: (batch, width + seq, d) and the (batch, width + seq) mask."""
-        tokens, attention_mask, _, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
-                                                               adapter_names)
-        return self.prompt_encoder.with_prompts(tokens, attention_mask, routing)
+        """Word embeddings with DePT applied: (batch, m + seq, d) and the (batch, m + seq) mask."""
+        return self.prompt_encoder.with_prompts(*self.embed_tokens(input_ids, attention_mask, inputs_embeds))
 
-    def insert_prompt(self, per_token: torch.Tensor, attention_mask: torch.Tensor | None, fill_value,
-                      adapter_names: str | Sequence[str] | None = None) -> torch.Tensor:
+    def insert_prompt(self, per_token: torch.Tensor, attention_mask: torch.Tensor | None,
+                      fill_value) -> torch.Tensor:
         """Align labels or token types with the prompted sequence, `fill_value` over the prompt."""
         if attention_mask is None:
             attention_mask = torch.ones_like(per_token)
-        adapter_index = self.adapter_index(adapter_names, per_token.shape[0])
-        return self.prompt_encoder.route(attention_mask, adapter_index, self.prompt_first).insert_prompt(
-            per_token, fill_value)
+        return self.route(attention_mask).insert_prompt(per_token, fill_value)
 
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Positions counted over real tokens only (prompt first), so padding never shifts them."""
@@ -437,19 +290,12 @@ class DePTModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------
     # Save and load
-    def adapter_state_dict(self, parameters: Mapping[str, torch.Tensor] | None = None,
-                           name: str | None = None) -> dict[str, torch.Tensor]:
+    def adapter_state_dict(self, parameters: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The adapter's tensors under their file keys (`prompt_embeddings`, ..., `modules.<name>.<key>`).
 
         `parameters` (named as in `named_parameters()`) replaces the model's own tensors: whole tensors gathered
-        from ZeRO-3 or FSDP shards, or the fp32 master weights of a DeepSpeed run. `name` picks a served adapter.
+        from ZeRO-3 or FSDP shards, or the fp32 master weights of a DeepSpeed run.
         """
-        if name is not None:
-            tensors = self.prompt_encoder.adapter_tensors(self.prompt_encoder.names.index(name))
-            modules = self.adapter_modules[name] if name in self.adapter_modules else {}
-            for module_name, module in modules.items():
-                tensors.update({f"{MODULES_PREFIX}{module_name}.{k}": v for k, v in module.state_dict().items()})
-            return {key: tensor.detach() for key, tensor in tensors.items()}
         sources = {key: (f"prompt_encoder.{key}", tensor) for key, tensor in self.prompt_encoder.adapter_tensors().items()}
         for module_name in self.modules_to_save:
             for key, tensor in getattr(self.base_model, module_name).state_dict().items():
@@ -571,18 +417,6 @@ def prepend_inputs(input_ids: torch.Tensor, generated):
     return generated
 
 
-def _select_rows(inputs, rows: torch.Tensor, batch: int):
-    """The given rows of every batch-first tensor in a tuple or dict of module inputs."""
-    def pick(value):
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-            return value.index_select(0, rows)
-        return value
-
-    if isinstance(inputs, dict):
-        return {key: pick(value) for key, value in inputs.items()}
-    return tuple(pick(value) for value in inputs)
-
-
 class DePTModelForSeq2SeqLM(DePTModel):
     """DePT for encoder-decoders (T5, and the VL-T5 model): the prompt goes into the encoder input only.
 
@@ -592,144 +426,82 @@ class DePTModelForSeq2SeqLM(DePTModel):
     task_type = "seq2seq"
     forwards_to_base = True
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, adapter_names=None,
-                **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
         if kwargs.get("encoder_outputs") is not None:  # the prompt is already inside the encoder outputs
-            return self._with_encoder_outputs(attention_mask, adapter_names, labels=labels, **kwargs)
-        tokens, attention_mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
-                                                                           adapter_names)
-        embeds, mask = self.prompt_encoder.with_prompts(tokens, attention_mask, routing)
-        with self.per_row_modules(adapter_index):
-            return self.base_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
-
-    def _with_encoder_outputs(self, attention_mask, adapter_names, **kwargs):
-        if attention_mask is None:
-            if self.config is None:
-                raise ValueError("With encoder_outputs, pass the attention_mask of the unprompted input, so that "
-                                 "each row's prompt slots can be masked.")
-            return self.base_model(attention_mask=None, **kwargs)
-        adapter_index = self.adapter_index(adapter_names, attention_mask.shape[0])
-        routing = self.prompt_encoder.route(attention_mask, adapter_index)
-        with self.per_row_modules(adapter_index):
-            return self.base_model(attention_mask=routing.prompted_mask(attention_mask), **kwargs)
+            if attention_mask is not None:
+                attention_mask = self.route(attention_mask).prompted_mask(attention_mask.long())
+            return self.base_model(attention_mask=attention_mask, labels=labels, **kwargs)
+        embeds, mask = self.prompt_encoder.with_prompts(*self.embed_tokens(input_ids, attention_mask, inputs_embeds))
+        return self.base_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None,
-                 new_tokens_only: bool = False, **kwargs):
+    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, new_tokens_only: bool = False,
+                 **kwargs):
         """The decoder's tokens (its start token, then the new ones), as transformers returns them for an
         encoder-decoder: they never hold the input, so `new_tokens_only` changes nothing here."""
-        tokens, attention_mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
-                                                                           adapter_names)
-        embeds, mask = self.prompt_encoder.with_prompts(tokens, attention_mask, routing)
-        with self.per_row_modules(adapter_index):
-            return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                            **self._generate_kwargs(kwargs))
+        embeds, mask = self.prompt_encoder.with_prompts(*self.embed_tokens(input_ids, attention_mask, inputs_embeds))
+        return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **self._generate_kwargs(kwargs))
 
 
 class DePTModelForCausalLM(DePTModel):
     """DePT for decoder-only LMs: `[P ; E']`, labels -100 over P, positions counted over real tokens.
 
-    `forward` returns logits over all width + seq positions (as PEFT does; width is the longest prompt among the
-    rows' adapters, the shorter ones padded with masked slots). `generate` follows transformers: given `input_ids`
-    it returns them followed by the new tokens (so `out[:, input_ids.shape[1]:]` is the answer), given only
-    `inputs_embeds` the new tokens; `new_tokens_only=True` asks for the new tokens alone.
+    `forward` returns logits over all m + seq positions (as PEFT does). `generate` follows transformers: given
+    `input_ids` it returns them followed by the new tokens (so `out[:, input_ids.shape[1]:]` is the answer), given
+    only `inputs_embeds` the new tokens; `new_tokens_only=True` asks for the new tokens alone.
 
-    In eval mode (when nothing needs gradients through P) each adapter's P keys, values and logits are computed
-    once and reused by every call, which then runs the base model on its own tokens only (the prompt KV cache,
-    see `dept.prompt_cache`). Set `use_prompt_cache = False`, or pass `use_prompt_cache=False` to a call, to run
-    the whole prompted sequence instead.
+    In eval mode (when nothing needs gradients through P) P's keys, values and logits are computed once and
+    reused by every call, which then runs the base model on its own tokens only (the prompt KV cache, see
+    `dept.prompt_cache`; recomputed by the caching rule of the module docstring). Set `use_prompt_cache = False`,
+    or pass `use_prompt_cache=False` to a call, to run the whole prompted sequence instead.
     """
 
     task_type = "causal"
     forwards_to_base = True
+    use_prompt_cache: bool = True
 
-    def __init__(self, *args, **kwargs):
-        self.prompt_caches: dict[str, PromptKVCache] = {}  # by adapter name; before the base class calls eval()
-        self._stacked_prompt_states: tuple[tuple, PromptStates | None] | None = None
-        super().__init__(*args, **kwargs)
-        self.use_prompt_cache = True
+    def _attach(self, base_model: nn.Module, token_dim: int) -> None:
+        super()._attach(base_model, token_dim)
+        self.prompt_cache = PromptKVCache()
 
     def invalidate_caches(self) -> None:
         super().invalidate_caches()
-        for cache in self.prompt_caches.values():
-            cache.clear()
-        self._stacked_prompt_states = None
-
-    def _forget_adapter(self, name: str) -> None:
-        self.prompt_caches.pop(name, None)
-        self._stacked_prompt_states = None
+        self.prompt_cache.clear()
 
     def prompt_states(self) -> PromptStates | None:
-        """P's keys, values and logits, one row per adapter of the bank (stacked to the longest m); each
-        adapter's are computed once, then kept as the caching rule says."""
-        bank = self.prompt_encoder
-        if bank.num_adapters == 1:
-            return self._adapter_prompt_states(0)
-        states, generations = [], []
-        for index, name in enumerate(bank.names):
-            if bank.configs[index].num_virtual_tokens == 0:
-                states.append(None)
-                continue
-            if (state := self._adapter_prompt_states(index)) is None:
-                return None  # this base model's cache is not plain keys and values
-            states.append(state)
-            generations.append((name, self.prompt_caches[name].generation))
-        key = tuple(generations)
-        if self._stacked_prompt_states is None or self._stacked_prompt_states[0] != key:
-            self._stacked_prompt_states = key, stack_prompt_states(states, bank.num_virtual_tokens)
-        return self._stacked_prompt_states[1]
+        """P's keys, values and logits, computed once (see the caching rule)."""
+        return self.prompt_cache.get(self.base_model, self._compute_prompt_states)
 
-    def _adapter_prompt_states(self, index: int) -> PromptStates | None:
-        name = self.prompt_encoder.names[index]
-        prompt = self.prompt_encoder.adapter_tensors(index)["prompt_embeddings"]
-        cache = self.prompt_caches.setdefault(name, PromptKVCache())
-
-        def compute():
-            with self.per_row_modules(torch.tensor([index], device=prompt.device)):  # an adapter's own lm_head
-                return compute_prompt_states(self.base_model, prompt)
-
-        return cache.get(self.base_model, compute)
+    def _compute_prompt_states(self) -> PromptStates | None:
+        return compute_prompt_states(self.base_model, self.prompt_encoder.prompt_embeddings)
 
     def _cached_prompt(self, use_prompt_cache: bool | None, routing: PromptRouting, kwargs: dict,
                        generating: bool = False) -> PromptStates | None:
-        if needs_gradients(self):  # a graph through P: a step may follow
+        if not self.training and needs_gradients(self):  # a graph through P: a step may follow
             self.invalidate_caches()
         enabled = self.use_prompt_cache if use_prompt_cache is None else use_prompt_cache
         if routing.width == 0 or not prompt_cache_applies(self, enabled, kwargs, generating):
             return None
         return self.prompt_states()
 
-    @staticmethod
-    def _rows(states: PromptStates, routing: PromptRouting, batch: int, expand: int = 1) -> PromptStates:
-        """Each row's prompt states: the one adapter's repeated (no copy), or each row's own from the bank."""
-        if routing.adapter_index is None:
-            return states.select(batch * expand)
-        return states.select(routing.adapter_index.repeat_interleave(expand), routing.width)
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, adapter_names=None,
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                 use_prompt_cache: bool | None = None, **kwargs):
         kwargs.pop("position_ids", None)
-        tokens, mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
-                                                                 adapter_names)
+        tokens, mask, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds)
         if labels is not None:
             labels = routing.insert_prompt(labels, -100)
-        with self.per_row_modules(adapter_index):
-            if (states := self._cached_prompt(use_prompt_cache, routing, kwargs)) is not None:
-                rows = self._rows(states, routing, tokens.shape[0])
-                num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-                output = forward_after_prompt(self.base_model, rows, tokens, mask, routing.prompt_mask(mask),
-                                              **kwargs)
-                return with_prompt_logits(self.base_model, output, rows.logits,
-                                          lambda prompt, tokens: place(prompt, tokens, routing.layout),
-                                          labels, num_items_in_batch)
-            embeds, mask = self.prompt_encoder.with_prompts(tokens, mask, routing)
-            return self.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.position_ids(mask),
-                                   labels=labels, **kwargs)
+        if (states := self._cached_prompt(use_prompt_cache, routing, kwargs)) is not None:
+            rows = routing.select_states(states, tokens.shape[0])
+            num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+            output = forward_after_prompt(self.base_model, rows, tokens, mask, routing.prompt_mask(mask), **kwargs)
+            return with_prompt_logits(self.base_model, output, rows.logits, routing.place, labels, num_items_in_batch)
+        embeds, mask = self.prompt_encoder.with_prompts(tokens, mask, routing)
+        return self.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.position_ids(mask),
+                               labels=labels, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None,
-                 use_cache: bool = True, use_prompt_cache: bool | None = None, new_tokens_only: bool = False,
-                 **kwargs):
+    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, use_cache: bool = True,
+                 use_prompt_cache: bool | None = None, new_tokens_only: bool = False, **kwargs):
         """Prompt at prefill, then the KV cache carries it; with the prompt cache the prefill runs on the input
         alone. `use_cache=False` recomputes the whole sequence at every step (greedy only): slow, but the
         reference the cached paths must match.
@@ -737,25 +509,22 @@ class DePTModelForCausalLM(DePTModel):
         Returns `input_ids` followed by the new tokens, as transformers and PEFT do (the new tokens alone when
         only `inputs_embeds` is given, or with `new_tokens_only=True`).
         """
-        new_tokens = self._generate_new_tokens(input_ids, attention_mask, inputs_embeds, adapter_names, use_cache,
-                                               use_prompt_cache, **kwargs)
+        new_tokens = self._generate_new_tokens(input_ids, attention_mask, inputs_embeds, use_cache, use_prompt_cache,
+                                               **kwargs)
         return new_tokens if input_ids is None or new_tokens_only else prepend_inputs(input_ids, new_tokens)
 
-    def _generate_new_tokens(self, input_ids, attention_mask, inputs_embeds, adapter_names, use_cache,
-                             use_prompt_cache, **kwargs):
-        tokens, mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
-                                                                 adapter_names)
-        with self.per_row_modules(adapter_index):
-            if not use_cache:
-                return self._greedy_without_cache(*self.prompt_encoder.with_prompts(tokens, mask, routing), **kwargs)
-            kwargs = self._generate_kwargs(kwargs)
-            if (states := self._cached_prompt(use_prompt_cache, routing, kwargs, generating=True)) is not None:
-                rows = self._rows(states, routing, tokens.shape[0], generation_expand_size(self.base_model, kwargs))
-                return generate_after_prompt(self.base_model, rows, tokens, mask, routing.prompt_mask(mask), **kwargs)
-            embeds, mask = self.prompt_encoder.with_prompts(tokens, mask, routing)
-            # Positions over real tokens, also for the new tokens after a right-padded input.
-            return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                            position_ids=self.position_ids(mask), **kwargs)
+    def _generate_new_tokens(self, input_ids, attention_mask, inputs_embeds, use_cache, use_prompt_cache, **kwargs):
+        tokens, mask, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds)
+        if not use_cache:
+            return self._greedy_without_cache(*self.prompt_encoder.with_prompts(tokens, mask, routing), **kwargs)
+        kwargs = self._generate_kwargs(kwargs)
+        if (states := self._cached_prompt(use_prompt_cache, routing, kwargs, generating=True)) is not None:
+            rows = routing.select_states(states, tokens.shape[0], generation_expand_size(self.base_model, kwargs))
+            return generate_after_prompt(self.base_model, rows, tokens, mask, routing.prompt_mask(mask), **kwargs)
+        embeds, mask = self.prompt_encoder.with_prompts(tokens, mask, routing)
+        # Positions over real tokens, also for the new tokens after a right-padded input.
+        return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                        position_ids=self.position_ids(mask), **kwargs)
 
     def _greedy_without_cache(self, embeds, mask, max_new_tokens: int = 20, min_new_tokens: int = 0,
                               eos_token_id=None, pad_token_id=None, do_sample: bool = False, num_beams: int = 1,
@@ -803,16 +572,14 @@ class DePTModelForSequenceClassification(DePTModel):
         super().__init__(base_model, config, tokenizer, modules_to_save, initialize)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None, labels=None,
-                adapter_names=None, **kwargs):
-        tokens, attention_mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
-                                                                           adapter_names)
+                **kwargs):
+        tokens, attention_mask, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds)
         embeds, mask = self.prompt_encoder.with_prompts(tokens, attention_mask, routing)
         if token_type_ids is not None:
             token_type_ids = routing.insert_prompt(token_type_ids, 0)
         kwargs.pop("position_ids", None)
-        with self.per_row_modules(adapter_index):
-            return self.base_model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=token_type_ids,
-                                   position_ids=self.position_ids(mask), labels=labels, **kwargs)
+        return self.base_model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=token_type_ids,
+                               position_ids=self.position_ids(mask), labels=labels, **kwargs)
 
 
 _MODEL_CLASSES = {

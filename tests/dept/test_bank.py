@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from dept import DePTConfig, DePTEmbedding
+from dept import AdapterBank, DePTConfig, DePTEmbedding, MultiAdapterModel
+from dept.embedding import PromptRouting
 from tests.dept.helpers import attach
 from tests.dept.test_multi_adapter import ADAPTERS, TEXTS, tokenize
 
@@ -20,14 +21,10 @@ def _single(sizes, seed):
     return layer
 
 
-def _bank(singles: dict[str, DePTEmbedding]) -> DePTEmbedding:
+def _bank(singles: dict[str, DePTEmbedding]) -> AdapterBank:
     token_dim = next(iter(singles.values())).token_dim
-    bank = DePTEmbedding([layer.configs[0] for layer in singles.values()], token_dim, names=list(singles))
-    with torch.no_grad():
-        for index, layer in enumerate(singles.values()):
-            for key, target in bank.adapter_tensors(index).items():
-                target.copy_(layer.adapter_tensors()[key])
-    return bank
+    return AdapterBank.stack([(name, layer.config, layer.adapter_tensors()) for name, layer in singles.items()],
+                             token_dim)
 
 
 def _padded(lengths, side):
@@ -61,13 +58,13 @@ def test_each_row_of_a_mixed_bank_equals_its_adapter_alone(side):
         torch.testing.assert_close(out[row, out_mask[row].bool()], alone[0], atol=1e-6, rtol=0)
 
 
-def test_a_bank_of_one_is_the_single_adapter_and_takes_the_fast_path():
+def test_a_bank_of_one_is_the_single_adapter_which_takes_the_fast_path():
     layer = _single(ADAPTERS["long_prompt"], seed=3)
     assert tuple(layer.prompt_embeddings.shape) == (6, D)  # no bank axis: the saved files' shapes
     embeds, mask = _padded([4, 9, 2], "left")
-    routing = layer.route(mask, torch.zeros(3, dtype=torch.long))
-    assert routing.adapter_index is None  # no gather, no per-row mask
-    by_index = layer(embeds, mask, torch.zeros(3, dtype=torch.long))
+    routing = layer.route(mask)
+    assert type(routing) is PromptRouting  # no adapter index: no gather, no per-row mask
+    by_index = _bank({"same": layer})(embeds, mask, torch.zeros(3, dtype=torch.long))  # a bank of one
     plain = layer(embeds, mask)
     assert torch.equal(by_index[0], plain[0]) and torch.equal(by_index[1], plain[1])
     # The same adapter inside a bank of two (gather path) gives the same rows.
@@ -81,7 +78,7 @@ def test_a_bank_initialises_each_adapter_as_it_would_alone():
     table = torch.randn(50, D, generator=torch.Generator().manual_seed(0))
     configs = [DePTConfig(prompt_init="vocab", init_seed=seed, **sizes)
                for seed, sizes in enumerate(ADAPTERS.values())]
-    bank = DePTEmbedding(configs, D, names=list(ADAPTERS))
+    bank = AdapterBank(configs, D, names=list(ADAPTERS))
     bank.initialize(table)
     for index, config in enumerate(configs):
         alone = DePTEmbedding(config, D)
@@ -109,8 +106,9 @@ def test_a_bank_of_one_gives_the_single_adapters_outputs_and_gradients_in_every_
     single = attach(kind, model, tokenizer, num_virtual_tokens=3, r=2, max_length=24)
     single.train()
     other = DePTEmbedding(DePTConfig(num_virtual_tokens=6, r=4, max_length=20, prompt_init="random"), 32)
-    banked = copy.deepcopy(single)
+    banked = MultiAdapterModel(copy.deepcopy(single.base_model)).model  # the serving model of this kind
     banked.prompt_encoder = _bank({"other": other, "trained": single.prompt_encoder}).requires_grad_(True)
+    banked.train()
     batch = tokenize(tokenizer, TEXTS[:3], side)
     loss, logits = _loss_and_logits(kind, single, batch)
     banked_loss, banked_logits = _loss_and_logits(kind, banked, batch, adapter_names="trained")

@@ -1,5 +1,7 @@
 """The forward pass is exactly the formula, for each model kind, and does not depend on padding."""
 
+import math
+
 import pytest
 import torch
 
@@ -10,12 +12,17 @@ from tests.dept.helpers import TASK_TYPES, attach, base_forward, dept_forward
 TEXTS = ["the movie was great", "a dull and boring film with terrible acting and actors", "red circle"]
 
 
+def paper_scaling(config) -> float:
+    """The paper's (and the official code's) scale of A @ B, written out: lora_alpha / sqrt(r)."""
+    return config.lora_alpha / math.sqrt(config.r)
+
+
 def hand_computed_logits(kind, dept_model, input_ids):
-    """E' = E + scaling * (A @ B)[:s]; X = [P ; E'] — written out for one unpadded example."""
+    """E' = E + lora_alpha / sqrt(r) * (A @ B)[:s]; X = [P ; E'] — written out for one unpadded example."""
     encoder = dept_model.prompt_encoder
     s = input_ids.shape[1]
     E = dept_model.base_model.get_input_embeddings().weight[input_ids[0]]
-    update = dept_model.config.scaling * (encoder.lora_embedding_A @ encoder.lora_embedding_B)[:s]
+    update = paper_scaling(dept_model.config) * (encoder.lora_embedding_A @ encoder.lora_embedding_B)[:s]
     X = torch.cat([encoder.prompt_embeddings, E + update])[None]
     m = dept_model.config.num_virtual_tokens
     mask = torch.ones(1, m + s, dtype=torch.long)
@@ -120,7 +127,16 @@ def test_eval_cache_is_computed_once_and_never_stale(t5_model, tokenizer):
         encoder.lora_embedding_B.add_(1.0)  # an update in place in eval mode, outside any forward ...
         dept_model.invalidate_caches()  # ... is announced, as the caching rule says
         after_update = encoder.embedding_update()
-        expected = encoder.scaling * encoder.lora_embedding_A @ encoder.lora_embedding_B
+        expected = paper_scaling(dept_model.config) * encoder.lora_embedding_A @ encoder.lora_embedding_B
         torch.testing.assert_close(after_update, expected, atol=1e-6, rtol=0)
         dept_model.load_adapter_state_dict({"lora_embedding_B": torch.zeros_like(encoder.lora_embedding_B)})
         assert torch.count_nonzero(encoder.embedding_update()) == 0
+
+
+def test_a_classifier_without_a_prompt_does_not_depend_on_left_padding(bert_model, tokenizer):
+    """With m = 0 the pooler's position 0 must hold the first real token, not a pad, whatever the padding side."""
+    dept_model = attach("bert", bert_model, tokenizer, num_virtual_tokens=0)
+    with torch.no_grad():
+        alone = _logits_per_row("bert", dept_model, tokenizer, TEXTS[:1], "left")[0]
+        padded = _logits_per_row("bert", dept_model, tokenizer, TEXTS, "left")[0]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)

@@ -12,9 +12,9 @@ TEXTS = ["the movie was great", "a dull and boring film with terrible acting"]
 
 def _pair(kind, model, tokenizer, m=6):
     dept_model = get_dept_model(model, DePTConfig(num_virtual_tokens=m, r=0, max_length=32, prompt_init="vocab",
-                                                  task_type={"t5": "seq2seq", "llama": "causal"}[kind]))
+                                                  task_type="seq2seq" if kind == "t5" else "causal"))
     peft_config = peft.PromptTuningConfig(
-        task_type={"t5": "SEQ_2_SEQ_LM", "llama": "CAUSAL_LM"}[kind], num_virtual_tokens=m,
+        task_type="SEQ_2_SEQ_LM" if kind == "t5" else "CAUSAL_LM", num_virtual_tokens=m,
         num_transformer_submodules=1,
     )
     peft_model = peft.get_peft_model(model, peft_config)
@@ -38,8 +38,13 @@ def test_t5_logits_and_greedy_generation_match_peft_prompt_tuning(t5_model, toke
     assert torch.equal(ours_tokens, theirs_tokens)
 
 
-def test_llama_logits_and_greedy_generation_match_peft_prompt_tuning(llama_model, tokenizer):
-    dept_model, peft_model = _pair("llama", llama_model, tokenizer)
+def _kind(causal_model) -> str:
+    return causal_model.config.model_type
+
+
+def test_decoder_only_logits_and_greedy_generation_match_peft_prompt_tuning(causal_model, tokenizer):
+    """LLaMA (RoPE) and GPT-2 (learned absolute positions)."""
+    dept_model, peft_model = _pair(_kind(causal_model), causal_model, tokenizer)
     batch = tokenizer(TEXTS[1:], return_tensors="pt")  # PEFT does not handle padding positions; one row
     with torch.no_grad():
         ours = dept_model(**batch, labels=batch["input_ids"])
@@ -56,11 +61,11 @@ def test_llama_logits_and_greedy_generation_match_peft_prompt_tuning(llama_model
     assert torch.equal(new_tokens, theirs_tokens[:, batch["input_ids"].shape[1]:])
 
 
-def test_llama_left_padded_generation_follows_peft_prompt_tuning_convention(llama_model, tokenizer):
+def test_decoder_only_left_padded_generation_follows_peft_prompt_tuning_convention(causal_model, tokenizer):
     """PEFT does not count positions over real tokens, so its padded rows differ; the convention it shares with
     transformers must still hold: the left-padded input ids, then each row's new tokens (here: as PEFT gives
     them for the row alone)."""
-    dept_model, peft_model = _pair("llama", llama_model, tokenizer)
+    dept_model, peft_model = _pair(_kind(causal_model), causal_model, tokenizer)
     tokenizer.padding_side = "left"
     try:
         batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
