@@ -42,6 +42,7 @@ from .embedding import (
     real_token_position_ids,
 )
 from .errors import UserError
+from .hf_compat import HuggingFaceModelMixin
 from .prompt_cache import (
     PromptKVCache,
     PromptStates,
@@ -115,7 +116,7 @@ def embed_inputs(word_embeddings: nn.Module, input_ids, attention_mask, inputs_e
     return inputs_embeds, attention_mask
 
 
-class DePTModel(nn.Module):
+class DePTModel(HuggingFaceModelMixin, nn.Module):
     """A frozen Hugging Face model plus a bank of DePT adapters (P, A, B, and any trainable modules such as a head).
 
     Build one with `get_dept_model(model, config)` or load one with `DePTModel.from_pretrained(model, dir)`: a bank
