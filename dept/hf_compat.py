@@ -8,6 +8,8 @@ P, A and B need nothing of it: they sit in front of the base, whose settings the
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 
@@ -19,7 +21,8 @@ class HuggingFaceModelMixin:
     - `activation_checkpointing_enable` / `_disable` (and transformers' older names `gradient_checkpointing_*`):
       checkpoint the frozen base's layers (`TrainingArguments(gradient_checkpointing=True)`, on by default in
       TRL's `SFTConfig`). P, A and B are outside every checkpointed layer, and their gradients are the same;
-    - `add_model_tags`: the tags TRL records for the Hub.
+    - `add_model_tags`: the tags TRL records for the Hub;
+    - `push_to_hub`: the adapter (not the base) goes to the Hub, with its model card.
     """
 
     base_model: Any
@@ -63,3 +66,19 @@ class HuggingFaceModelMixin:
         """Hub tags recorded on the base model (TRL adds its trainer's name)."""
         if hasattr(self.base_model, "add_model_tags"):
             self.base_model.add_model_tags(tags)
+
+    def push_to_hub(self, repo_id: str, *, run_dir: str | Path | None = None, model_card_data=None,
+                    token: str | bool | None = None, private: bool | None = None, revision: str | None = None,
+                    commit_message: str | None = None, create_pr: bool = False):
+        """Upload the adapter to the Hub repository `repo_id` (created if needed): adapter_config.json,
+        adapter_model.safetensors and its model card README.md, nothing else. `run_dir`, the training run's output
+        directory, gives the card the task and metrics (its training_task.json and all_results.json);
+        `model_card_data` adds card fields. Returns huggingface_hub's `CommitInfo`."""
+        from .hub import upload_adapter, write_model_card
+
+        with tempfile.TemporaryDirectory(prefix="dept-push-") as directory:
+            self.save_pretrained(directory)
+            write_model_card(directory, self.config, repo_id=repo_id, run_dir=run_dir,
+                             tags=getattr(self.base_model, "model_tags", None) or (), model_card_data=model_card_data)
+            return upload_adapter(directory, repo_id, token=token, private=private, revision=revision,
+                                  commit_message=commit_message, create_pr=create_pr)

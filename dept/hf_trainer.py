@@ -41,6 +41,7 @@ import torch
 from transformers import Seq2SeqTrainer, Trainer
 
 from .adapter_files import load_adapter
+from .hub import write_model_card
 from .model import AdapterMismatchError, DePTModel
 
 try:
@@ -122,6 +123,19 @@ class DePTTrainerMixin:
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
+        """DePT's model card in `args.output_dir`, with the trainer's tags (transformers and TRL write theirs there
+        at every checkpoint and before a push; theirs would describe a full model)."""
+        dept_model = self._dept_model()
+        if dept_model is None:
+            return super().create_model_card(*args, tags=tags, **kwargs)
+        if not self.is_world_process_zero():
+            return
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        write_model_card(self.args.output_dir, dept_model.config, repo_id=self.hub_model_id,
+                         tags=[*tags, *getattr(self, "_tag_names", [])])
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         dept_model = self._dept_model(model)
