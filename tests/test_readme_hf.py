@@ -80,6 +80,7 @@ def test_the_trainer_example_trains_and_saves_the_adapter_only(data, tmp_path):
 
 
 def test_the_trl_example_trains_and_saves_the_adapter_only(data, tmp_path):
+    pytest.importorskip("trl")  # the peers extra
     out = tmp_path / "sst2-sft"
     ns = run_block(section_blocks()[1], {'"meta-llama/Llama-3.2-1B"': repr(data["llama"]),
                                          "max_steps=30000": "max_steps=6, use_cpu=True",
