@@ -43,3 +43,18 @@ __all__ = [
     "load_adapter",
     "save_adapter",
 ]
+
+# Imported on first use, so that `import dept` loads neither transformers' Trainer nor TRL.
+_LAZY = {
+    "DePTTrainer": "dept.hf_trainer",
+    "DePTSeq2SeqTrainer": "dept.hf_trainer",
+    "DePTSFTTrainer": "dept.trl_trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dept' has no attribute {name!r}")

@@ -45,6 +45,7 @@ from transformers.hf_argparser import string_to_bool
 
 from .config import DePTConfig
 from .errors import FlagError, UserError
+from .hub import resolve_adapter_dir
 from .methods import PEFT_TYPES
 
 DEFAULT_LORA_RANK = 8  # the LoRA baseline of the DePT paper's comparison
@@ -143,6 +144,7 @@ class MethodArguments:
 
     def __post_init__(self):
         if self.peft_model_id:  # before the defaults fill in what was not given
+            self.peft_model_id = str(resolve_adapter_dir(self.peft_model_id))  # a dir or a Hub id (dept.hub)
             self.check_agrees_with_adapter(DePTConfig.from_pretrained(self.peft_model_id))
         self.prefix_length = DePTConfig.num_virtual_tokens if self.prefix_length is None else self.prefix_length
         both = self.r is not None and self.lora_r is not None

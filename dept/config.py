@@ -159,6 +159,22 @@ class DePTConfig:
             raise ConfigError("token_dim is unknown: pass it, or attach the config to a model first.")
         return self.num_virtual_tokens * d + self.max_length * self.r + self.r * d
 
+    def link_base_config(self, base_config) -> None:
+        """Answer, for the attributes DePTConfig does not define, from the base model's config `base_config`.
+
+        transformers' `Trainer` and TRL read `model.config` as the base model's Hugging Face config (a PEFT model's
+        `config` is its base's), while a DePT model's `config` is this adapter config: linked, it serves both
+        (`config.get_text_config()`, `config.pad_token_id`, ... are the base's). Nothing of the base's is saved.
+        """
+        self.__dict__["_base_config"] = base_config
+
+    def __getattr__(self, name: str):
+        # Called only for names that are neither fields nor methods of DePTConfig.
+        base = self.__dict__.get("_base_config")
+        if base is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(base, name)
+
     def to_dict(self) -> dict:
         return {"peft_type": "DEPT", **dataclasses.asdict(self)}
 

@@ -40,6 +40,8 @@ from .embedding import (
     real_token_position_ids,
 )
 from .errors import UserError
+from .hf_compat import HuggingFaceModelMixin
+from .hub import resolve_adapter_dir, upload_adapter, write_model_card
 from .prompt_cache import (
     PromptKVCache,
     PromptStates,
@@ -113,7 +115,7 @@ def embed_inputs(word_embeddings: nn.Module, input_ids, attention_mask, inputs_e
     return inputs_embeds, attention_mask
 
 
-class DePTModel(nn.Module):
+class DePTModel(HuggingFaceModelMixin, nn.Module):
     """A frozen Hugging Face model plus one DePT adapter: P, A, B, and any trainable modules such as a head.
 
     Build one with `get_dept_model(model, config)`, or load one with `DePTModel.from_pretrained(model, dir)`.
@@ -304,14 +306,27 @@ class DePTModel(nn.Module):
         return {key: parameters.get(source, tensor).detach() for key, (source, tensor) in sources.items()}
 
     def save_pretrained(
-        self, save_directory: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None
+        self, save_directory: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None, *,
+        push_to_hub: bool = False, model_card_data=None, **push_kwargs
     ) -> Path:
-        """Write adapter_config.json and adapter_model.safetensors (P, A, B and any trainable modules).
+        """Write adapter_config.json and adapter_model.safetensors (P, A, B and any trainable modules), and the
+        model card README.md (`dept.hub.write_model_card`: a README.md that dept did not write is kept).
 
         `state_dict`: whole tensors by parameter name to save instead of the model's own (see
-        `adapter_state_dict`); the trainer passes them under DeepSpeed and FSDP.
+        `adapter_state_dict`); the trainer passes them under DeepSpeed and FSDP. `model_card_data`: a
+        `huggingface_hub.ModelCardData` or dict of fields for the card. `push_to_hub=True` then uploads the adapter
+        files and README.md to the Hub repository `repo_id` (default: the directory's name), with
+        `dept.hub.upload_adapter`'s other options (token, private, revision, commit_message, create_pr).
         """
-        return save_adapter(save_directory, self.config, self.adapter_state_dict(state_dict))
+        path = save_adapter(save_directory, self.config, self.adapter_state_dict(state_dict))
+        repo_id = push_kwargs.pop("repo_id", None)
+        if push_kwargs and not push_to_hub:
+            raise TypeError(f"save_pretrained got Hub options {sorted(push_kwargs)} without push_to_hub=True.")
+        write_model_card(path, self.config, repo_id=repo_id, model_card_data=model_card_data,
+                         tags=getattr(self.base_model, "model_tags", None) or ())  # e.g. TRL's
+        if push_to_hub:
+            upload_adapter(path, repo_id or path.resolve().name, **push_kwargs)
+        return path
 
     @torch.no_grad()
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
@@ -330,13 +345,17 @@ class DePTModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, adapter_dir: str | Path, is_trainable: bool = False, **kwargs
+        cls, model: nn.Module, adapter_dir: str | Path, is_trainable: bool = False, *, revision: str | None = None,
+        token: str | bool | None = None, cache_dir: str | Path | None = None, **kwargs
     ) -> DePTModel:
         """Load an adapter (ours, or an official DePT checkpoint dir) onto `model`.
 
-        A prompt-only official checkpoint loads with B = 0, and a warning says so. With `is_trainable=False`
-        (the default) every parameter is frozen and the model is put in eval mode.
+        `adapter_dir` is a local directory or a Hub repository id ("user/adapter"), fetched at `revision` with
+        `token` into `cache_dir` (`dept.hub.resolve_adapter_dir`; offline, from the cache). A prompt-only
+        official checkpoint loads with B = 0, and a warning says so. With `is_trainable=False` (the default) every
+        parameter is frozen and the model is put in eval mode.
         """
+        adapter_dir = resolve_adapter_dir(adapter_dir, revision=revision, token=token, cache_dir=cache_dir)
         config, state, source = load_adapter(adapter_dir)
         kind = _MODEL_CLASSES[infer_task_type(model)] if cls is DePTModel else cls
         check_saved_base(config, model, source, kind.describe_base(model))

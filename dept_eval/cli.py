@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from dept.command_line import canonical_flag, check_model_name_or_path, run_console
 from dept.config import ConfigError, read_training_task
 from dept.errors import TaskMismatchError
+from dept.hub import resolve_adapter_dir
 from dept.model import AdapterMismatchError, DePTModel
 from dept.multi_adapter import MultiAdapterModel
 from dept.trainer import Evaluator, split_batch
@@ -123,11 +124,9 @@ def parse_pairs(adapters: Sequence[str], tasks: Sequence[str], modality: str | N
         raise ConfigError("Nothing to evaluate: pass --adapter DIR --task NAME (or --compare A B).")
     pairs, used = [], set()
     for directory, task in specs:
-        path = Path(directory)
-        if not path.is_dir():
-            raise FileNotFoundError(f"Adapter directory {path} does not exist.")
+        path = resolve_adapter_dir(directory)  # a local directory, or a Hub repository id (dept.hub)
         training_task = read_training_task(path)
-        name = _unique_name(f"{path.name or 'adapter'}-{task}".replace(".", "_"), used)
+        name = _unique_name(f"{Path(directory).name or 'adapter'}-{task}".replace(".", "_"), used)
         pair_modality = modality or (training_task or {}).get("modality", "text")
         if pair_modality not in MODALITIES:
             raise ConfigError(f"{path}: unknown modality {pair_modality!r}; dept-eval knows {sorted(MODALITIES)}.")

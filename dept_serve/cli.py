@@ -90,14 +90,16 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
 
 def build_app(args: argparse.Namespace):
     """The app for parsed flags: the base model and the --adapter adapters are loaded here."""
+    from dept.hub import resolve_adapter_dir
     from dept_serve.app import create_app
     from dept_serve.engine import ServingEngine
     from dept_serve.service import DePTService
 
     image_features = ({"backbone": args.backbone, "pretrained": args.pretrained, "image_size": args.image_size}
                       if args.backbone else None)
+    adapters = {name: str(resolve_adapter_dir(path)) for name, path in args.adapter}  # a dir or a Hub id
     engine = ServingEngine.load(
-        args.model_name_or_path, dict(args.adapter), modality=args.modality, task_type=args.task_type,
+        args.model_name_or_path, adapters, modality=args.modality, task_type=args.task_type,
         tokenizer_name=args.tokenizer_name, num_labels=args.num_labels, feat_dim=args.feat_dim,
         feature_file=args.feature_file, image_features=image_features, device=args.device,
         allow_other_base=args.allow_other_base)

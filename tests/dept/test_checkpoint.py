@@ -24,7 +24,8 @@ def test_save_load_round_trip_is_bit_exact(any_model, tokenizer, tmp_path):
         if kind == "bert":
             dept_model.base_model.classifier.weight.add_(1.0)
     dept_model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    # the adapter and its model card (issue 23), nothing of the frozen base
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     reloaded = DePTModel.from_pretrained(model, tmp_path)
     saved, loaded = dept_model.adapter_state_dict(), reloaded.adapter_state_dict()
     assert saved.keys() == loaded.keys()
