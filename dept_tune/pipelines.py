@@ -14,6 +14,12 @@ from transformers import AutoConfig
 
 from dept.command_line import MethodArguments, parse_arguments, yaml_to_argv
 from dept.training_args import TrainingArguments
+from dept_nlp import pipeline as text
+from dept_nlp.arguments import DataArguments, ModelArguments
+from dept_nlp.tasks import get_task
+from dept_vl import pipeline as vl
+from dept_vl.arguments import ARGUMENT_TYPES as VL_ARGUMENT_TYPES
+from dept_vl.evaluate import VLEvaluator
 
 
 @dataclass(frozen=True)
@@ -35,11 +41,7 @@ class Pipeline:
         """The metric that ranks runs of this task, without the `eval_` prefix (higher is better)."""
         data_args = parsed[1]
         if self.modality == "text":
-            from dept_nlp.tasks import get_task
-
             return get_task(data_args.task_name).main_metric
-        from dept_vl.evaluate import VLEvaluator
-
         return VLEvaluator(data_args.task_names, tokenizer=None).main_metric
 
     @staticmethod
@@ -56,17 +58,11 @@ class Pipeline:
 
 
 def text_pipeline() -> Pipeline:
-    from dept_nlp.arguments import DataArguments, ModelArguments
-    from dept_nlp.pipeline import run
-
-    return Pipeline("text", (ModelArguments, DataArguments, MethodArguments, TrainingArguments), run)
+    return Pipeline("text", (ModelArguments, DataArguments, MethodArguments, TrainingArguments), text.run)
 
 
 def vl_pipeline() -> Pipeline:
-    from dept_vl.cli import ARGUMENT_TYPES
-    from dept_vl.pipeline import run
-
-    return Pipeline("vl", ARGUMENT_TYPES, run)
+    return Pipeline("vl", VL_ARGUMENT_TYPES, vl.run)
 
 
 def detect_pipeline(argv: list[str]) -> Pipeline:

@@ -18,12 +18,13 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
+from dept_vl.arguments import VLDataArguments
 from dept_vl.cli import train as main
 from dept_vl.data import task_file_paths
-from dept_vl.evaluate import VLEvaluator
+from dept_vl.evaluate import VLEvaluator, build_vl_eval_components
 from dept_vl.features import GridFeatureExtractor, MissingFeaturesError, extract_to_h5
 from dept_vl.model import load_dept_vl_model
-from dept_vl.pipeline import VLDataArguments, build_vl_eval_components, load_vl_base_model
+from dept_vl.modeling import load_vl_base_model
 from dept_vl.tasks import SPLITS, TASKS, TaskSources, load_task_splits, read_vqa
 from scripts.synthetic_vl_data import make_synthetic_vl_dataset
 from tests.conftest import build_word_tokenizer, tiny_t5_config
