@@ -13,9 +13,11 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from dept.command_line import MethodArguments, parse_arguments, yaml_to_argv
+from dept.errors import refusing_remote_code
 from dept.training_args import TrainingArguments
 from dept_nlp import pipeline as text
 from dept_nlp.arguments import DataArguments, ModelArguments
+from dept_nlp.modeling import REMOTE_CODE_HINT
 from dept_nlp.tasks import get_task
 from dept_vl import pipeline as vl
 from dept_vl.arguments import ARGUMENT_TYPES as VL_ARGUMENT_TYPES
@@ -48,8 +50,9 @@ class Pipeline:
     def hidden_size(parsed: tuple) -> int:
         """d of the base model, read from its config (no weights are loaded)."""
         model_args = parsed[0]
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                            trust_remote_code=getattr(model_args, "trust_remote_code", False))
+        with refusing_remote_code(model_args.model_name_or_path, REMOTE_CODE_HINT):
+            config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                                trust_remote_code=getattr(model_args, "trust_remote_code", False))
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         for name in ("d_model", "hidden_size", "n_embd"):
             if getattr(config, name, None):

@@ -9,16 +9,20 @@ from transformers import AutoConfig, AutoTokenizer
 
 from dept.command_line import MethodArguments
 from dept.config import ConfigError
+from dept.errors import refusing_remote_code
 from dept.model import DePTModel
 from dept_vl.arguments import VLModelArguments
 from dept_vl.model import VISUAL_MODULE, VLT5Config, VLT5ForConditionalGeneration, prepare_vl_model
 from dept_vl.tasks import TASKS
 from dept_vl.vision_backbone import VLT5WithVisionBackbone
 
+REMOTE_CODE_HINT = "VL-T5 bases are T5 checkpoints, and the VL pipeline never runs a model's own code."
+
 
 def load_vl_base_model(model_name_or_path: str, feat_dim: int) -> VLT5ForConditionalGeneration:
     """A T5 checkpoint with fresh visual layers for `feat_dim` features, or a saved VL-T5 checked against it."""
-    config = AutoConfig.from_pretrained(model_name_or_path)
+    with refusing_remote_code(model_name_or_path, REMOTE_CODE_HINT):
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=False)
     if isinstance(config, VLT5Config) and config.feat_dim != feat_dim:
         raise ConfigError(
             f"{model_name_or_path} is a VL-T5 for {config.feat_dim}-dimensional features, but the features are "
@@ -29,7 +33,9 @@ def load_vl_base_model(model_name_or_path: str, feat_dim: int) -> VLT5ForConditi
 
 
 def load_tokenizer(model_args: VLModelArguments):
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    with refusing_remote_code(name, REMOTE_CODE_HINT):
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     if tokenizer.pad_token is None:
         raise ConfigError(f"The tokenizer of {model_args.model_name_or_path} has no pad token; T5's tokenizers do.")
     return tokenizer

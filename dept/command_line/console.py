@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from dept.errors import UserError
+from dept.errors import FlagError, UserError
 
 from .flags import DEBUG_FLAG, parse_arguments, pop_console_flags
 from .launcher_watchdog import STOPPED_STATUS, is_launched, launcher_is_gone, report_launcher_gone, watch_launcher
@@ -73,8 +73,11 @@ def run_console(prog: str, command: Callable[[list[str]], object], argv: Sequenc
 
 
 def report_error(prog: str, err: BaseException) -> int:
-    message = " ".join(str(err).split())  # one line, whatever the message holds
-    print(f"{prog}: error: {message} ({DEBUG_FLAG} shows the traceback)", file=sys.stderr, flush=True)
+    """`PROG: error: MESSAGE (HINT)` on one line of stderr, whatever the message holds; the exit status."""
+    message = " ".join(str(err).split())
+    hint = f"--help lists the flags; {DEBUG_FLAG} shows the traceback" if isinstance(err, FlagError) else \
+        f"{DEBUG_FLAG} shows the traceback"
+    print(f"{prog}: error: {message} ({hint})", file=sys.stderr, flush=True)
     return USAGE_ERROR_STATUS
 
 

@@ -86,7 +86,7 @@ class ArgumentParser(argparse.ArgumentParser):
     of printing the usage and exiting."""
 
     def error(self, message: str) -> typing.NoReturn:
-        raise FlagError(f"{message} (see --help)")
+        raise FlagError(message)
 
 
 class DataclassArgumentParser(ArgumentParser, HfArgumentParser):
@@ -175,7 +175,7 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None):
     if unknown:
         flags = [word.partition("=")[0] for word in unknown if word.startswith("--")]
         hint = closest_flag_hint(flags[0], accepted_flags(parser) - console_only) if flags else ""
-        raise FlagError(f"Unknown argument(s): {' '.join(unknown)}.{hint} (see --help)")
+        raise FlagError(f"Unknown argument(s): {' '.join(unknown)}.{hint}")
     try:
         parsed = parser.parse_args_into_dataclasses(args=file_words + argv)
     except UserError:

@@ -51,7 +51,7 @@ def watch_launcher(prog: str, poll_seconds: float = POLL_SECONDS) -> None:
 def report_launcher_gone(prog: str) -> None:
     """One line on stderr, written to the file descriptor: it must not wait for a lock another thread holds."""
     rank = os.environ.get("RANK", "?")
-    line = (f"{prog}: error: rank {rank} stopped: its launcher (pid {_launcher}) is gone. Continue with "
+    line = (f"\n{prog}: error: rank {rank} stopped: its launcher (pid {_launcher}) is gone. Continue with "
             "--resume_from_checkpoint auto.\n")
     try:
         os.write(sys.__stderr__.fileno() if sys.__stderr__ else 2, line.encode())
