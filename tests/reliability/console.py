@@ -44,7 +44,7 @@ def assert_clear_error(finished: subprocess.CompletedProcess, *expected: str) ->
     assert finished.stdout == "", finished.stdout[-3000:]
     lines = [line for line in finished.stderr.splitlines() if ": error: " in line or "--debug" in line]
     assert len(lines) == 1 and lines[0].split(":")[0] in CLIS, lines
-    assert lines[0].endswith("(--debug shows the traceback)") and lines[0] == finished.stderr.splitlines()[-1]
+    assert lines[0].endswith("--debug shows the traceback)") and lines[0] == finished.stderr.splitlines()[-1]
     for text in expected:
         assert text in lines[0], (text, lines[0])
     return lines[0]
