@@ -11,7 +11,7 @@
 
 from .arguments import DEFAULT_LORA_RANK, IGNORED_FLAGS, MethodArguments, RunStages, check_model_name_or_path
 from .config_file import CONFIG_FLAG, yaml_to_argv
-from .console import EXPECTED_ERRORS, USAGE_ERROR_STATUS, run_command_line, run_console
+from .console import EXPECTED_ERRORS, USAGE_ERROR_STATUS, console_logging, run_command_line, run_console
 from .flags import (
     CONFIG_FLAGS,
     DEBUG_FLAG,
@@ -41,6 +41,7 @@ __all__ = [
     "add_console_flags",
     "add_fields_as_flags",
     "canonical_flag",
+    "console_logging",
     "check_model_name_or_path",
     "config_flag",
     "parse_arguments",
