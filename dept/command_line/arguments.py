@@ -132,6 +132,7 @@ class MethodArguments:
 
     def dept_config(self, max_length: int, task_type: str, base_model_name_or_path: str | None = None,
                     seed: int = 0) -> DePTConfig:
+        assert self.prefix_length is not None and self.r is not None  # __post_init__ filled in the defaults
         return DePTConfig(
             num_virtual_tokens=self.prefix_length,
             r=self.r if self.peft_type == "PROMPT_TUNING_LORA" else 0,

@@ -11,7 +11,8 @@
 - An expected error (`dept.errors.UserError`, or a path that does not exist or already exists) is one line on
   stderr, `PROG: error: MESSAGE (--debug shows the traceback)`, with exit status 2; `--debug` anywhere on the
   command line shows the traceback instead. Anything else is a bug and keeps Python's traceback (status 1).
-- Under a launcher, each rank stops when the launcher is gone (`launcher_watchdog`).
+- Ctrl-C stops with one line and exit status 130. Under a launcher, each rank stops when the launcher is gone
+  (`launcher_watchdog`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .launcher_watchdog import STOPPED_STATUS, is_launched, launcher_is_gone, re
 
 EXPECTED_ERRORS = (UserError, FileNotFoundError, FileExistsError)
 USAGE_ERROR_STATUS = 2  # argparse's status for a bad command line
+INTERRUPTED_STATUS = 130  # what a shell reports for a process ended by Ctrl-C
 CORE_LOGGER = "dept"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DEFAULT_LOG_LEVEL = "info"
@@ -62,6 +64,11 @@ def run_console(prog: str, command: Callable[[list[str]], object], argv: Sequenc
             if debug:
                 raise
             return report_error(prog, err)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print(f"{prog}: stopped by Ctrl-C (SIGINT).", file=sys.stderr, flush=True)
+            return INTERRUPTED_STATUS
         except Exception:
             if launcher_is_gone():  # e.g. the backend's error when another rank stopped first: not a bug here
                 report_launcher_gone(prog)

@@ -12,6 +12,7 @@ import sys
 import typing
 from collections.abc import Iterable
 from dataclasses import field
+from typing import Any
 
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
@@ -50,8 +51,8 @@ LOG_LEVEL_FLAG = "--log_level"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def config_flag(flag: str, default=dataclasses.MISSING, unset: str | None = None, *, field_name: str | None = None,
-                subject: str | None = None) -> dataclasses.Field:
+def config_flag(flag: str, default: Any = dataclasses.MISSING, unset: str | None = None, *,
+                field_name: str | None = None, subject: str | None = None) -> Any:  # a Field, typed as `field()`
     """The dataclass field of the flag `--{flag}`, which sets `DePTConfig.<CONFIG_FLAGS[flag]>` (or `field_name`,
     for a flag of a second adapter, e.g. the ViT's): the default is the config's unless given, and the help is the
     config field's, after `subject` (whose adapter it sets) and before `unset` (what a None default means)."""

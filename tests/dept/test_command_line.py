@@ -193,6 +193,17 @@ def test_a_user_error_is_one_line_with_exit_status_2_and_debug_shows_the_traceba
         run_console("prog", _refuse, ["--x", "3", "--debug"])
 
 
+def _interrupted(argv: list[str]) -> None:
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_stops_with_one_line_and_status_130(capfd):
+    assert run_console("prog", _interrupted, []) == 130
+    assert capfd.readouterr() == ("", "prog: stopped by Ctrl-C (SIGINT).\n")
+    with pytest.raises(KeyboardInterrupt):
+        run_console("prog", _interrupted, ["--debug"])
+
+
 def _log_everywhere(argv: list[str]) -> None:
     for name in ("accelerate.checkpointing", "transformers_like", "dept.trainer", "tests.dept"):
         logger = logging.getLogger(name)
