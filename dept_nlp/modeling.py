@@ -58,7 +58,7 @@ def load_model(model_name_or_path: str, task_type: str | None = None, *, num_lab
         return _load_model(model_name_or_path, task_type, num_labels, trust_remote_code)
 
 
-def _load_model(model_name_or_path: str, task_type: str | None, num_labels: int, trust_remote_code: bool):
+def _load_model(model_name_or_path: str, task_type: str | None, num_labels: int, trust_remote_code: bool = False):
     config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     task_type = task_type or infer_task_type(config)
     if task_type == "seq2seq":

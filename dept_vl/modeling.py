@@ -19,10 +19,11 @@ from dept_vl.vision_backbone import VLT5WithVisionBackbone
 REMOTE_CODE_HINT = "VL-T5 bases are T5 checkpoints, and the VL pipeline never runs a model's own code."
 
 
-def load_vl_base_model(model_name_or_path: str, feat_dim: int) -> VLT5ForConditionalGeneration:
+def load_vl_base_model(model_name_or_path: str, feat_dim: int, *,
+                       trust_remote_code: bool = False) -> VLT5ForConditionalGeneration:
     """A T5 checkpoint with fresh visual layers for `feat_dim` features, or a saved VL-T5 checked against it."""
     with refusing_remote_code(model_name_or_path, REMOTE_CODE_HINT):
-        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     if isinstance(config, VLT5Config) and config.feat_dim != feat_dim:
         raise ConfigError(
             f"{model_name_or_path} is a VL-T5 for {config.feat_dim}-dimensional features, but the features are "
@@ -32,10 +33,10 @@ def load_vl_base_model(model_name_or_path: str, feat_dim: int) -> VLT5ForConditi
     return VLT5ForConditionalGeneration.from_pretrained(model_name_or_path, feat_dim=feat_dim, n_images=n_images)
 
 
-def load_tokenizer(model_args: VLModelArguments):
+def load_tokenizer(model_args: VLModelArguments, *, trust_remote_code: bool = False):
     name = model_args.tokenizer_name or model_args.model_name_or_path
     with refusing_remote_code(name, REMOTE_CODE_HINT):
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         raise ConfigError(f"The tokenizer of {model_args.model_name_or_path} has no pad token; T5's tokenizers do.")
     return tokenizer
