@@ -661,7 +661,9 @@ class Trainer:
         start_time = time.perf_counter()
         # Under FSDP the unwrapped model needs its root unit gathered (dept.distributed).
         with whole_parameters_for_evaluation(accelerator, model):
-            for batch in tqdm(dataloader, desc=prefix, leave=False, disable=not accelerator.is_local_main_process):
+            # Nested in the train bar; on a stderr that is no terminal (None: off) its cursor moves would be junk.
+            for batch in tqdm(dataloader, desc=prefix, leave=False, disable=None if accelerator.is_local_main_process
+                              else True):
                 inputs, extras = split_batch(batch)
                 loss = unwrapped(**inputs).loss if "labels" in inputs else None
                 if loss is not None:

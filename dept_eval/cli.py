@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dept.command_line import canonical_flag, check_model_name_or_path, run_console
+from dept.command_line import ArgumentParser, add_console_flags, canonical_flag, check_model_name_or_path, run_console
 from dept.config import ConfigError, read_training_task
 from dept.errors import TaskMismatchError
 from dept.hub import resolve_adapter_dir
@@ -317,7 +317,6 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     report = {"model_name_or_path": args.model_name_or_path, "split": args.split, "mixed": args.mixed,
               "results": [pair.result for pair in pairs]}
     table = results_table(report)
-    print(table)
     if output_files:
         output_files[0].parent.mkdir(parents=True, exist_ok=True)
         output_files[0].write_text(json.dumps(report, indent=2) + "\n")
@@ -412,7 +411,6 @@ def comparison_table(report_a: dict, report_b: dict, label_a: str = "A", label_b
 def run_comparison(args: argparse.Namespace) -> str:
     path_a, path_b = args.compare
     table = comparison_table(read_results(path_a), read_results(path_b), "A", "B")
-    print(table)
     if args.output_dir:
         target = Path(args.output_dir) / f"{RESULT_PREFIX}_comparison.md"
         if target.exists():
@@ -426,10 +424,9 @@ def run_comparison(args: argparse.Namespace) -> str:
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="dept-eval", description="Evaluate DePT adapters (ours or official DePT checkpoints) on tasks.",
-        epilog="Each modality adds its own data flags (listed above by group). --debug shows the traceback of "
-               "an error.", add_help=add_help,
+        epilog="Each modality adds its own data flags (listed above by group).", add_help=add_help,
     )
     parser.add_argument("--model_name_or_path", help="The base model the adapters were trained on.")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR[:TASK]",
@@ -444,6 +441,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="Override the modality read from training_task.json (official checkpoints: text).")
     parser.add_argument("--compare", nargs=2, metavar=("RESULT_A", "RESULT_B"),
                         help="Show two dept-eval result files (or their directories) side by side.")
+    add_console_flags(parser, config_file=False)
     return parser
 
 
@@ -478,15 +476,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def evaluate(argv: Sequence[str] | None = None) -> dict | str:
-    """Parse the flags, then evaluate (returns the report) or compare (returns the table); the table is printed
-    once to stdout. For Python callers: errors are raised as they are."""
+    """Parse the flags, then evaluate (returns the report) or compare (returns the table). For Python callers:
+    errors are raised as they are."""
     args = parse_args(argv)
     return run_comparison(args) if args.compare else run_evaluation(args)
 
 
+def evaluate_table(argv: Sequence[str] | None = None) -> str:
+    """What `dept-eval` prints: the results table, or the comparison."""
+    output = evaluate(argv)
+    return output if isinstance(output, str) else results_table(output)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The `dept-eval` console script: exit status 0, or 2 with a one-line message (see `dept.command_line`)."""
-    return run_console("dept-eval", evaluate, argv)
+    """The `dept-eval` console script: the table once on stdout and exit status 0, or a one-line message and
+    status 2 (see `dept.command_line.console`)."""
+    return run_console("dept-eval", evaluate_table, argv, own_loggers=("dept_nlp", "dept_vl"))
 
 
 if __name__ == "__main__":

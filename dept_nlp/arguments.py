@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from dept.command_line import RunStages, check_model_name_or_path, config_flag
 from dept_nlp.preprocess import CAUSAL_TEMPLATE, check_causal_template
+from dept_nlp.tasks import get_task
 
 
 @dataclass
@@ -58,6 +59,7 @@ class DataArguments(RunStages):
 
     def __post_init__(self):
         super().__post_init__()
+        get_task(self.task_name)  # an unknown name is refused here, before any data loads
         local = [self.train_file, self.validation_file, self.test_file]
         if any(local) and self.do_predict and not self.test_file:
             # A validation file is used whole (never split), so without --test_file the test split would silently

@@ -4,8 +4,9 @@
         --learning_rate 3e-1 --lora_embedding_lr 5e-3 --task_name sst2 --model_name_or_path t5-base \\
         --do_train --do_eval --do_predict --max_seq_length 256 --max_steps 30000 --output_dir outputs/sst2
 
-`main` is the console script (exit status 0, or 2 with a one-line message; see `dept.command_line`); `train` is the
-same run for Python callers, which returns the results and raises errors as they are.
+`main` is the console script (the results as JSON once on stdout and exit status 0, or a one-line message and
+status 2; see `dept.command_line.console`); `train` is the same run for Python callers, which returns the results
+and raises errors as they are.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dept_nlp.pipeline import run
 
 
 def train(argv: list[str] | None = None) -> dict[str, float]:
-    """Parse the flags, train/evaluate/predict, print the results as JSON to stdout and return them."""
+    """Parse the flags, train/evaluate/predict and return the results."""
     return run_command_line((ModelArguments, DataArguments, MethodArguments, TrainingArguments), run, argv)
 
 

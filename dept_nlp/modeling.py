@@ -17,6 +17,10 @@ from transformers import (
 )
 
 from dept.config import TASK_TYPES, ConfigError, infer_task_type
+from dept.errors import refusing_remote_code
+
+REMOTE_CODE_HINT = ("pass --trust_remote_code (dept-train) to run it, only if you trust that code; dept-eval and "
+                    "dept-serve never run a model's own code.")
 
 
 def recorded_task_type(training_task: dict | None) -> str | None:
@@ -33,12 +37,14 @@ def resolve_task_type(model_name_or_path: str, task_type: str | None = None, tra
     task_type = task_type or recorded_task_type(training_task)
     if task_type:
         return task_type
-    return infer_task_type(AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code))
+    with refusing_remote_code(model_name_or_path, REMOTE_CODE_HINT):
+        return infer_task_type(AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code))
 
 
 def load_tokenizer(model_name_or_path: str, *, trust_remote_code: bool = False):
     """The tokenizer, right-padded, with eos as its pad token when it has none (the same for every task type)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    with refusing_remote_code(model_name_or_path, REMOTE_CODE_HINT):
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:  # LLaMA and GPT-2 ship without one; pads are masked, so eos serves
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -48,6 +54,11 @@ def load_tokenizer(model_name_or_path: str, *, trust_remote_code: bool = False):
 def load_model(model_name_or_path: str, task_type: str | None = None, *, num_labels: int = 2,
                trust_remote_code: bool = False):
     """Load the base model of a task type (detected from its config when `task_type` is None)."""
+    with refusing_remote_code(model_name_or_path, REMOTE_CODE_HINT):
+        return _load_model(model_name_or_path, task_type, num_labels, trust_remote_code)
+
+
+def _load_model(model_name_or_path: str, task_type: str | None, num_labels: int, trust_remote_code: bool = False):
     config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     task_type = task_type or infer_task_type(config)
     if task_type == "seq2seq":

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from dept.errors import FlagError
+
 SPLITS = ("train", "validation", "test")
 
 
@@ -404,10 +406,11 @@ OTHER_TASKS = ("winogrande", "yelp_polarity", "scitail", "paws")
 
 
 def get_task(name: str) -> TaskSpec:
-    """The spec of `name`; an unknown name raises a ValueError that lists the known ones and the closest match."""
+    """The spec of `name`; an unknown name raises a `FlagError` (a ValueError) that lists the known ones and the
+    closest match."""
     try:
         return TASKS[name]
     except KeyError:
         close = difflib.get_close_matches(name, TASKS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown task {name!r}.{hint} Known tasks: {', '.join(sorted(TASKS))}.") from None
+        raise FlagError(f"Unknown task {name!r}.{hint} Known tasks: {', '.join(sorted(TASKS))}.") from None

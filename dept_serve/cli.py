@@ -5,6 +5,10 @@
 
 The base model's kind (text: T5, decoder-only or encoder classifier; or VL-T5) comes from the first adapter's
 `training_task.json`, or from `--modality` / `--task_type`.
+
+`main` keeps the console contract of every dept CLI (`dept.command_line.console`): a bad flag, a missing model
+or adapter directory, or an adapter that does not fit is one line on stderr with exit status 2, before the server
+starts; the server's own log (uvicorn's, at `--log_level`) goes to stderr.
 """
 
 from __future__ import annotations
@@ -14,10 +18,18 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from dept import AdapterMismatchError, ConfigError, DePTConfig
+import uvicorn
+
+from dept import DePTConfig
+from dept.command_line import ArgumentParser, add_console_flags, check_model_name_or_path, run_console
 from dept.config import TASK_TYPES
+from dept.errors import FlagError
+from dept.hub import resolve_adapter_dir
+from dept_serve.app import create_app
+from dept_serve.engine import ServingEngine
 from dept_serve.errors import ServeError
 from dept_serve.schemas import Limits
+from dept_serve.service import DePTService
 
 
 def _adapter_spec(value: str) -> tuple[str, str]:
@@ -28,8 +40,8 @@ def _adapter_spec(value: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dept-serve", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog="dept-serve", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="The frozen base model the adapters share.")
     parser.add_argument("--adapter", action="append", default=[], type=_adapter_spec, metavar="NAME=DIR",
                         help="An adapter to load at start; repeat for several.")
@@ -64,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "--model_name_or_path, e.g. when this is a copy of it under another name (by default "
                              "they are refused: an adapter fits only the base it was trained on).")
     parser.add_argument("--device", help="Default: cuda if available, else cpu.")
-    parser.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"))
+    add_console_flags(parser, config_file=False)  # --debug, --log_level (also uvicorn's level)
     return parser
 
 
@@ -79,6 +91,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     names = [name for name, _ in args.adapter]
     if len(set(names)) != len(names):
         parser.error(f"--adapter names must be unique, got {names}.")
+    check_model_name_or_path(args.model_name_or_path)
     return args
 
 
@@ -90,34 +103,31 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
 
 def build_app(args: argparse.Namespace):
     """The app for parsed flags: the base model and the --adapter adapters are loaded here."""
-    from dept.hub import resolve_adapter_dir
-    from dept_serve.app import create_app
-    from dept_serve.engine import ServingEngine
-    from dept_serve.service import DePTService
-
     image_features = ({"backbone": args.backbone, "pretrained": args.pretrained, "image_size": args.image_size}
                       if args.backbone else None)
     adapters = {name: str(resolve_adapter_dir(path)) for name, path in args.adapter}  # a dir or a Hub id
-    engine = ServingEngine.load(
-        args.model_name_or_path, adapters, modality=args.modality, task_type=args.task_type,
-        tokenizer_name=args.tokenizer_name, num_labels=args.num_labels, feat_dim=args.feat_dim,
-        feature_file=args.feature_file, image_features=image_features, device=args.device,
-        allow_other_base=args.allow_other_base)
+    try:
+        engine = ServingEngine.load(
+            args.model_name_or_path, adapters, modality=args.modality, task_type=args.task_type,
+            tokenizer_name=args.tokenizer_name, num_labels=args.num_labels, feat_dim=args.feat_dim,
+            feature_file=args.feature_file, image_features=image_features, device=args.device,
+            allow_other_base=args.allow_other_base)
+    except ServeError as err:  # what a request would get as an HTTP error is, at start, an --adapter to fix
+        raise FlagError(f"--adapter: {err}") from err
     return create_app(DePTService(engine, limits_from_args(args), args.adapter_root))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    import uvicorn
-
+def serve(argv: Sequence[str] | None = None) -> None:
+    """Parse the flags, load the base model and the adapters, and serve until stopped (Ctrl-C or SIGTERM)."""
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper())
-    try:
-        app = build_app(args)
-    except (AdapterMismatchError, ConfigError, FileNotFoundError, ValueError, ServeError) as err:
-        print(f"dept-serve: error: {err}", file=sys.stderr)
-        raise SystemExit(f"dept-serve: error: {err}") from None
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    app = build_app(args)
+    uvicorn.run(app, host=args.host, port=args.port,
+                log_level=logging.getLevelName(logging.getLogger("dept_serve").getEffectiveLevel()).lower())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_console("dept-serve", serve, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -36,10 +36,11 @@ from dept_nlp.modeling import load_tokenizer as load_text_tokenizer
 from dept_nlp.preprocess import CAUSAL_TEMPLATE, check_causal_template, encode_source, pad
 from dept_nlp.tasks import TASKS as TEXT_TASKS
 from dept_serve.errors import ForbiddenError, InvalidInputError, NotFoundError
+from dept_vl.arguments import VLModelArguments
 from dept_vl.data import open_feature_files, visual_inputs
 from dept_vl.features import FeatureStoreError, GridFeatureExtractor, MissingFeaturesError
-from dept_vl.pipeline import VLModelArguments, load_vl_base_model
-from dept_vl.pipeline import load_tokenizer as load_vl_tokenizer
+from dept_vl.modeling import load_tokenizer as load_vl_tokenizer
+from dept_vl.modeling import load_vl_base_model
 from dept_vl.vision_backbone import pair_refusal
 
 MODALITIES = ("text", "vl")

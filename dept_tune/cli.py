@@ -9,6 +9,10 @@ Every flag that is not dept-tune's own goes to the training CLI (`dept-train`, o
 names VL `--tasks`), so a trial is exactly the run that CLI would make with the trial's values. Start the same
 command again to resume a stopped study (with the same training flags: another setup is refused), or several
 times to run trials in parallel: here, or on other machines sharing a database server's `--storage`.
+
+`main` keeps the console contract of every dept CLI (`dept.command_line.console`): the study's report as JSON on
+stdout, once; one line per trial and the logs on stderr; a bad flag, search space or storage is one line with
+exit status 2, before anything trains.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 
 import optuna
 
+from dept.command_line import ArgumentParser, add_console_flags, run_console
+from dept.errors import FlagError, UserError
 from dept_tune.pipelines import detect_pipeline
 from dept_tune.report import progress_line, write_report
 from dept_tune.space import KNOWN_PARAMETERS, SearchSpaceError, parse_search
@@ -37,7 +43,7 @@ logger = logging.getLogger("dept_tune")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="dept-tune", allow_abbrev=False, description=__doc__.splitlines()[0],
         epilog="Any other flag (--config FILE.yaml, --task_name, --max_steps, ...) is handed to the training CLI.",
     )
@@ -81,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "run again.")
     parser.add_argument("--report_only", action="store_true",
                         help="Write the report of an existing study and stop; reads the study, changes nothing in it.")
+    add_console_flags(parser, config_file=False)  # --config goes to the training CLI
     return parser
 
 
@@ -99,7 +106,7 @@ def make_pruner(args: argparse.Namespace, settings: StudySettings) -> optuna.pru
         if steps is not None:
             max_steps = int(steps.high if steps.choices is None else max(steps.choices))
         if training_args.eval_strategy != "steps" or max_steps <= 0:
-            raise ValueError("--pruner hyperband counts training steps: it needs --eval_strategy steps and "
+            raise FlagError("--pruner hyperband counts training steps: it needs --eval_strategy steps and "
                              "--max_steps > 0. Use --pruner median instead.")
         return optuna.pruners.HyperbandPruner(min_resource=training_args.eval_steps, max_resource=max_steps,
                                               reduction_factor=3)
@@ -123,8 +130,8 @@ def open_study(args: argparse.Namespace, settings: StudySettings):
 
 
 def tune(argv: list[str] | None = None) -> dict:
-    """Run this worker's share of the study (or only `--report_only`); return the study's report."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    """Run this worker's share of the study (or only `--report_only`); return the study's report. One line per
+    trial goes to stderr; a bad command line raises `FlagError` before anything trains."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # dept-tune prints one line per trial itself
     parser = build_parser()
     args, pipeline_argv = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -134,23 +141,29 @@ def tune(argv: list[str] | None = None) -> dict:
         settings = make_settings(pipeline, pipeline_argv, specs, metric=args.metric, n_trials=args.n_trials,
                                  sampler=args.sampler, keep_all=args.keep_all)
         study, storage = open_study(args, settings)
+    except UserError:
+        raise
     except (SearchSpaceError, StorageError, StudyMismatchError, ValueError) as error:
-        parser.exit(2, f"dept-tune: error: {error}\n")
+        raise FlagError(str(error)) from error
     if not args.report_only:
-        finished = work(settings, study, storage, on_trial_end=lambda t: print(progress_line(study, t), flush=True))
+        finished = work(settings, study, storage, on_trial_end=lambda t: _say(progress_line(study, t)))
         logger.info("This worker (%s) finished %d trial(s): %s.", settings.worker, len(finished), finished)
     report = write_report(study, settings.root)
     best = report["best"]
     if best is not None:
-        print(f"[dept-tune] best trial {best['number']}: {report['metric']}={best['value']:.4g} {best['params']} "
-              f"-> {Path(settings.root) / best['output_dir']}", flush=True)
-    print(f"[dept-tune] report: {settings.root / 'tune_report.md'}", flush=True)
+        _say(f"[dept-tune] best trial {best['number']}: {report['metric']}={best['value']:.4g} {best['params']} "
+             f"-> {Path(settings.root) / best['output_dir']}")
+    _say(f"[dept-tune] report: {settings.root / 'tune_report.md'}")
     return report
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    tune(argv)
-    return 0
+    """`dept-tune`: the study's report as JSON on stdout, exit status 0; or one line on stderr and status 2."""
+    return run_console("dept-tune", tune, argv, own_loggers=("dept_nlp", "dept_vl"))
 
 
 if __name__ == "__main__":

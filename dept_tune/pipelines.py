@@ -13,7 +13,15 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from dept.command_line import MethodArguments, parse_arguments, yaml_to_argv
+from dept.errors import refusing_remote_code
 from dept.training_args import TrainingArguments
+from dept_nlp import pipeline as text
+from dept_nlp.arguments import DataArguments, ModelArguments
+from dept_nlp.modeling import REMOTE_CODE_HINT
+from dept_nlp.tasks import get_task
+from dept_vl import pipeline as vl
+from dept_vl.arguments import ARGUMENT_TYPES as VL_ARGUMENT_TYPES
+from dept_vl.evaluate import VLEvaluator
 
 
 @dataclass(frozen=True)
@@ -35,19 +43,16 @@ class Pipeline:
         """The metric that ranks runs of this task, without the `eval_` prefix (higher is better)."""
         data_args = parsed[1]
         if self.modality == "text":
-            from dept_nlp.tasks import get_task
-
             return get_task(data_args.task_name).main_metric
-        from dept_vl.evaluate import VLEvaluator
-
         return VLEvaluator(data_args.task_names, tokenizer=None).main_metric
 
     @staticmethod
     def hidden_size(parsed: tuple) -> int:
         """d of the base model, read from its config (no weights are loaded)."""
         model_args = parsed[0]
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                            trust_remote_code=getattr(model_args, "trust_remote_code", False))
+        with refusing_remote_code(model_args.model_name_or_path, REMOTE_CODE_HINT):
+            config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                                trust_remote_code=getattr(model_args, "trust_remote_code", False))
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         for name in ("d_model", "hidden_size", "n_embd"):
             if getattr(config, name, None):
@@ -56,17 +61,11 @@ class Pipeline:
 
 
 def text_pipeline() -> Pipeline:
-    from dept_nlp.arguments import DataArguments, ModelArguments
-    from dept_nlp.pipeline import run
-
-    return Pipeline("text", (ModelArguments, DataArguments, MethodArguments, TrainingArguments), run)
+    return Pipeline("text", (ModelArguments, DataArguments, MethodArguments, TrainingArguments), text.run)
 
 
 def vl_pipeline() -> Pipeline:
-    from dept_vl.cli import ARGUMENT_TYPES
-    from dept_vl.pipeline import run
-
-    return Pipeline("vl", ARGUMENT_TYPES, run)
+    return Pipeline("vl", VL_ARGUMENT_TYPES, vl.run)
 
 
 def detect_pipeline(argv: list[str]) -> Pipeline:

@@ -12,25 +12,22 @@ flags on the command line override:
 With `--vision_backbone vit_base_patch16_224 --image_dir data/images` (instead of `--feature_file`) the features
 come from that ViT inside the model, tuned with visual DePT next to the text adapter (`dept_vl.vision_backbone`).
 
-`main` is the console script (exit status 0, or 2 with a one-line message; see `dept.command_line`); `train` is the
-same run for Python callers, which returns the results and raises errors as they are.
+`main` is the console script (the results as JSON once on stdout and exit status 0, or a one-line message and
+status 2; see `dept.command_line.console`); `train` is the same run for Python callers, which returns the results
+and raises errors as they are.
 """
 
 from __future__ import annotations
 
 import sys
 
-from dept.command_line import MethodArguments, run_command_line, run_console
-from dept.training_args import TrainingArguments
-from dept_vl.pipeline import VLDataArguments, VLModelArguments, run
-from dept_vl.vision_backbone import VisionBackboneArguments
-
-ARGUMENT_TYPES = (VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments, VisionBackboneArguments)
-"""The flags' dataclasses, in the order `dept_vl.pipeline.run` takes them (`dept-tune` parses the same)."""
+from dept.command_line import run_command_line, run_console
+from dept_vl.arguments import ARGUMENT_TYPES
+from dept_vl.pipeline import run
 
 
 def train(argv: list[str] | None = None) -> dict[str, float]:
-    """Parse the flags, train/evaluate/predict, print the results as JSON to stdout and return them."""
+    """Parse the flags, train/evaluate/predict and return the results."""
     return run_command_line(ARGUMENT_TYPES, run, argv)
 
 

@@ -7,7 +7,7 @@ prefixes them with the split (`eval_vqa_accuracy`). With several tasks, `average
 main metric and is the main metric of the run (VL-Adapter's multitask score).
 
 `dept-eval` scores a saved adapter as its training run scored it: the same task files and split rules, region
-features, collator and `VLEvaluator` (all from `dept_vl.pipeline`), with inputs cut at the adapter's
+features, collator and `VLEvaluator`, with inputs cut at the adapter's
 `max_length`. The adapter's `training_task.json` (written by `dept-train-vl`) names the tasks it may be evaluated
 on and the size of the features its visual projection reads.
 
@@ -28,7 +28,17 @@ from dept.command_line import add_fields_as_flags
 from dept.config import ConfigError
 from dept.errors import TaskMismatchError
 from dept_vl import metrics
-from dept_vl.tasks import TASKS
+from dept_vl.arguments import VLDataArguments, VLModelArguments
+from dept_vl.data import (
+    VLCollator,
+    build_feature_sources,
+    check_features_cover,
+    check_images_load,
+    feature_dim,
+    tokenize_vl_rows,
+)
+from dept_vl.modeling import load_tokenizer, load_vl_base_model, model_feat_dim
+from dept_vl.tasks import TASKS, load_task_splits
 from dept_vl.vision_backbone import pair_refusal
 
 VISUAL_INPUTS = ("vis_feats", "vis_boxes", "vis_attention_mask", "pixel_values")  # pixels: a ViT inside the model
@@ -153,13 +163,10 @@ class VLEvaluation:
     """What `dept-eval` needs for VQAv2, GQA, NLVR2 and COCO captions on VL-T5.
 
     `DePTModel.from_pretrained` brings back the `visual_embedding` the adapter file holds, and leaves the base's
-    own (frozen, seeded) projection when training kept it frozen. (`dept_vl.pipeline` imports this module for
-    `VLEvaluator`, so its own names are imported where they are used.)
+    own (frozen, seeded) projection when training kept it frozen.
     """
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from dept_vl.pipeline import VLDataArguments, VLModelArguments
-
         group = parser.add_argument_group("vision-language tasks")
         add_fields_as_flags(group, VLDataArguments, EVAL_DATA_FLAGS)  # the training CLI's help and defaults
         add_fields_as_flags(group, VLModelArguments, ("tokenizer_name",))
@@ -172,19 +179,42 @@ class VLEvaluation:
         return None
 
     def load_tokenizer(self, args: argparse.Namespace, training_task: dict | None):
-        from dept_vl.pipeline import VLModelArguments, load_tokenizer
-
         return load_tokenizer(VLModelArguments(args.model_name_or_path, tokenizer_name=args.tokenizer_name))
 
     def load_base_model(self, args: argparse.Namespace, task_name: str, training_task: dict | None):
-        from dept_vl.pipeline import load_vl_base_model
-
         return load_vl_base_model(args.model_name_or_path, training_task["feat_dim"])
 
     def build_eval_components(self, task_name, tokenizer, model, *, max_length, split, args, training_task):
-        from dept_vl.pipeline import VLDataArguments, build_vl_eval_components
-
         data_args = VLDataArguments(tasks=task_name, max_seq_length=max_length, do_eval=True,
                                     **{name: getattr(args, name) for name in EVAL_DATA_FLAGS})
         return build_vl_eval_components(task_name, tokenizer, model, max_length=max_length, split=split,
                                         data_args=data_args)
+
+
+def build_vl_eval_components(task_name: str, tokenizer, model=None, *, max_length: int, split: str,
+                             data_args: VLDataArguments):
+    """(dataset, collate_fn, evaluator) to evaluate an adapter on one split of one task, for `dept-eval`.
+
+    Args:
+        task_name: one of `dept_vl.tasks.TASKS`.
+        tokenizer: the base model's tokenizer.
+        model: if given, its visual feature size is checked against the features' size.
+        max_length: the adapter's s (inputs are cut there).
+        split: "validation" or "test" (or "train").
+        data_args: where the task files and features are (`--vqa_dir ... --feature_file/--image_dir`), and the
+            generation settings (`generation_max_length`, `num_beams`, `max_eval_samples`).
+    """
+    rows = load_task_splits([task_name], data_args.sources, [split], data_args.data_seed,
+                            max_eval_samples=data_args.max_eval_samples)[split]
+    sources = build_feature_sources([task_name], data_args.feature_file, data_args.image_dir, data_args.backbone,
+                                    data_args.pretrained, data_args.image_size)
+    check_features_cover(rows, sources, split)
+    check_images_load({split: rows}, sources)
+    if model is not None:
+        expected = model_feat_dim(model)
+        found = feature_dim(sources[task_name], rows[0]["image_ids"][0])
+        if expected is not None and expected != found:
+            raise ConfigError(f"The model reads {expected}-dimensional features, but {task_name}'s are {found}-d.")
+    dataset = tokenize_vl_rows(rows, tokenizer, max_length, data_args.max_target_length, split)
+    evaluator = VLEvaluator([task_name], tokenizer, data_args.generation_max_length, data_args.num_beams)
+    return dataset, VLCollator(tokenizer, sources), evaluator

@@ -600,7 +600,7 @@ def run(model_args: ImageModelArguments, data_args: ImageDataArguments, method_a
 
 
 def train(argv: list[str] | None = None) -> dict[str, float]:
-    """`scripts/train_vision.py` for Python callers: print the results as JSON, return them, raise errors as they are.
+    """`scripts/train_vision.py` for Python callers: return the results, raise errors as they are.
 
         accelerate launch scripts/train_vision.py --model_name_or_path vit_base_patch16_224 \\
             --data_dir data/flowers --peft_type PROMPT_TUNING_LORA --prefix_length 60 --r 31 \\
@@ -611,5 +611,6 @@ def train(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`dept-train-vision`: exit status 0, or 2 with a one-line message (see `dept.command_line`)."""
+    """`dept-train-vision`: the results as JSON once on stdout and exit status 0, or a one-line message and status 2
+    (see `dept.command_line.console`)."""
     return run_console("dept-train-vision", train, argv)

@@ -24,6 +24,7 @@ from tiny_models import save_tiny_model
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from dept import DePTModel
+from dept.command_line import console_logging
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
 from dept_nlp.cli import train as train_nlp
@@ -87,7 +88,8 @@ def main() -> None:
     root.mkdir(parents=True)
     (root / ".dept-demo").touch()
 
-    results = text_demo(root)
+    with console_logging(own_loggers=("dept", "dept_nlp")):  # ours at INFO, other libraries at WARNING
+        results = text_demo(root)
     print("\n== Text demo: sst2-format sample, tiny frozen T5 + DePT ==")
     print("| run | validation accuracy | test accuracy |\n|---|---|---|")
     print(f"| untuned adapter | {results['untuned']['eval_accuracy']:.1f} | |")

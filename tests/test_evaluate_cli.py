@@ -14,6 +14,7 @@ from transformers import T5ForConditionalGeneration
 from dept import AdapterMismatchError, DePTConfig, get_dept_model
 from dept.errors import TaskMismatchError
 from dept_eval.cli import evaluate as dept_eval
+from dept_eval.cli import main as dept_eval_main
 from dept_nlp.cli import train as dept_train
 from dept_nlp.evaluate import TextEvaluator
 from dept_nlp.tasks import get_task
@@ -151,14 +152,15 @@ def test_compare_shows_each_metric_side_by_side_with_the_difference(trained, tmp
     a = _eval(trained["model"], [(trained["adapters"]["sst2_weak"], "sst2", files)], "validation", tmp_path / "a")
     b = _eval(trained["model"], [(trained["adapters"]["sst2"], "sst2", files)], "validation", tmp_path / "b")
     capsys.readouterr()
-    table = dept_eval(["--compare", str(tmp_path / "a"), str(tmp_path / "b" / "dept_eval_validation.json"),
-                       "--output_dir", str(tmp_path / "cmp")])
+    compare = ["--compare", str(tmp_path / "a"), str(tmp_path / "b" / "dept_eval_validation.json")]
+    table = dept_eval(compare)
+    assert dept_eval_main([*compare, "--output_dir", str(tmp_path / "cmp")]) == 0  # the console prints it
     accuracy_a, accuracy_b = a["results"][0]["metrics"]["accuracy"], b["results"][0]["metrics"]["accuracy"]
     assert accuracy_a != accuracy_b
     row = (f"| sst2 | {a['results'][0]['name']} | {b['results'][0]['name']} | accuracy | {accuracy_a:.2f} | "
            f"{accuracy_b:.2f} | {accuracy_b - accuracy_a:+.2f} |")
     assert row in table
-    assert row in capsys.readouterr().out
+    assert capsys.readouterr().out == table + "\n"  # the table alone, once
     assert row in (tmp_path / "cmp" / "dept_eval_comparison.md").read_text()
 
 

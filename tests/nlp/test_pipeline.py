@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dept.command_line import IGNORED_FLAGS
 from dept_nlp.cli import train as main
 from dept_nlp.data_files import sample_sst2_files
 from tests.conftest import REPO_ROOT, TASK_TYPES, free_port, save_tiny_model
@@ -48,6 +49,18 @@ def _flags(model_dir, output_dir, task_name, files, steps=4, **extra):
     for key, value in flags.items():
         argv += [f"--{key}", str(value)]
     return argv
+
+
+def _without_flags(argv: list[str], names) -> list[str]:
+    """`argv` without the flags `names` (and their values): a baseline gets only the flags its method reads."""
+    kept, skip = [], False
+    for word in argv:
+        if skip and not word.startswith("--"):
+            continue
+        skip = word.startswith("--") and word[2:] in names
+        if not skip:
+            kept.append(word)
+    return kept
 
 
 @pytest.mark.parametrize(
@@ -97,7 +110,8 @@ def test_baselines_run_through_the_same_trainer_and_train_what_their_method_trai
     files = write_task_fixture("sst2", tmp_path / "data", n_train=8, n_val=4, n_test=4)
     model_dir = _model(tmp_path, "t5", "sst2")
     out = tmp_path / "out"
-    results = main(_flags(model_dir, out, "sst2", files, peft_type=peft_type, lora_embedding_lr=0.3))
+    results = main(_without_flags(_flags(model_dir, out, "sst2", files, peft_type=peft_type, lora_embedding_lr=0.3),
+                                  IGNORED_FLAGS[peft_type]))
     assert "test_accuracy" in results
     base = load_file(os.path.join(model_dir, "model.safetensors"))
     d_model = base["shared.weight"].shape[1]

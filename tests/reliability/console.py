@@ -1,11 +1,13 @@
-"""Helpers of the console-script tests: run the installed scripts (`dept-train`, `dept-train-vl`, `dept-eval`,
-next to sys.executable) as subprocesses with this checkout first on PYTHONPATH, and the tiny text setup."""
+"""Helpers of the console-script tests: run the installed scripts (`dept-train`, `dept-train-vl`,
+`dept-train-vision`, `dept-eval`, `dept-serve`, `dept-tune`, next to sys.executable) as subprocesses with this
+checkout first on PYTHONPATH, check what they print, and the tiny text setup."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,8 @@ SCRIPTS = Path(sys.executable).parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 TABLE_HEADER = "| adapter | task | metrics | examples | examples/s | trainable params |"
+CLIS = ("dept-train", "dept-train-vl", "dept-train-vision", "dept-eval", "dept-serve", "dept-tune")
+ESCAPE = "\x1b"
 
 
 def script(name: str) -> str:
@@ -33,21 +37,47 @@ def run(name: str, *argv, env: dict | None = None, timeout: int = 300) -> subpro
 
 
 def assert_clear_error(finished: subprocess.CompletedProcess, *expected: str) -> str:
-    """Exit code 2, no traceback, at most two lines on stderr after the logs, naming every `expected` text."""
+    """Exit code 2, no traceback, nothing on stdout, and one line on stderr after the logs, `PROG: error: ...`
+    with the --debug hint folded in, naming every `expected` text."""
     assert finished.returncode == 2, finished.stderr[-3000:]
     assert "Traceback" not in finished.stderr, finished.stderr[-3000:]
+    assert finished.stdout == "", finished.stdout[-3000:]
     lines = [line for line in finished.stderr.splitlines() if ": error: " in line or "--debug" in line]
-    assert len(lines) == 2 and lines[0].split(":")[0] in ("dept-train", "dept-train-vl", "dept-eval"), lines
+    assert len(lines) == 1 and lines[0].split(":")[0] in CLIS, lines
+    assert lines[0].endswith("--debug shows the traceback)") and lines[0] == finished.stderr.splitlines()[-1]
     for text in expected:
         assert text in lines[0], (text, lines[0])
     return lines[0]
 
 
+def launch_two_processes(port: int) -> list[str]:
+    """accelerate's launcher for two CPU processes (its --cpu starts one; on CPU the trainer joins gloo itself)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+            "--dynamo_backend", "no"]
+
+
+LOG_LINE = re.compile(r"\[?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\]? \[?(?P<level>[A-Z]+)\]? (?P<name>\S+?):? ")
+
+
+def log_lines(stderr: str, level: str) -> list[tuple[str, str]]:
+    """(logger name, line) of each log line at `level` in our format, or in DeepSpeed's (`[date] [LEVEL] [file]`)."""
+    found = []
+    for line in stderr.splitlines():
+        match = LOG_LINE.search(line)  # after a progress bar's last update, on the same line
+        if match and match["level"] == level:
+            found.append((match["name"], line))
+    return found
+
+
+def foreign_info_lines(stderr: str) -> list[str]:
+    """The INFO log lines of other libraries than ours (which log at warning unless --log_level is higher)."""
+    return [line for name, line in log_lines(stderr, "INFO") if not name.startswith("dept")]
+
+
 def printed_results(stdout: str) -> dict:
-    """The results JSON a training CLI prints (after any library warnings on stdout), which must be printed once."""
-    lines = stdout.splitlines()
-    assert lines.count("{") == 1, stdout[-3000:]
-    return json.loads("\n".join(lines[lines.index("{"):]))
+    """The results a CLI prints: stdout is one JSON document and nothing else (printed once)."""
+    return json.loads(stdout)
 
 
 def sha256(path: Path) -> str:

@@ -1,11 +1,13 @@
-"""Expected errors at the console: one or two lines on stderr, what is wrong, where and the fix, exit code 2, and
-the traceback only with --debug; and the ranks of a two-process run stopping when their launcher is SIGKILLed.
+"""Expected errors at the console, in all six CLIs: one line on stderr, what is wrong, where and the fix (the
+--debug hint folded in), exit code 2, nothing on stdout, and the traceback only with --debug; and the ranks of a
+two-process run stopping at once, with one line each, when their launcher is SIGKILLed.
 
 Every test runs the installed console scripts as subprocesses (see `tests/reliability/console.py`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,16 +21,18 @@ from transformers import T5ForConditionalGeneration
 
 from dept import DePTConfig, get_dept_model
 from dept.resume_state import complete_checkpoints
-from tests.conftest import free_port
+from tests.conftest import free_port, save_tiny_model
 from tests.reliability.console import (
     ENV,
     REPO_ROOT,
     assert_clear_error,
+    launch_two_processes,
     make_text_setup,
     run,
-    script,
     train_flags,
 )
+from tests.tune.fixtures import write_tiny_task
+from tests.vl.test_image_classification import MODEL_FLAGS as VISION_MODEL_FLAGS
 from tests.vl.test_pipeline import build_vl_fixture
 
 pytestmark = pytest.mark.slow
@@ -76,6 +80,72 @@ def test_a_missing_model_directory_is_not_found_and_not_a_hub_id(text, tmp_path)
     assert_clear_error(finished, str(tmp_path / "nope"), "not found: no such directory, and not a hub id")
 
 
+def test_an_unknown_task_name_is_one_line_in_dept_train_and_dept_eval(text, adapter, tmp_path):
+    finished = run("dept-train", *train_flags(text, tmp_path / "out", "--task_name", "sst3"))
+    assert_clear_error(finished, "Unknown task 'sst3'. Did you mean 'sst2'?")
+    finished = run("dept-eval", "--model_name_or_path", text["model"], "--adapter", f"{adapter}:sst3",
+                   "--validation_file", text["files"]["sst2"]["validation_file"])
+    assert_clear_error(finished, "Unknown task 'sst3'. Did you mean 'sst2'?")
+
+
+def test_a_model_with_its_own_code_is_refused_without_running_it(text, adapter, tmp_path):
+    model = tmp_path / "custom"
+    shutil.copytree(text["model"], model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="custom_t5", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    (model / "config.json").write_text(json.dumps(config))
+    ran = tmp_path / "the model's code ran"
+    (model / "configuration_custom.py").write_text(f"open({str(ran)!r}, 'w').close()\n"
+                                                   "from transformers import T5Config as CustomConfig\n")
+    finished = run("dept-train", *train_flags(text, tmp_path / "out", "--model_name_or_path", model))
+    assert_clear_error(finished, f"{model} comes with its own model code", "which was not run",
+                       "pass --trust_remote_code")
+    finished = run("dept-serve", "--model_name_or_path", model, "--adapter", f"sst2={adapter}")
+    assert_clear_error(finished, f"{model} comes with its own model code", "dept-serve never run")
+    assert not ran.exists()
+
+
+def test_dept_serve_command_line_errors_are_one_line_printed_once(text, adapter, tmp_path):
+    finished = run("dept-serve", "--model_name_or_path", tmp_path / "nope", "--adapter", f"sst2={adapter}")
+    assert_clear_error(finished, str(tmp_path / "nope"), "not found: no such directory, and not a hub id")
+    finished = run("dept-serve", "--model_name_or_path", text["model"], "--max_batch_size", "0")
+    assert_clear_error(finished, "--max_batch_size must be >= 1")
+    finished = run("dept-serve", "--model_name_or_path", text["model"], "--adapter", f"sst2={tmp_path / 'none'}")
+    assert_clear_error(finished, f"{tmp_path / 'none'} does not exist")
+
+
+def test_dept_tune_errors_are_one_line_before_anything_trains(tmp_path):
+    argv = [*write_tiny_task(tmp_path / "task"), "--output_dir", tmp_path / "study"]
+    assert_clear_error(run("dept-tune", *argv, "--search", "dropout=0.1:0.2"), "unknown parameter 'dropout'")
+    assert_clear_error(run("dept-tune", *argv, "--peft_type", "PROMPT_TUNING"),
+                       "--peft_type PROMPT_TUNING does not use --r")  # the recipe's flags, in a trial's run
+    assert not (tmp_path / "study").exists()
+
+
+def test_dept_train_vision_refuses_a_flag_its_method_ignores(tmp_path):
+    finished = run("dept-train-vision", *VISION_MODEL_FLAGS, "--data_dir", tmp_path, "--output_dir", tmp_path / "o",
+                   "--do_train", "--peft_type", "PROMPT_TUNING", "--r", "4")
+    assert_clear_error(finished, "--peft_type PROMPT_TUNING does not use --r")
+
+
+def test_a_yaml_typo_names_the_file_and_the_nearest_key(vl, tmp_path):
+    recipe = tmp_path / "vqa.yaml"
+    recipe.write_text("tasks: vqa\nmax_stpes: 2\n")
+    finished = run("dept-train-vl", "--config", recipe, *vl.argv("vqa", tmp_path / "run"))
+    assert_clear_error(finished, f"--config {recipe}: unknown key 'max_stpes'. Did you mean 'max_steps'?")
+
+
+@pytest.mark.parametrize("kind", ["cls", pytest.param("causal", marks=pytest.mark.xfail(
+    reason="needs engineer model's position-limit check for RoPE models in dept/model.py (issue 21, another "
+           "branch); BERT's learned positions are checked already", strict=False))])
+def test_a_prompt_beyond_the_models_positions_is_refused_in_one_line(text, tmp_path, kind):
+    model = save_tiny_model(kind, tmp_path / kind, ["sentence : a b c", "0 1"], max_position_embeddings=64)
+    finished = run("dept-train", *train_flags(text, tmp_path / "out", "--model_name_or_path", model,
+                                              "--prefix_length", "10000"))
+    assert_clear_error(finished, "10032", "positions")
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
+
+
 def test_debug_shows_the_traceback(text, tmp_path):
     finished = run("dept-train", *train_flags(text, tmp_path / "out", "--model_name_or_path", tmp_path / "nope"),
                    "--debug")
@@ -111,7 +181,7 @@ def test_sizes_that_disagree_with_the_peft_model_id_adapter_are_refused(text, ad
     finished = run("dept-train", *train_flags(text, tmp_path / "out", "--peft_model_id", adapter,
                                               "--prefix_length", "7", "--r", "2"))
     assert_clear_error(finished, "--prefix_length 7 (the adapter has 4)")
-    assert "--r" not in finished.stderr.splitlines()[-2].split("but")[-1]  # --r 2 agrees with the adapter
+    assert "--r" not in finished.stderr.splitlines()[-1].split("but")[-1]  # --r 2 agrees with the adapter
 
 
 def test_corrupt_images_are_all_reported_before_training(vl, tmp_path):
@@ -151,16 +221,15 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.multiprocess
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc")
-def test_ranks_stop_when_the_launcher_is_killed(text, tmp_path):
+def test_ranks_stop_at_once_with_one_line_when_the_launcher_is_killed(text, tmp_path):
     output_dir = tmp_path / "run"
     argv = train_flags(text, output_dir, "--max_steps", "100000", "--eval_steps", "100000", "--save_steps", "5",
                        "--do_eval", "false", "--do_predict", "false", "--load_best_model_at_end", "false",
                        "--per_device_train_batch_size", "2")
-    command = [script("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO_ROOT / "scripts" / "train_nlp.py"), *map(str, argv)]
-    launcher = subprocess.Popen(command, env=ENV, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    command = [*launch_two_processes(free_port()), str(REPO_ROOT / "scripts" / "train_nlp.py"), *map(str, argv)]
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:  # the ranks inherit it, and keep it after the launcher is gone
+        launcher = subprocess.Popen(command, env=ENV, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
     ranks: list[int] = []
     try:
         deadline = time.monotonic() + 240
@@ -171,12 +240,18 @@ def test_ranks_stop_when_the_launcher_is_killed(text, tmp_path):
         assert len(ranks) == 2 and launcher.poll() is None, "the two ranks did not start training"
         launcher.send_signal(signal.SIGKILL)  # it cannot forward this one: the ranks must notice by themselves
         launcher.wait()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and any(_running(pid) for pid in ranks):
-            time.sleep(0.2)
+        killed = time.monotonic()
+        while time.monotonic() < killed + 60 and any(_running(pid) for pid in ranks):
+            time.sleep(0.05)
+        waited = time.monotonic() - killed
         assert not any(_running(pid) for pid in ranks), "a rank kept running after its launcher was killed"
     finally:
         launcher.kill()
         for pid in ranks:
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
+    lines = [line for line in log.read_text().splitlines() if ": error: " in line]
+    assert sorted(lines) == [f"dept-train: error: rank {rank} stopped: its launcher (pid {launcher.pid}) is gone. "
+                             "Continue with --resume_from_checkpoint auto." for rank in (0, 1)], lines
+    assert "Traceback" not in log.read_text()  # not the backend's error of the rank that noticed last
+    assert waited < 10, waited  # polled 5 times a second: well under a second on a quiet machine

@@ -1,6 +1,8 @@
-"""What a new user meets at the console when things go right, or a run is killed: exit code 0 and the results
-printed once, a run SIGKILLed at its first checkpoint restarted with `auto`, byte-identical adapters from two
-processes, one local file per task in dept-eval, its --help, and --prefix_length 0.
+"""What a new user meets at the console when things go right, or a run is killed: exit code 0 and stdout that is
+the results alone, printed once (`json.loads(stdout)` for the five CLIs that print JSON, the table for dept-eval,
+nothing for dept-serve), also under a two-process launch; logs on stderr with no INFO line of another library and
+no terminal escape codes; a run SIGKILLed at its first checkpoint restarted with `auto`, byte-identical adapters
+from two processes, one local file per task in dept-eval, its --help, and --prefix_length 0.
 
 Every test runs the installed console scripts as subprocesses (see `tests/reliability/console.py`); the expected
 errors are in test_console_errors.py.
@@ -17,9 +19,15 @@ import pytest
 from safetensors.torch import load_file
 
 from dept.resume_state import complete_checkpoints
+from dept_serve.client import wait_until_healthy
+from tests.conftest import free_port
 from tests.reliability.console import (
     ENV,
+    ESCAPE,
     REPO_ROOT,
+    foreign_info_lines,
+    launch_two_processes,
+    log_lines,
     make_text_setup,
     printed_results,
     run,
@@ -27,6 +35,9 @@ from tests.reliability.console import (
     sha256,
     train_flags,
 )
+from tests.tune.fixtures import write_tiny_task
+from tests.vl.test_image_classification import MODEL_FLAGS as VISION_MODEL_FLAGS
+from tests.vl.test_image_classification import write_image_folder
 from tests.vl.test_pipeline import build_vl_fixture
 
 pytestmark = pytest.mark.slow
@@ -53,10 +64,74 @@ def reference(text):
 def test_dept_train_exits_0_and_prints_its_results_once_to_stdout(reference):
     output_dir, finished = reference
     assert finished.returncode == 0, finished.stderr[-3000:]
-    results = printed_results(finished.stdout)
+    results = printed_results(finished.stdout)  # stdout is the JSON alone: DeepSpeed's warning went to stderr
     assert results["total_steps"] == 4 and "eval_accuracy" in results and "test_accuracy" in results
     assert "'train_loss'" not in finished.stderr  # the results dict is no longer echoed as an exit message
     assert (output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_only_our_loggers_log_at_info_and_stderr_holds_no_escape_codes(reference):
+    stderr = reference[1].stderr  # a pipe, not a terminal: the nested evaluation bar stays off
+    assert foreign_info_lines(stderr) == []  # accelerate's five lines per checkpoint are gone
+    ours = [name for name, _ in log_lines(stderr, "INFO")]
+    assert "dept.trainer" in ours and "dept_nlp.pipeline" in ours
+    assert ESCAPE not in stderr
+
+
+def test_log_level_warning_leaves_no_info_line_at_all(text, tmp_path):
+    finished = run("dept-train", *train_flags(text, tmp_path / "run", "--do_predict", "false"), "--log_level",
+                   "warning")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert log_lines(finished.stderr, "INFO") == [] and printed_results(finished.stdout)["total_steps"] == 4
+
+
+@pytest.mark.multiprocess
+def test_two_processes_print_the_results_once(text, tmp_path):
+    argv = train_flags(text, tmp_path / "run", "--per_device_train_batch_size", "2", "--do_predict", "false")
+    finished = subprocess.run([*launch_two_processes(free_port()), str(REPO_ROOT / "scripts" / "train_nlp.py"),
+                               *map(str, argv)], env=ENV, cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=400)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert printed_results(finished.stdout)["total_steps"] == 4  # rank 0 printed, rank 1 did not
+    assert finished.stderr.count("Running sst2 with PROMPT_TUNING_LORA on 2 process(es).") == 2
+    assert foreign_info_lines(finished.stderr) == []
+
+
+def test_dept_train_vision_prints_its_results_once_as_json(tmp_path):
+    images = write_image_folder(tmp_path / "images", {"train": 4, "validation": 2}, size=32)
+    finished = run("dept-train-vision", *VISION_MODEL_FLAGS, "--data_dir", images, "--output_dir", tmp_path / "run",
+                   "--do_train", "--do_eval", "--prefix_length", "2", "--r", "2", "--max_steps", "2",
+                   "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no",
+                   "--load_best_model_at_end", "false", "--report_to", "none")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results = printed_results(finished.stdout)
+    assert results["total_steps"] == 2 and "eval_accuracy" in results
+    assert foreign_info_lines(finished.stderr) == [] and ESCAPE not in finished.stderr
+
+
+def test_dept_tune_prints_its_report_once_as_json_and_one_line_per_trial_to_stderr(tmp_path):
+    argv = [*write_tiny_task(tmp_path / "task"), "--output_dir", tmp_path / "study", "--n_trials", "1",
+            "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--do_predict", "false"]
+    finished = run("dept-tune", *argv)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    report = printed_results(finished.stdout)
+    assert report["counts"] == {"COMPLETE": 1} and report["best"]["number"] == 0
+    assert "[dept-tune] report:" in finished.stderr and foreign_info_lines(finished.stderr) == []
+
+
+def test_dept_serve_keeps_stdout_empty_and_logs_to_stderr(text, reference):
+    port = free_port()
+    server = subprocess.Popen([script("dept-serve"), "--model_name_or_path", str(text["model"]), "--adapter",
+                               f"sst2={reference[0]}", "--port", str(port), "--device", "cpu"], env=ENV,
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", timeout_s=120, process=server)
+    finally:
+        server.terminate()
+        stdout, stderr = server.communicate(timeout=60)
+    assert stdout == "", stdout[-3000:]  # a server has no results to print; uvicorn's access log goes to stderr
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in stderr and '"GET /healthz HTTP/1.1" 200' in stderr
+    assert foreign_info_lines(stderr) == []
 
 
 def test_dept_eval_takes_one_local_file_per_task_and_prints_its_table_once(text, reference, tmp_path):

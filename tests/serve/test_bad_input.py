@@ -18,7 +18,7 @@ from transformers import T5ForConditionalGeneration
 
 from dept import DePTConfig, get_dept_model
 from dept_serve import ServingEngine
-from dept_serve.cli import build_app, parse_args
+from dept_serve.cli import build_app, main, parse_args
 from dept_serve.engine import same_base
 from dept_serve.errors import InvalidInputError
 from dept_serve.schemas import BASE64_PATTERN, base64_file
@@ -186,8 +186,7 @@ def test_loading_under_a_taken_name_is_a_409_and_a_missing_dir_a_404(t5_adapters
     (["--max_wait_ms", "-1"], "--max_wait_ms must be >= 0"),
 ])
 def test_bad_flags_fail_at_parse_time(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        parse_args(["--model_name_or_path", "m", *argv])
+    assert main(["--model_name_or_path", "m", *argv]) == 2  # the console contract: one line, exit status 2
     assert message in capsys.readouterr().err
 
 

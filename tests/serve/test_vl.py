@@ -19,7 +19,7 @@ from dept_vl.data import open_feature_files, visual_inputs
 from dept_vl.features import extract_to_h5
 from dept_vl.images import load_image
 from dept_vl.model import VLT5Config, VLT5ForConditionalGeneration
-from dept_vl.pipeline import load_vl_base_model
+from dept_vl.modeling import load_vl_base_model
 from tests.conftest import build_word_tokenizer, tiny_t5_config
 from tests.serve.conftest import served
 from tests.serve.fixtures import WORDS

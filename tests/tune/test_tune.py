@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file
 
 from dept.resume_state import complete_checkpoints
-from dept_tune.cli import tune
+from dept_tune.cli import main, tune
 from dept_tune.space import SEED_GRID, Budget
 from dept_tune.storage import StorageError, open_storage
 from dept_tune.study import counted_trials, format_rate
@@ -346,9 +346,7 @@ def test_two_workers_share_a_study_on_postgresql(tiny_task, tmp_path):
 )
 def test_bad_search_or_storage_is_refused_before_any_training(tiny_task, tmp_path, capsys, extra, message):
     root = tmp_path / "refused"
-    with pytest.raises(SystemExit) as stopped:
-        tune(_argv(tiny_task, root, "--n_trials", "2", *extra))
-    assert stopped.value.code == 2
+    assert main(_argv(tiny_task, root, "--n_trials", "2", *extra)) == 2  # the console entry: one line, status 2
     error = capsys.readouterr().err
     assert message in error and "secret" not in error, error
     assert not root.exists() or not _run_dirs(root)

@@ -14,8 +14,8 @@ import yaml
 
 from dept.command_line import MethodArguments, parse_arguments
 from dept.training_args import TrainingArguments
+from dept_vl.arguments import VLDataArguments, VLModelArguments
 from dept_vl.cli import train as main
-from dept_vl.pipeline import VLDataArguments, VLModelArguments
 from tests.conftest import free_port
 from tests.vl.test_pipeline import VLFixture, build_vl_fixture
 

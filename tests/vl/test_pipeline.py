@@ -16,14 +16,16 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
+from dept.command_line import IGNORED_FLAGS
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
+from dept_vl.arguments import VLDataArguments
 from dept_vl.cli import train as main
 from dept_vl.data import task_file_paths
-from dept_vl.evaluate import VLEvaluator
+from dept_vl.evaluate import VLEvaluator, build_vl_eval_components
 from dept_vl.features import GridFeatureExtractor, MissingFeaturesError, extract_to_h5
 from dept_vl.model import load_dept_vl_model
-from dept_vl.pipeline import VLDataArguments, build_vl_eval_components, load_vl_base_model
+from dept_vl.modeling import load_vl_base_model
 from dept_vl.tasks import SPLITS, TASKS, TaskSources, load_task_splits, read_vqa
 from scripts.synthetic_vl_data import make_synthetic_vl_dataset
 from tests.conftest import build_word_tokenizer, tiny_t5_config
@@ -136,11 +138,24 @@ def test_dept_training_lowers_the_vqa_loss(vl_fixture, tmp_path):
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
 
 
+def _without_flags(argv: list[str], names) -> list[str]:
+    """`argv` without the flags `names` (and their values): a baseline gets only the flags its method reads."""
+    kept, skip = [], False
+    for word in argv:
+        if skip and not word.startswith("--"):
+            continue
+        skip = word.startswith("--") and word[2:] in names
+        if not skip:
+            kept.append(word)
+    return kept
+
+
 @pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "LORA", "FULL"])
 def test_baselines_run_through_the_same_pipeline(vl_fixture, tmp_path, peft_type):
     output_dir = tmp_path / "run"
-    results = main(vl_fixture.argv("gqa", output_dir, "--peft_type", peft_type, "--max_steps", "2",
-                                   "--learning_rate", "0.001", "--do_predict", "false"))
+    argv = vl_fixture.argv("gqa", output_dir, "--peft_type", peft_type, "--max_steps", "2", "--learning_rate",
+                           "0.001", "--do_predict", "false")
+    results = main(_without_flags(argv, IGNORED_FLAGS[peft_type]))  # the flags its method reads
     assert "eval_gqa_accuracy" in results
     trainable = read_json(output_dir / "training_task.json")["trainable_parameters"]
     assert trainable["visual_embedding"] > 0

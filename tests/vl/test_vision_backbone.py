@@ -25,7 +25,7 @@ from dept_vl.data import VLCollator, VLImageCollator, task_file_paths, tokenize_
 from dept_vl.evaluate import check_task_fits_adapter
 from dept_vl.features import FeatureStore, GridFeatureExtractor, ImagePixels, extract_to_h5
 from dept_vl.model import prepare_vl_model
-from dept_vl.pipeline import load_vl_base_model
+from dept_vl.modeling import load_vl_base_model
 from dept_vl.tasks import TaskSources, load_task_splits
 from dept_vl.vision_backbone import (
     VISION_ADAPTER_DIR,
