@@ -241,9 +241,7 @@ def test_report_only_on_a_missing_study_is_refused_and_creates_nothing(tiny_task
         optuna.create_study(study_name="another", storage=open_storage(url))
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     flags = ["--report_only"] + ([] if url is None else ["--storage", url])
-    with pytest.raises(SystemExit) as stopped:
-        tune(_argv(tiny_task, root, *flags))
-    assert stopped.value.code == 2
+    assert main(_argv(tiny_task, root, *flags)) == 2  # the console contract: one line, exit status 2
     error = capsys.readouterr().err.strip()
     where = re.sub(r"(//[^:/@]+):[^@]*@", r"\1:***@", url) if url else str(root / "optuna_journal.log")  # no password
     assert error == (f"dept-tune: error: There is no study 'reported' in {where}: nothing to report. Check "
@@ -261,9 +259,7 @@ def test_resuming_with_other_training_flags_is_refused_and_with_the_same_flags_r
     root = tmp_path / "resumed"
     first = _argv(tiny_task, root, "--n_trials", "1", "--pruner", "none", "--max_steps", "2")
     assert tune(first)["counts"] == {"COMPLETE": 1}
-    with pytest.raises(SystemExit) as stopped:
-        tune(_argv(tiny_task, root, "--n_trials", "2", "--pruner", "none", "--max_steps", "4", "--seed", "1"))
-    assert stopped.value.code == 2
+    assert main(_argv(tiny_task, root, "--n_trials", "2", "--pruner", "none", "--max_steps", "4", "--seed", "1")) == 2  # the console contract: one line, exit status 2
     error = capsys.readouterr().err
     assert "Study 'resumed' was started with other training flags: --max_steps 2 (now 4), --seed 0 (now 1)." in error
     assert "start a new study for the new setup with another --study_name" in error
