@@ -39,13 +39,17 @@ class TrainingArguments:
         warmup_steps: optimizer steps of linear warmup from 0 to the learning rates.
         lr_scheduler_type: shape of the schedule after warmup, one of `LR_SCHEDULER_TYPES`.
         max_grad_norm: gradients are clipped to this global L2 norm; 0 or less disables clipping.
-        eval_strategy: evaluate every `eval_steps` optimizer steps ("steps"), after each epoch ("epoch") or never.
+        eval_strategy: evaluate every `eval_steps` optimizer steps ("steps"), after each epoch ("epoch") or never
+            ("no"); a run without evaluation data never evaluates.
         eval_steps: optimizer steps between evaluations when `eval_strategy="steps"`.
         save_strategy: write a checkpoint every `save_steps` ("steps"), after each epoch ("epoch") or never.
         save_steps: optimizer steps between checkpoints when `save_strategy="steps"`.
         logging_steps: optimizer steps between loss / learning-rate log entries.
         save_total_limit: keep at most this many checkpoints (the best one is never deleted); None keeps all.
-        load_best_model_at_end: at the end, load the checkpoint with the best `metric_for_best_model`.
+        load_best_model_at_end: at the end, load the checkpoint with the best `metric_for_best_model`. None (the
+            default) follows the data: on when the run evaluates (an `eval_dataset` and `eval_strategy != "no"`),
+            off when it has nothing to evaluate, where it keeps the adapter of its last step. True without
+            evaluation data is refused.
         metric_for_best_model: metric that picks the best checkpoint, with or without the `eval_` prefix;
             None means the evaluator's main metric (or `loss` without an evaluator).
         greater_is_better: whether a larger `metric_for_best_model` is better; None means the evaluator's own
@@ -96,8 +100,10 @@ class TrainingArguments:
     save_total_limit: int | None = field(
         default=1, metadata={"help": "Keep at most this many checkpoints (never deleting the best); None keeps all."}
     )
-    load_best_model_at_end: bool = field(
-        default=True, metadata={"help": "Load the best checkpoint (by metric_for_best_model) at the end."}
+    load_best_model_at_end: bool | None = field(
+        default=None,
+        metadata={"help": "Load the best checkpoint (by metric_for_best_model) at the end; default: when the run "
+                          "has evaluation data."},
     )
     metric_for_best_model: str | None = field(
         default=None, metadata={"help": "Metric picking the best checkpoint; default: the evaluator's main metric."}
@@ -156,11 +162,25 @@ class TrainingArguments:
             raise ValueError("warmup_steps and dataloader_num_workers must be >= 0.")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit must be >= 1 or None (keep all), got {self.save_total_limit}.")
-        if self.load_best_model_at_end:
+        if self.load_best_model_at_end or (self.load_best_model_at_end is None and self.eval_strategy != "no"):
             self._check_best_model_is_saved()
 
+    def best_model_at_end(self, has_eval_data: bool) -> bool:
+        """Whether the run reloads its best checkpoint at the end: `load_best_model_at_end`, or by default whenever
+        it evaluates. Asking for it explicitly without evaluation data is an error, not a silent no."""
+        if self.load_best_model_at_end is None:
+            return has_eval_data and self.eval_strategy != "no"
+        if self.load_best_model_at_end and not has_eval_data:
+            raise FlagError(
+                "--load_best_model_at_end (load_best_model_at_end=True) picks the best checkpoint by evaluating, but "
+                "this run has no evaluation data. Give it validation data (--validation_file; eval_dataset in "
+                "Python), or leave load_best_model_at_end unset to keep the adapter of the last step."
+            )
+        return self.load_best_model_at_end
+
     def _check_best_model_is_saved(self) -> None:
-        # The best model can only be reloaded if every evaluation that may be the best has a checkpoint.
+        # The best model can only be reloaded if every evaluation that may be the best has a checkpoint. (Unset,
+        # load_best_model_at_end is on whenever the run evaluates.)
         if self.eval_strategy == "no" or self.save_strategy == "no":
             raise ValueError(
                 "load_best_model_at_end needs evaluations and checkpoints: set eval_strategy and save_strategy "

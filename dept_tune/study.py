@@ -25,7 +25,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dept.resume_state import CHECKPOINT_PREFIX
+from dept.checkpoint import CHECKPOINT_PREFIX
 from dept.trainer import ADAPTER_FILES, NonFiniteLossError
 from dept_tune.pipelines import Pipeline
 from dept_tune.space import BUDGET_PARAMETERS, Budget, ParamSpec, budget_choices, grid_points, suggest

@@ -9,13 +9,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import HfArgumentParser
 
-from dept.resume_state import (
+from dept.checkpoint import (
+    EpochSampler,
     complete_checkpoints,
+    example_lengths,
     read_checkpoint,
     rotate_checkpoints,
     write_checkpoint,
 )
-from dept.trainer import EpochSampler, Trainer, example_lengths
+from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
 from tests.dept._toy import (
     EVAL_SIZE,

@@ -16,7 +16,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from dept.resume_state import complete_checkpoints
+from dept.checkpoint import complete_checkpoints
 from tests.reliability.console import (
     ENV,
     REPO_ROOT,

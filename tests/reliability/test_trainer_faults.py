@@ -17,16 +17,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dept.resume_state import (
+from dept.checkpoint import (
     OPTIMIZER_NAME,
     TRAINABLE_PARAMETERS_NAME,
     CheckpointWriteError,
+    EpochSampler,
+    OutputDirExistsError,
     complete_checkpoints,
     is_complete_checkpoint,
     latest_checkpoint,
     read_checkpoint,
 )
-from dept.trainer import EpochSampler, NonFiniteLossError, OutputDirExistsError
+from dept.train_loss import NonFiniteLossError
 from tests.dept._toy import TRAIN_SIZE, ToyAdapterModel, expected_log_losses, make_dataset, toy_args, toy_trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

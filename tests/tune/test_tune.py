@@ -19,7 +19,7 @@ import pytest
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
-from dept.resume_state import complete_checkpoints
+from dept.checkpoint import complete_checkpoints
 from dept_tune.cli import tune
 from dept_tune.space import SEED_GRID, Budget
 from dept_tune.storage import StorageError, open_storage

@@ -1,0 +1,116 @@
+"""What a run reports, as the official DePT code writes it: the result files, the predictions, the adapter, and the
+best checkpoint by one evaluation metric.
+
+    all_results.json           every split's metrics, merged
+    <split>_results.json       train_results.json, eval_results.json, test_results.json
+    predictions_<split>.jsonl  one line per example: {"prediction": ..., "reference": ...}
+    adapter_config.json, adapter_model.safetensors   the model's `save_pretrained`
+
+Each file is written atomically (`dept.checkpoint.write_text_atomically`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from dept.checkpoint import TrainerState, write_text_atomically
+from dept.training_args import TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+FALLBACK_ADAPTER_NAME = "adapter_model.safetensors"  # for models without save_pretrained
+
+
+def write_results(output_dir: Path, split: str, metrics: dict[str, float]) -> None:
+    """`<split>_results.json`, and the same metrics merged into `all_results.json`."""
+    path = output_dir / f"{split}_results.json"
+    if path.exists() and split != "train":
+        logger.warning("Replacing %s with the results of this evaluation.", path)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(path, json.dumps(metrics, indent=4, sort_keys=True) + "\n")
+    combined_path = output_dir / "all_results.json"
+    combined = json.loads(combined_path.read_text()) if combined_path.exists() else {}
+    combined.update(metrics)
+    write_text_atomically(combined_path, json.dumps(combined, indent=4, sort_keys=True) + "\n")
+
+
+def write_predictions(output_dir: Path, split: str, predictions: list, references: list) -> None:
+    """`predictions_<split>.jsonl`: each prediction next to its reference (when the data had references)."""
+    if not predictions:
+        return
+    rows = (
+        [{"prediction": p, "reference": r} for p, r in zip(predictions, references, strict=True)]
+        if references
+        else [{"prediction": p} for p in predictions]
+    )
+    text = "".join(json.dumps(row, default=str) + "\n" for row in rows)
+    write_text_atomically(output_dir / f"predictions_{split}.jsonl", text)
+
+
+def write_adapter(model: nn.Module, output_dir: Path, trainable: dict[str, torch.Tensor], *, sharded: bool) -> None:
+    """The model's `save_pretrained`; given the whole fp32 `trainable` tensors when `sharded` (under DeepSpeed or
+    FSDP the model's own tensors may be shards or bf16 casts of the master weights). A model without
+    `save_pretrained` gets `trainable` in `adapter_model.safetensors`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not hasattr(model, "save_pretrained"):
+        save_file(trainable, str(output_dir / FALLBACK_ADAPTER_NAME))
+    elif sharded:
+        model.save_pretrained(str(output_dir), state_dict=trainable)
+    else:
+        model.save_pretrained(str(output_dir))
+
+
+def train_metrics(state: TrainerState, args: TrainingArguments, *, runtime: float, steps_run: int,
+                  num_examples: int, num_processes: int, epoch: float) -> dict[str, float]:
+    """train_results.json: the mean loss, the throughput of this process's steps, the epoch, skipped steps."""
+    samples_run = steps_run * args.gradient_accumulation_steps * args.per_device_train_batch_size * num_processes
+    return {
+        "epoch": epoch,
+        "train_loss": state.total_loss / state.trained_steps if state.trained_steps else float("nan"),
+        "train_runtime": round(runtime, 4),
+        "train_samples": num_examples,
+        "train_samples_per_second": round(samples_run / runtime, 3) if runtime > 0 else 0.0,
+        "train_steps_per_second": round(steps_run / runtime, 3) if runtime > 0 else 0.0,
+        "total_steps": state.global_step,
+        "nan_steps_skipped": state.nan_steps_skipped,
+    }
+
+
+def best_model_criterion(args: TrainingArguments, evaluator) -> tuple[str, bool]:
+    """("eval_<metric>", greater_is_better) for picking the best checkpoint."""
+    name = args.metric_for_best_model
+    if name is None:
+        name = evaluator.main_metric if evaluator is not None else "loss"
+    name = name if name.startswith("eval_") else f"eval_{name}"
+    greater = args.greater_is_better
+    if greater is None:
+        if evaluator is not None and name == f"eval_{evaluator.main_metric}":
+            greater = evaluator.greater_is_better
+        else:
+            greater = not name.endswith("loss")
+    return name, greater
+
+
+class BestModel:
+    """The best checkpoint by one evaluation metric (`best_model_criterion`), kept in the run's `TrainerState`
+    (`best_metric`, `best_model_checkpoint`) so that it is saved with each checkpoint and goes on after a resume."""
+
+    def __init__(self, args: TrainingArguments, evaluator):
+        self.metric, self.greater_is_better = best_model_criterion(args, evaluator)
+
+    def update(self, state: TrainerState, metrics: dict[str, float], checkpoint: Path) -> None:
+        """Make `checkpoint` the best one if its evaluation `metrics` beat the best so far."""
+        if self.metric not in metrics:
+            raise ValueError(
+                f"metric_for_best_model={self.metric!r} is not among the evaluation metrics {sorted(metrics)}. "
+                "Set metric_for_best_model to one of them."
+            )
+        value, best = metrics[self.metric], state.best_metric
+        if best is None or (value > best if self.greater_is_better else value < best):
+            state.best_metric, state.best_model_checkpoint = value, str(checkpoint)
