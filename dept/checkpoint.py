@@ -626,7 +626,7 @@ def rotate_checkpoints(output_dir: str | Path, save_total_limit: int | None, bes
 # ----------------------------------------------------------------------------------------------- starting a run
 
 
-def check_output_dir(accelerator: Accelerator, output_dir: Path, *, overwrite: bool, resuming: bool) -> None:
+def check_output_dir(accelerator: Accelerator, output_dir: Path, overwrite: bool, *, resuming: bool) -> None:
     """Refuse to train into a directory holding another run's outputs, unless overwriting (which deletes its old
     checkpoints, so that they are never resumed or rotated by mistake) or resuming."""
     if resuming or not output_dir.is_dir():

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dept.checkpoint import TrainerState, write_text_atomically
+from dept.checkpoint import TRAINER_STATE_NAME, TrainerState, write_on_main_process, write_text_atomically
+from dept.distributed import full_trainable_state_dict, uses_deepspeed, uses_fsdp
 from dept.training_args import TrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,43 @@ def write_adapter(model: nn.Module, output_dir: Path, trainable: dict[str, torch
         model.save_pretrained(str(output_dir), state_dict=trainable)
     else:
         model.save_pretrained(str(output_dir))
+
+
+def write_final_outputs(accelerator, model: nn.Module, output_dir: Path, state: TrainerState,
+                        metrics: dict[str, float]) -> None:
+    """The adapter of the prepared `model`, train_results.json, all_results.json and trainer_state.json, written
+    once by the main process; every process calls it (the engines gather the trainable weights)."""
+    unwrapped = accelerator.unwrap_model(model)
+    # Whole tensors, the same file as a single-process run writes: gathered from the engine's shards.
+    trainable = full_trainable_state_dict(accelerator, model)
+    sharded = uses_deepspeed(accelerator) or uses_fsdp(accelerator)
+
+    def write() -> None:
+        write_adapter(unwrapped, output_dir, trainable, sharded=sharded)
+        write_results(output_dir, "train", metrics)
+        write_text_atomically(output_dir / TRAINER_STATE_NAME, state.to_json())
+
+    write_on_main_process(accelerator, output_dir, write)
+
+
+def evaluation_metrics(evaluator, predictions: list, references: list, losses: list[torch.Tensor], *,
+                       runtime: float, num_samples: int, num_batches: int, prefix: str) -> dict[str, float]:
+    """`<prefix>_*` metrics of one pass over a split: the evaluator's, the mean loss (of `losses`, one tensor of
+    per-row batch losses per batch), and the pass's speed."""
+    metrics = {}
+    if evaluator is not None and references:
+        if len(references) != len(predictions):
+            raise ValueError(f"Got {len(predictions)} predictions for {len(references)} references.")
+        metrics.update(evaluator.compute_metrics(predictions, references))
+    if losses:
+        metrics["loss"] = torch.cat(losses).mean().item()
+    metrics.update(
+        runtime=round(runtime, 4),
+        samples=num_samples,
+        samples_per_second=round(num_samples / runtime, 3) if runtime > 0 else 0.0,
+        steps_per_second=round(num_batches / runtime, 3) if runtime > 0 else 0.0,
+    )
+    return {f"{prefix}_{key}": value for key, value in metrics.items()}
 
 
 def train_metrics(state: TrainerState, args: TrainingArguments, *, runtime: float, steps_run: int,

@@ -1,27 +1,18 @@
 """ONE training loop for every DePT model, text or vision-language, on top of accelerate.
 
-The loop knows no task and no modality. It needs:
-
-- a model whose `forward(**inputs)` returns an object with `.loss` (and, optionally, `optimizer_param_groups`
-  and `save_pretrained`, see `dept.optim` and `dept.results`);
-- a `collate_fn` that turns a list of examples into a dict of tensors for `model(**inputs)`, plus optional
-  non-tensor entries such as `"references"` (one gold item per row), which are popped before the forward;
-- an `Evaluator` that turns a batch into decoded predictions and predictions into metrics.
+The loop knows no task and no modality. It needs a model whose `forward(**inputs)` returns an object with `.loss`
+(and, optionally, `optimizer_param_groups` and `save_pretrained`), a `collate_fn` from a list of examples to a dict
+of tensors for `model(**inputs)` (plus non-tensor entries such as `"references"`, kept out of the forward), and an
+`Evaluator` from batches to decoded predictions and from predictions to metrics.
 
 `Trainer.train` reads top to bottom, as accelerate's `nlp_example.py`: build the data order, optimizer and
 schedule, maybe resume, then one loop over batches: `_training_step` (forward, backward, and at the end of an
 accumulation window the optimizer step), then `_log_evaluate_and_save`, the one place that decides logging,
 evaluation and checkpoints. A run killed at any moment resumes from its latest checkpoint and ends bit-identical to
-an uninterrupted run (same seed, same hardware).
-
-What surrounds the loop lives in a module each:
-
-- `dept.optim`: AdamW over the model's parameter groups (P, and A and B, at their own rates), one schedule;
-- `dept.checkpoint`: checkpoints and resume (the atomic directory, `save_total_limit`, the trainable weights, the
-  data order) and the output directory;
-- `dept.train_loss`: the loss kept on the device between logs, and the NaN policy;
-- `dept.results`: the result files, the predictions, the adapter, and the best checkpoint;
-- `dept.distributed`: what parameters sharded by DeepSpeed or FSDP need.
+an uninterrupted run (same seed, same hardware). Around the loop, a module each: `dept.optim` (AdamW over P's and
+A·B's groups, one schedule), `dept.checkpoint` (checkpoints, resume, the data order, the output directory),
+`dept.train_loss` (the loss kept on the device, the NaN policy), `dept.results` (result files, the adapter, the best
+checkpoint), `dept.distributed` (what DeepSpeed's and FSDP's sharded parameters need).
 """
 
 from __future__ import annotations
@@ -39,46 +30,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dept.checkpoint import (
-    ADAPTER_FILES,
-    TRAINER_STATE_NAME,
-    CheckpointWriteError,
-    EpochSampler,
-    OutputDirExistsError,
-    TrainerState,
-    check_output_dir,
-    checkpoint_dir,
-    data_order,
-    example_lengths,
-    keep_frozen_weights_out_of_checkpoints,
-    latest_checkpoint,
-    load_best_weights,
-    remaining_batches,
-    resolve_resume_checkpoint,
-    resume,
-    save_checkpoint,
-    train_dataloader,
-    write_on_main_process,
-    write_text_atomically,
-)
-from dept.distributed import full_trainable_state_dict, uses_deepspeed, uses_fsdp, whole_parameters_for_evaluation
-from dept.optim import (
-    build_optimizer,
-    build_scheduler,
-    learning_rates,
-    parameter_groups,
-    total_optimizer_steps,
-    trainable_parameters,
-)
-from dept.results import BestModel, train_metrics, write_adapter, write_predictions, write_results
-from dept.train_loss import NonFiniteLossError, StepLosses, finite_on_every_process, non_finite_loss_error
+from dept import checkpoint, results
+from dept.distributed import whole_parameters_for_evaluation
+from dept.optim import build_optimizer, build_scheduler, learning_rates, total_optimizer_steps, trainable_parameters
+from dept.train_loss import StepLosses, finite_on_every_process, non_finite_loss_error
 from dept.training_args import TrainingArguments
-
-__all__ = [  # the loop, and what its callers catch or build with it
-    "ADAPTER_FILES", "EpochSampler", "Evaluator", "NonFiniteLossError", "OutputDirExistsError", "Trainer",
-    "TrainerState", "build_optimizer", "build_scheduler", "enable_gradient_checkpointing", "example_lengths",
-    "learning_rates", "parameter_groups", "split_batch",
-]  # fmt: skip
 
 logger = get_logger(__name__)
 
@@ -158,9 +114,9 @@ class Trainer:
                 f"The accelerator accumulates {self.accelerator.gradient_accumulation_steps} steps but "
                 f"args.gradient_accumulation_steps={args.gradient_accumulation_steps}: make them equal."
             )
-        keep_frozen_weights_out_of_checkpoints(self.accelerator)  # the trainable weights are saved whole, apart
-        self.best = BestModel(args, evaluator)
-        self.state = TrainerState()
+        checkpoint.keep_frozen_weights_out_of_checkpoints(self.accelerator)  # the trainable ones are saved whole
+        self.best = results.BestModel(args, evaluator)
+        self.state = checkpoint.TrainerState()
         self._prepared_model: nn.Module | None = None
         self._last_evaluation: tuple[int, dict[str, float]] | None = None
         self._eval_dataloaders: dict[int, tuple[Dataset, DataLoader]] = {}
@@ -175,43 +131,43 @@ class Trainer:
         Returns the training metrics, also written to `train_results.json`: `train_loss`, `train_runtime`,
         `train_samples_per_second`, `train_steps_per_second`, `epoch`, `nan_steps_skipped`, ...
         """
-        args, accelerator = self.args, self.accelerator
+        args, accelerator, output_dir = self.args, self.accelerator, self.output_dir
         if self.train_dataset is None or len(self.train_dataset) == 0:
             raise ValueError("Trainer.train needs a non-empty train_dataset.")
         load_best_at_end = args.best_model_at_end(has_eval_data=self.eval_dataset is not None)
-        resume_from = resolve_resume_checkpoint(accelerator, self.output_dir, args.resume_from_checkpoint)
-        check_output_dir(accelerator, self.output_dir, overwrite=args.overwrite_output_dir,
-                         resuming=resume_from is not None)  # fmt: skip
+        resume_from = checkpoint.resolve_resume_checkpoint(accelerator, output_dir, args.resume_from_checkpoint)
+        checkpoint.check_output_dir(accelerator, output_dir, args.overwrite_output_dir, resuming=resume_from is not None)
         set_seed(args.seed)
 
-        dataloader, sampler = train_dataloader(self.train_dataset, args, self.collate_fn)
+        # Data, model, optimizer and schedule, as accelerate's examples build them.
+        dataloader, sampler = checkpoint.train_dataloader(self.train_dataset, args, self.collate_fn)
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         base_optimizer = build_optimizer(self.model, args)
         model, optimizer, dataloader = accelerator.prepare(self.model, base_optimizer, dataloader)
         self._prepared_model, self._batches_per_epoch = model, len(dataloader)
-        total_steps = total_optimizer_steps(args, self._batches_per_epoch)
+        total_steps = total_optimizer_steps(args, len(dataloader))
         # Stepped by hand, once per optimizer step. On the torch optimizer itself: DeepSpeed's ZeRO optimizer
         # is no torch Optimizer, but it steps with these same param_groups (and their learning rates).
         scheduler = build_scheduler(base_optimizer, args, total_steps)
-        order = data_order(args, accelerator.num_processes, len(self.train_dataset))
-        self.state, self._losses = TrainerState(max_steps=total_steps, data_order=order), StepLosses()
+        order = checkpoint.data_order(args, accelerator.num_processes, len(self.train_dataset))
+        self.state, self._losses = checkpoint.TrainerState(max_steps=total_steps, data_order=order), StepLosses()
         if args.report_to != "none":
             accelerator.init_trackers("runs", config=_hparams(args))
         if resume_from is not None:  # last: load_state puts each process's RNG back where it was saved
-            self.state = resume(accelerator, self.model, scheduler, resume_from, self.state)
-        logger.info(_run_summary(accelerator, model, self.state, total_steps, self._batches_per_epoch),
-                    main_process_only=True)  # fmt: skip
+            self.state = checkpoint.resume(accelerator, self.model, scheduler, resume_from, self.state)
+        logger.info(_run_summary(accelerator, model, self.state, total_steps, len(dataloader)), main_process_only=True)
         if self.eval_dataset is None:
-            logger.info("No evaluation data: this run evaluates nothing and saves the adapter of its last step (give "
-                        "validation data to evaluate and keep the best checkpoint).", main_process_only=True)
+            logger.info("No evaluation data: this run evaluates nothing and saves the adapter of its last step "
+                        "(give it validation data to evaluate and keep the best checkpoint).", main_process_only=True)
 
         start_time, start_step = time.perf_counter(), self.state.global_step
         model.train()
-        with tqdm(total=total_steps, initial=self.state.global_step, desc="train",
-                  disable=not accelerator.is_local_main_process) as progress:  # fmt: skip
+        progress = tqdm(total=total_steps, initial=start_step, desc="train",
+                        disable=not accelerator.is_local_main_process)  # fmt: skip
+        with progress:
             while self.state.global_step < total_steps:
-                for batch in remaining_batches(accelerator, dataloader, sampler, self.state):
+                for batch in checkpoint.remaining_batches(accelerator, dataloader, sampler, self.state):
                     if not self._training_step(model, optimizer, batch):
                         continue  # inside an accumulation window
                     scheduler.step()
@@ -219,19 +175,19 @@ class Trainer:
                     self._log_evaluate_and_save("steps", optimizer, scheduler, progress)
                     if self.state.global_step >= total_steps:
                         break
-                if self.state.end_epoch_if_finished(self._batches_per_epoch):
+                if self.state.end_epoch_if_finished(len(dataloader)):
                     self._log_evaluate_and_save("epoch", optimizer, scheduler, progress)
         self._collect_losses(optimizer)  # the NaN check before anything is written, and the last steps' losses
         runtime = time.perf_counter() - start_time
 
-        if load_best_at_end and self.state.best_model_checkpoint:
-            logger.info(f"Loading the best checkpoint {self.state.best_model_checkpoint} "
-                        f"({self.best.metric}={self.state.best_metric}).")  # fmt: skip
-            load_best_weights(accelerator, self.model, Path(self.state.best_model_checkpoint))
-        metrics = train_metrics(self.state, args, runtime=runtime, steps_run=self.state.global_step - start_step,
-                                num_examples=len(self.train_dataset), num_processes=accelerator.num_processes,
-                                epoch=self._epoch())  # fmt: skip
-        self._save_final(metrics)
+        best = self.state.best_model_checkpoint
+        if load_best_at_end and best:
+            logger.info(f"Loading the best checkpoint {best} ({self.best.metric}={self.state.best_metric}).")
+            checkpoint.load_best_weights(accelerator, self.model, Path(best))
+        metrics = results.train_metrics(self.state, args, runtime=runtime, steps_run=self.state.global_step - start_step,
+                                        num_examples=len(self.train_dataset), num_processes=accelerator.num_processes,
+                                        epoch=self._epoch())  # fmt: skip
+        results.write_final_outputs(accelerator, model, output_dir, self.state, metrics)
         if args.report_to != "none":  # not accelerator.end_training(): evaluate() still needs the process group
             for tracker in accelerator.trackers:
                 tracker.finish()
@@ -291,9 +247,10 @@ class Trainer:
         """
         total, steps, first_non_finite = self._losses.collect(self.accelerator)
         if first_non_finite is not None:
-            raise non_finite_loss_error(total, first_non_finite, found_at_step=self.state.global_step,
-                                        epoch=self._epoch(), learning_rates=learning_rates(optimizer),
-                                        last_checkpoint=latest_checkpoint(self.output_dir))  # fmt: skip
+            raise non_finite_loss_error(
+                total, first_non_finite, found_at_step=self.state.global_step, epoch=self._epoch(),
+                learning_rates=learning_rates(optimizer), last_checkpoint=checkpoint.latest_checkpoint(self.output_dir),
+            )
         self.state.record_losses(total, steps)
 
     def _log_training(self, optimizer, progress: tqdm) -> None:
@@ -321,34 +278,20 @@ class Trainer:
             self.on_evaluate(step, metrics)
 
     def _save_checkpoint(self, optimizer, scheduler) -> Path:
-        """`checkpoint-<global_step>` (see `dept.checkpoint.save_checkpoint`), which becomes the best one if this
-        step's evaluation beats the best so far; on a failed write the best stays what it was."""
+        """`checkpoint-<global_step>` (`dept.checkpoint.save_checkpoint`), which becomes the best one if this step's
+        evaluation beats the best so far; if its write fails, the best stays what it was."""
         self._collect_losses(optimizer)
-        state = self.state
+        state, path = self.state, checkpoint.checkpoint_dir(self.output_dir, self.state.global_step)
         best_before = (state.best_metric, state.best_model_checkpoint)
         if self._last_evaluation is not None and self._last_evaluation[0] == state.global_step:
-            self.best.update(state, self._last_evaluation[1], checkpoint_dir(self.output_dir, state.global_step))
+            self.best.update(state, self._last_evaluation[1], path)
         try:
-            return save_checkpoint(self.accelerator, self._prepared_model, scheduler, state, self.output_dir,
-                                   self.args.save_total_limit)  # fmt: skip
-        except CheckpointWriteError:
+            checkpoint.save_checkpoint(self.accelerator, self._prepared_model, scheduler, state, self.output_dir,
+                                       self.args.save_total_limit)  # fmt: skip
+        except checkpoint.CheckpointWriteError:
             state.best_metric, state.best_model_checkpoint = best_before
             raise
-
-    def _save_final(self, metrics: dict[str, float]) -> None:
-        """The adapter, train_results.json, all_results.json and trainer_state.json, written once."""
-        accelerator = self.accelerator
-        unwrapped = accelerator.unwrap_model(self._prepared_model)
-        # Whole tensors, the same file as a single-process run writes: gathered from the engine's shards.
-        trainable = full_trainable_state_dict(accelerator, self._prepared_model)
-        sharded = uses_deepspeed(accelerator) or uses_fsdp(accelerator)
-
-        def write() -> None:
-            write_adapter(unwrapped, self.output_dir, trainable, sharded=sharded)
-            write_results(self.output_dir, "train", metrics)
-            write_text_atomically(self.output_dir / TRAINER_STATE_NAME, self.state.to_json())
-
-        write_on_main_process(accelerator, self.output_dir, write)
+        return path
 
     def _epoch(self) -> float:
         return self.state.epoch_progress(self._batches_per_epoch)
@@ -374,10 +317,10 @@ class Trainer:
         predictions, references, metrics = self._evaluation_loop(self._prepared_model, dataset, prefix=split)
 
         def write() -> None:
-            write_results(self.output_dir, split, metrics)
-            write_predictions(self.output_dir, split, predictions, references)
+            results.write_results(self.output_dir, split, metrics)
+            results.write_predictions(self.output_dir, split, predictions, references)
 
-        write_on_main_process(self.accelerator, self.output_dir, write)
+        checkpoint.write_on_main_process(self.accelerator, self.output_dir, write)
         return predictions, metrics
 
     @torch.no_grad()
@@ -415,21 +358,9 @@ class Trainer:
         unwrapped.train(was_training)
         runtime = time.perf_counter() - start_time
 
-        metrics = {}
-        if self.evaluator is not None and references:
-            if len(references) != len(predictions):
-                raise ValueError(f"Got {len(predictions)} predictions for {len(references)} references.")
-            metrics.update(self.evaluator.compute_metrics(predictions, references))
-        if losses:
-            metrics["loss"] = torch.cat(losses).mean().item()
-        num_samples = len(dataset)
-        metrics.update(
-            runtime=round(runtime, 4),
-            samples=num_samples,
-            samples_per_second=round(num_samples / runtime, 3) if runtime > 0 else 0.0,
-            steps_per_second=round(len(dataloader) / runtime, 3) if runtime > 0 else 0.0,
-        )
-        return predictions, references, {f"{prefix}_{key}": value for key, value in metrics.items()}
+        metrics = results.evaluation_metrics(self.evaluator, predictions, references, losses, runtime=runtime,
+                                             num_samples=len(dataset), num_batches=len(dataloader), prefix=prefix)
+        return predictions, references, metrics
 
     def _eval_dataloader(self, dataset: Dataset) -> DataLoader:
         # Prepared once per dataset: accelerate keeps a reference to every dataloader it prepares.
@@ -466,7 +397,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     raise ValueError(f"{type(model).__name__} holds no Hugging Face model that supports gradient checkpointing.")
 
 
-def _run_summary(accelerator: Accelerator, model: nn.Module, state: TrainerState, total_steps: int,
+def _run_summary(accelerator: Accelerator, model: nn.Module, state: checkpoint.TrainerState, total_steps: int,
                  batches_per_epoch: int) -> str:
     parameters = list(accelerator.unwrap_model(model).parameters())
     trainable = sum(p.numel() for p in parameters if p.requires_grad)

@@ -47,9 +47,9 @@ class TrainingArguments:
         logging_steps: optimizer steps between loss / learning-rate log entries.
         save_total_limit: keep at most this many checkpoints (the best one is never deleted); None keeps all.
         load_best_model_at_end: at the end, load the checkpoint with the best `metric_for_best_model`. None (the
-            default) follows the data: on when the run evaluates (an `eval_dataset` and `eval_strategy != "no"`),
-            off when it has nothing to evaluate, where it keeps the adapter of its last step. True without
-            evaluation data is refused.
+            default) follows the data: on when the run evaluates (an `eval_dataset` and `eval_strategy != "no"`,
+            checked when training starts), off when it has nothing to evaluate, where it keeps the adapter of its
+            last step. True is checked at once, and refused without evaluation data.
         metric_for_best_model: metric that picks the best checkpoint, with or without the `eval_` prefix;
             None means the evaluator's main metric (or `loss` without an evaluator).
         greater_is_better: whether a larger `metric_for_best_model` is better; None means the evaluator's own
@@ -102,8 +102,10 @@ class TrainingArguments:
     )
     load_best_model_at_end: bool | None = field(
         default=None,
+        # nargs/const: a bare `--load_best_model_at_end` means True (HfArgumentParser adds them to a bool flag only
+        # when its default is not None).
         metadata={"help": "Load the best checkpoint (by metric_for_best_model) at the end; default: when the run "
-                          "has evaluation data."},
+                          "has evaluation data.", "nargs": "?", "const": True},
     )
     metric_for_best_model: str | None = field(
         default=None, metadata={"help": "Metric picking the best checkpoint; default: the evaluator's main metric."}
@@ -162,14 +164,18 @@ class TrainingArguments:
             raise ValueError("warmup_steps and dataloader_num_workers must be >= 0.")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit must be >= 1 or None (keep all), got {self.save_total_limit}.")
-        if self.load_best_model_at_end or (self.load_best_model_at_end is None and self.eval_strategy != "no"):
+        if self.load_best_model_at_end:
             self._check_best_model_is_saved()
 
     def best_model_at_end(self, has_eval_data: bool) -> bool:
-        """Whether the run reloads its best checkpoint at the end: `load_best_model_at_end`, or by default whenever
-        it evaluates. Asking for it explicitly without evaluation data is an error, not a silent no."""
+        """Whether the run reloads its best checkpoint at the end: `load_best_model_at_end`, or by default (None)
+        whenever it evaluates, which then needs the checkpoints that `_check_best_model_is_saved` asks for. Asked
+        for explicitly without evaluation data, it is an error, not a silent no."""
         if self.load_best_model_at_end is None:
-            return has_eval_data and self.eval_strategy != "no"
+            if not has_eval_data or self.eval_strategy == "no":
+                return False
+            self._check_best_model_is_saved()
+            return True
         if self.load_best_model_at_end and not has_eval_data:
             raise FlagError(
                 "--load_best_model_at_end (load_best_model_at_end=True) picks the best checkpoint by evaluating, but "
@@ -179,22 +185,23 @@ class TrainingArguments:
         return self.load_best_model_at_end
 
     def _check_best_model_is_saved(self) -> None:
-        # The best model can only be reloaded if every evaluation that may be the best has a checkpoint. (Unset,
-        # load_best_model_at_end is on whenever the run evaluates.)
+        # The best model can only be reloaded if every evaluation that may be the best has a checkpoint.
+        unset = " (unset, it is on when the run evaluates)" if self.load_best_model_at_end is None else ""
+        off = "set load_best_model_at_end=False (--load_best_model_at_end false)"
         if self.eval_strategy == "no" or self.save_strategy == "no":
-            raise ValueError(
-                "load_best_model_at_end needs evaluations and checkpoints: set eval_strategy and save_strategy "
-                "to 'steps' or 'epoch', or set load_best_model_at_end=False."
+            raise FlagError(
+                f"load_best_model_at_end{unset} needs evaluations and checkpoints: set eval_strategy and save_strategy "
+                f"to 'steps' or 'epoch', or {off}."
             )
         if self.eval_strategy != self.save_strategy:
-            raise ValueError(
-                f"load_best_model_at_end needs save_strategy == eval_strategy, got save_strategy="
-                f"{self.save_strategy!r} and eval_strategy={self.eval_strategy!r}."
+            raise FlagError(
+                f"load_best_model_at_end{unset} needs save_strategy == eval_strategy, got save_strategy="
+                f"{self.save_strategy!r} and eval_strategy={self.eval_strategy!r}; or {off}."
             )
         if self.save_strategy == "steps" and self.save_steps % self.eval_steps != 0:
-            raise ValueError(
-                f"load_best_model_at_end needs save_steps to be a multiple of eval_steps, got save_steps="
-                f"{self.save_steps} and eval_steps={self.eval_steps}."
+            raise FlagError(
+                f"load_best_model_at_end{unset} needs save_steps to be a multiple of eval_steps, got save_steps="
+                f"{self.save_steps} and eval_steps={self.eval_steps}; or {off}."
             )
 
     def to_dict(self) -> dict:

@@ -233,7 +233,7 @@ def test_training_arguments_build_a_command_line_with_help():
     [
         ({"eval_strategy": "often"}, "eval_strategy"),
         ({"load_best_model_at_end": True, "eval_strategy": "no"}, "load_best_model_at_end"),
-        ({"save_steps": 6, "eval_steps": 4}, "multiple of eval_steps"),
+        ({"load_best_model_at_end": True, "save_steps": 6, "eval_steps": 4}, "multiple of eval_steps"),
         ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
         ({"max_steps": -1, "num_train_epochs": 0}, "train nothing"),
     ],
@@ -241,6 +241,29 @@ def test_training_arguments_build_a_command_line_with_help():
 def test_inconsistent_training_arguments_are_refused(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         toy_args(tmp_path, **overrides)
+
+
+def test_best_model_by_default_follows_the_data(tmp_path):
+    # Unset, load_best_model_at_end is on when the run has something to evaluate: then its checkpoints must follow
+    # its evaluations, checked when training starts, before anything is written.
+    misaligned = toy_args(tmp_path / "misaligned", save_steps=6, eval_steps=4)
+    assert misaligned.load_best_model_at_end is None
+    with pytest.raises(ValueError, match="multiple of eval_steps"):
+        toy_trainer(misaligned).train()
+    assert not (tmp_path / "misaligned").exists()
+    # With nothing to evaluate it is off: the run trains and keeps the adapter of its last step.
+    trainer = toy_trainer(toy_args(tmp_path / "no_eval", save_steps=6, eval_steps=4), eval_dataset=None)
+    trainer.train()
+    last = read_checkpoint(tmp_path / "no_eval" / "checkpoint-12").trainable_parameters
+    adapter = load_file(str(tmp_path / "no_eval" / "adapter_model.safetensors"))
+    assert trainer.state.best_model_checkpoint is None and trainer.state.global_step == 16
+    assert adapter.keys() == last.keys()
+    assert all(not torch.equal(adapter[name], last[name]) for name in last)  # 4 more steps after checkpoint-12
+    for name, tensor in trainable_tensors(trainer.model).items():
+        assert torch.equal(adapter[name], tensor), name
+    # Asked for explicitly with nothing to evaluate, it is refused.
+    with pytest.raises(ValueError, match="no evaluation data"):
+        toy_trainer(toy_args(tmp_path / "explicit", load_best_model_at_end=True), eval_dataset=None).train()
 
 
 def test_mismatched_accelerator_accumulation_is_refused(tmp_path):
