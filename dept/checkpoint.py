@@ -26,26 +26,30 @@ The data order is a pure function of `(seed, epoch)` (`EpochSampler`), and `trai
 and the batches consumed in it: a resumed run skips those batches (accelerate's `skip_first_batches`) and sees the
 same batches in the same order, with each process's RNG restored by `load_state`.
 
-What accelerate 1.16 gives is used where it gives the same guarantee (`save_state`/`load_state` for every engine's
-files and the RNG, `skip_first_batches`, save/load pre-hooks). Where it falls short, this module keeps its own code,
-and a test shows why:
+What accelerate 1.16 gives is used where it gives the same guarantee: `save_state`/`load_state` for every engine's
+files and the RNG, `skip_first_batches`, the save/load pre-hooks. Where it falls short, this module keeps its own
+code, and a test shows why (T = tests/dept/test_trainer.py, F = tests/reliability/test_trainer_faults.py):
 
 - `ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=N)` counts folders and deletes the oldest
-  ones *before* the new one is written, and knows no best checkpoint: rotation here runs after a complete write and
-  never deletes the best or the newest one (tests/dept/test_trainer.py::
-  test_load_best_model_at_end_restores_the_best_checkpoint, ::test_rotation_deletes_oldest_checkpoints_but_never_the
-  _best_or_newest; tests/reliability/test_trainer_faults.py::test_full_disk_stops_with_a_clear_message_and_keeps_the
-  _last_checkpoint). It also writes straight into the final folder, and `load_state()` takes the highest-numbered
-  folder whatever it holds (test_trainer_faults.py::test_auto_resume_ignores_partial_and_temporary_checkpoints,
-  ::test_sigkilled_run_resumes_to_the_same_adapter_and_metrics).
-- `DataLoaderConfiguration(use_seedable_sampler=True)` shuffles as `EpochSampler` does (a permutation seeded with
-  seed + epoch), but it cannot group by length, and it applies only to an Accelerator built with it: one sampler
-  here serves both orders, whoever built the Accelerator (test_trainer.py::test_group_by_length_batches_similar_
-  lengths_and_covers_every_example; the SIGKILL test resumes a length-grouped run; tests/dept/test_deepspeed_cpu.py
-  resumes under an Accelerator its launcher builds).
-- `save_state` saves the whole model of plain and DDP runs, the frozen base included: a pre-hook keeps it out, and
-  the trainable weights are saved whole (test_trainer.py::test_dept_t5_trains_through_the_loop_and_checkpoints_only
-  _its_adapter).
+  *before* the new one is written, and knows no best checkpoint. Here rotation runs after a complete write and
+  never deletes the best or the newest one:
+      T::test_load_best_model_at_end_restores_the_best_checkpoint
+      T::test_rotation_deletes_oldest_checkpoints_but_never_the_best_or_newest
+      F::test_full_disk_stops_with_a_clear_message_and_keeps_the_last_checkpoint
+- accelerate writes straight into the final folder, and `load_state()` under automatic naming takes the
+  highest-numbered folder whatever it holds. Here a checkpoint is renamed into place when complete, and only
+  complete ones are resumed:
+      F::test_auto_resume_ignores_partial_and_temporary_checkpoints
+      F::test_sigkilled_run_resumes_to_the_same_adapter_and_metrics
+- `DataLoaderConfiguration(use_seedable_sampler=True)` shuffles exactly as `EpochSampler` does (a permutation
+  seeded with seed + epoch), but it cannot group by length, and it applies only to an Accelerator built with it.
+  One sampler here serves both orders, whoever built the Accelerator:
+      T::test_group_by_length_batches_similar_lengths_and_covers_every_example
+      F::test_sigkilled_run_resumes_to_the_same_adapter_and_metrics (a length-grouped run)
+      tests/dept/test_deepspeed_cpu.py (resumes under the Accelerator its launcher builds)
+- `save_state` saves the whole model of plain and DDP runs, the frozen base included: a pre-hook keeps it out,
+  and the trainable weights are saved whole:
+      T::test_dept_t5_trains_through_the_loop_and_checkpoints_only_its_adapter
 """
 
 from __future__ import annotations
