@@ -31,7 +31,7 @@ class UnsafeCheckpointError(UserError, ValueError):
 
 
 class DamagedAdapterError(UserError, ValueError):
-    """An adapter weights file that is truncated or corrupt."""
+    """An adapter weights file that is truncated, corrupt, or holds something other than an adapter's tensors."""
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -72,23 +72,55 @@ def is_official_checkpoint(directory: str | Path) -> bool:
 
 
 def load_official_weights(weights_path: str | Path) -> dict[str, torch.Tensor]:
-    """Read an official DePT `adapter_model.bin` and rename its keys to ours."""
+    """Read an official DePT `adapter_model.bin` and rename its keys to ours.
+
+    A pickle that holds more than tensors is refused (`UnsafeCheckpointError`); a truncated or corrupt file, or
+    one that holds anything but a dict of the official tensors, is named as damaged (`DamagedAdapterError`).
+    """
     try:
         raw = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
             f"Refusing to load {weights_path}: it holds objects other than tensors, which could run code. "
-            "Only plain tensor checkpoints are loaded (torch.load with weights_only=True rejected this one)."
+            "Only plain tensor checkpoints are loaded (torch.load with weights_only=True rejected this one: "
+            f"{_unpickler_reason(err)})."
         ) from None
+    except Exception as err:  # torch reports a damaged file as RuntimeError, EOFError, KeyError, ... by its format
+        what = "it is empty (0 bytes)" if Path(weights_path).stat().st_size == 0 else \
+            f"{type(err).__name__}: {_first_line(err) or 'it ends too soon'}"
+        raise _damaged(weights_path, what, OFFICIAL_FIX) from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{weights_path} should hold a dict of tensors, got {type(raw).__name__}.")
-    unknown = sorted(set(raw) - set(OFFICIAL_KEYS))
+        raise _damaged(weights_path, f"it holds a {type(raw).__name__}, not a dict of tensors", OFFICIAL_FIX)
+    unknown = sorted(map(str, set(raw) - set(OFFICIAL_KEYS)))
     if unknown or "prompt_embeddings" not in raw:
-        raise ValueError(
+        raise DamagedAdapterError(
             f"{weights_path} is not an official DePT checkpoint: expected keys {sorted(OFFICIAL_KEYS)}, "
-            f"found {sorted(raw)}."
+            f"found {sorted(map(str, raw))}."
         )
+    not_tensors = sorted(f"{key} ({type(value).__name__})" for key, value in raw.items()
+                         if not isinstance(value, torch.Tensor))
+    if not_tensors:
+        raise _damaged(weights_path, f"these entries are not tensors: {', '.join(not_tensors)}", OFFICIAL_FIX)
     return {OFFICIAL_KEYS[key]: value.float() for key, value in raw.items()}
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def _unpickler_reason(err: BaseException) -> str:
+    """The reason in torch's weights-only refusal, without its advice to load the file unsafely."""
+    reason = (str(err).partition("WeightsUnpickler error:")[2] or str(err)).strip().partition("\n\n")[0]
+    return " ".join(reason.split()).partition(". ")[0].rstrip(".")
+
+
+OFFICIAL_FIX = "Download or copy the checkpoint again."
+OUR_FIX = ("Copy the adapter again, or save it again from its training run (its checkpoint-* directories hold the "
+           "same parameters).")
+
+
+def _damaged(weights_path: str | Path, what: str, fix: str = OUR_FIX) -> DamagedAdapterError:
+    return DamagedAdapterError(f"{weights_path} is damaged ({what}). {fix}")
 
 
 def load_adapter(directory: str | Path) -> tuple[DePTConfig, dict[str, torch.Tensor], str]:
@@ -114,7 +146,4 @@ def load_weights(weights_path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(weights_path)
     except SafetensorError as err:
-        raise DamagedAdapterError(
-            f"{weights_path} is damaged (truncated or corrupt: {err}). Copy the adapter again, or save it again "
-            "from its training run (its checkpoint-* directories hold the same parameters)."
-        ) from None
+        raise _damaged(weights_path, f"truncated or corrupt: {err}") from None

@@ -233,7 +233,8 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None):
         index = argv.index("--config")
         if index + 1 >= len(argv):
             raise FlagError("--config needs a YAML file path.")
-        argv = yaml_to_argv(argv[index + 1]) + argv[:index] + argv[index + 2:]
+        command_line = argv[:index] + argv[index + 2:]
+        argv = _direction_follows_metric(yaml_to_argv(argv[index + 1]), command_line) + command_line
     parser = HfArgumentParser(dataclass_types)
     argv = [canonical_flag(word, parser) for word in argv]
     try:
@@ -242,6 +243,22 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None):
         raise
     except ValueError as err:  # a dataclass's own check of its flags (e.g. "Nothing to do: pass --do_train")
         raise FlagError(str(err)) from err
+
+
+def _direction_follows_metric(recipe: list[str], command_line: list[str]) -> list[str]:
+    """The recipe's flags without its `greater_is_better` when the command line picks another metric and no
+    direction: the direction then follows the new metric (`TrainingArguments.best_model_criterion`), instead of
+    a recipe's "true" silently maximising a `--metric_for_best_model loss`."""
+    named = {word.partition("=")[0] for word in command_line}
+    if "--metric_for_best_model" not in named or "--greater_is_better" in named:
+        return recipe
+    kept, words = [], iter(recipe)
+    for word in words:
+        if word == "--greater_is_better":
+            next(words, None)  # yaml_to_argv always writes a value after a flag
+        else:
+            kept.append(word)
+    return kept
 
 
 def canonical_flag(word: str, parser: argparse.ArgumentParser) -> str:

@@ -33,6 +33,11 @@ class InputTooLongError(ValueError):
     """An input has more real tokens than the adapter's max_length covers."""
 
 
+def invalidate_after_load(module: nn.Module, incompatible_keys) -> None:
+    """A load_state_dict post-hook: whatever was loaded, the module's caches are recomputed."""
+    module.invalidate_caches()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The three steps, each in one function
 
@@ -224,7 +229,7 @@ class DePTEmbedding(nn.Module):
             self.register_buffer("adapter_max_lengths", torch.tensor([c.max_length for c in configs],
                                                                      dtype=torch.long), persistent=False)
         self._cached_update: torch.Tensor | None = None
-        self._cache_key: tuple | None = None
+        self.register_load_state_dict_post_hook(invalidate_after_load)
         self.reset_lora_parameters()
 
     @property
@@ -302,18 +307,32 @@ class DePTEmbedding(nn.Module):
     def embedding_update(self, length: int | None = None) -> torch.Tensor:
         """scaling * (A @ B)[:length]: (length, d) for a bank of one, (n, length, d) for a bank.
 
-        In eval mode without autograd the full table is computed once and reused until A or B change
-        (tracked by their in-place version counters, which optimizer steps and loads bump).
+        In eval mode without autograd the full table is computed once and reused until `invalidate_caches()`,
+        which every train()/eval() call, load_state_dict, move or cast, and forward that needs gradients does
+        (see `dept.model` for the rule); in training mode it is computed afresh at every call.
         """
         length = self.max_length if length is None else length
         A, B = self.lora_embedding_A, self.lora_embedding_B
         if self.training or (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)):
+            self._cached_update = None  # a graph through A and B: a step may follow
             return (A[..., :length, :] @ B) * self.scaling
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), A.device, A.dtype, B.dtype)
-        if self._cache_key != key:
+        if self._cached_update is None:
             self._cached_update = (A @ B) * self.scaling
-            self._cache_key = key
         return self._cached_update[..., :length, :]
+
+    def invalidate_caches(self) -> None:
+        """Drop the cached table; the next eval call computes it from the current A and B."""
+        self._cached_update = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.invalidate_caches()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self.invalidate_caches()  # a move or a cast
+        return result
 
     # ----------------------------------------------------------------------------------------------------------
     # The forward, in three steps

@@ -17,8 +17,11 @@ over it). The math itself lives once, in `DePTEmbedding`.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import logging
 import re
+import types
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,6 +37,7 @@ from .embedding import (
     PADDING_OFFSET_MODEL_TYPES,
     DePTEmbedding,
     PromptRouting,
+    invalidate_after_load,
     place,
     real_token_position_ids,
 )
@@ -45,6 +49,7 @@ from .prompt_cache import (
     forward_after_prompt,
     generate_after_prompt,
     generation_expand_size,
+    needs_gradients,
     prompt_cache_applies,
     stack_prompt_states,
     with_prompt_logits,
@@ -54,14 +59,49 @@ logger = logging.getLogger(__name__)
 
 # Heads that are trained with the prompt, as PEFT's modules_to_save for sequence classification.
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
-# Models with learned absolute positions, whose table bounds m + max_length.
-ABSOLUTE_POSITION_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "gpt2")
 MODULES_PREFIX = "modules."  # a trained module's keys in an adapter file: modules.<module>.<key>
 _VALID_ADAPTER_NAME = re.compile(r"^[^.]+$")
 
 
 class AdapterMismatchError(UserError, ValueError):
     """An adapter that does not fit the model it is loaded into."""
+
+
+def expose_forward_signature(model: nn.Module, base_model: nn.Module) -> None:
+    """Let `inspect.signature(model.forward)` name what `base_model.forward` takes, next to the model's own
+    parameters, so that transformers' `Trainer` (`remove_unused_columns=True`) keeps `labels`,
+    `decoder_input_ids`, `token_type_ids`, VL-T5's visual inputs and the like.
+
+    The model's own named parameters keep their places (they are what it really takes positionally); the base's
+    other parameters follow as keyword-only, then `**kwargs`, which the model passes to the base. A base whose
+    forward takes `**kwargs` may pass them to its parent's forward (VL-T5 passes `labels` and the decoder's inputs
+    to T5's), so the parents' parameters are named too.
+    """
+    implementation = type(model).forward
+    own = inspect.signature(implementation).parameters
+    base: dict[str, inspect.Parameter] = {}
+    for cls in type(base_model).__mro__:
+        if "forward" not in vars(cls):
+            continue
+        parameters = list(inspect.signature(vars(cls)["forward"]).parameters.values())[1:]  # without self
+        base.update({p.name: p for p in parameters if p.name not in base})
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    named = [p for p in own.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    passed_on = [p.replace(kind=p.KEYWORD_ONLY) for name, p in base.items()
+                 if name not in own and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    positional = [p for p in named if p.kind is not p.KEYWORD_ONLY]
+    keyword_only = [p for p in named if p.kind is p.KEYWORD_ONLY]
+    var_keyword = inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)
+    signature = inspect.signature(implementation).replace(
+        parameters=[*positional, *passed_on, *keyword_only, var_keyword])
+
+    @functools.wraps(implementation)
+    def forward(self, *args, **kwargs):
+        return implementation(self, *args, **kwargs)
+
+    forward.__signature__ = signature
+    model.forward = types.MethodType(forward, model)  # per instance: each base model takes its own arguments
 
 
 def embed_inputs(word_embeddings: nn.Module, input_ids, attention_mask, inputs_embeds):
@@ -84,12 +124,18 @@ class DePTModel(nn.Module):
     `forward` and `generate` take `adapter_names`, one name per row (or one for the whole batch), each row gives
     exactly what its adapter alone gives, and each adapter's trained modules (a classifier head, a visual
     projection) are applied to its own rows.
+
+    Caching rule: the eval caches (the scaling * A @ B table, the prompt's KV cache) are recomputed after every
+    `train()`/`eval()` call, load (`load_state_dict`, `load_adapter_state_dict`), move or cast, adapter add or
+    remove, and forward that needs gradients, never keyed on tensor versions or addresses, and after any other
+    in-place change of P, A, B or the base's weights in eval mode you call `invalidate_caches()`.
     """
 
     task_type: str = ""
+    # True where `forward` passes the base model's arguments through: its signature then names them (see
+    # `expose_forward_signature`), so transformers' Trainer keeps labels, decoder_input_ids and the like.
+    forwards_to_base: bool = False
     prompt_first: bool = False  # True keeps P at position 0 under left padding (see DePTEmbedding)
-    # A decoder-only `generate` fed embeddings returns only the new tokens (Hugging Face returns input + new).
-    generate_returns_new_tokens_only: bool = True
 
     def __init__(
         self,
@@ -109,6 +155,9 @@ class DePTModel(nn.Module):
             param.requires_grad_(False)
         self.adapter_modules = nn.ModuleDict()  # a served adapter's own copies of its trained modules
         self.config = config
+        self.register_load_state_dict_post_hook(invalidate_after_load)
+        if self.forwards_to_base:
+            expose_forward_signature(self, self.base_model)
         if config is None:  # a bank for serving: frozen, in eval mode, adapters come with add_adapter
             self.modules_to_save = ()
             self.prompt_encoder = DePTEmbedding([], token_dim, names=[]).to(self.input_device())
@@ -144,6 +193,22 @@ class DePTModel(nn.Module):
     def _initialize_prompt(self, tokenizer) -> None:
         """P from the frozen word embeddings (see `DePTEmbedding.initialize`), A and B as the paper says."""
         self.prompt_encoder.initialize(self.word_embeddings.weight, tokenizer)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The eval caches (see the caching rule in the class docstring)
+    def invalidate_caches(self) -> None:
+        """Drop every cached value; the next eval call recomputes it from the current weights."""
+        self.prompt_encoder.invalidate_caches()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.invalidate_caches()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self.invalidate_caches()  # a move or a cast
+        return result
 
     # ----------------------------------------------------------------------------------------------------------
     # The adapters of the bank
@@ -188,6 +253,7 @@ class DePTModel(nn.Module):
         bank = self.prompt_encoder
         self._restack([(n, c, bank.adapter_tensors(i)) for i, (n, c) in enumerate(zip(bank.names, bank.configs))]
                       + [(name, config, own.adapter_tensors())])
+        self._forget_adapter(name)  # computed from nothing yet, whatever was once served under this name
 
     def remove_adapter(self, name: str) -> None:
         if self.config is not None or name not in self.prompt_encoder.names:
@@ -197,6 +263,10 @@ class DePTModel(nn.Module):
                        if n != name])
         if name in self.adapter_modules:
             del self.adapter_modules[name]
+        self._forget_adapter(name)
+
+    def _forget_adapter(self, name: str) -> None:
+        """Drop what was cached for adapter `name` (the bank itself is new after every add or remove)."""
 
     @torch.no_grad()
     def _restack(self, adapters: list[tuple[str, DePTConfig, dict[str, torch.Tensor]]]) -> None:
@@ -410,6 +480,7 @@ class DePTModel(nn.Module):
             )
         for module_name, module_state in modules.items():
             load_module_state(getattr(self.base_model, module_name), module_state, source, module_name)
+        self.invalidate_caches()
 
     @classmethod
     def from_pretrained(
@@ -488,6 +559,18 @@ def load_module_state(module: nn.Module, module_state: dict[str, torch.Tensor], 
     return module
 
 
+def prepend_inputs(input_ids: torch.Tensor, generated):
+    """transformers' decoder-only convention: the input ids (repeated for beams and returned sequences) followed by
+    the new tokens, in a tensor or in `generate`'s output object."""
+    sequences = generated if isinstance(generated, torch.Tensor) else generated.sequences
+    inputs = input_ids.to(sequences.device).repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+    sequences = torch.cat([inputs, sequences], dim=1)
+    if isinstance(generated, torch.Tensor):
+        return sequences
+    generated.sequences = sequences
+    return generated
+
+
 def _select_rows(inputs, rows: torch.Tensor, batch: int):
     """The given rows of every batch-first tensor in a tuple or dict of module inputs."""
     def pick(value):
@@ -507,15 +590,17 @@ class DePTModelForSeq2SeqLM(DePTModel):
     """
 
     task_type = "seq2seq"
+    forwards_to_base = True
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, adapter_names=None,
+                **kwargs):
         if kwargs.get("encoder_outputs") is not None:  # the prompt is already inside the encoder outputs
-            return self._with_encoder_outputs(attention_mask, adapter_names, **kwargs)
+            return self._with_encoder_outputs(attention_mask, adapter_names, labels=labels, **kwargs)
         tokens, attention_mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
                                                                            adapter_names)
         embeds, mask = self.prompt_encoder.with_prompts(tokens, attention_mask, routing)
         with self.per_row_modules(adapter_index):
-            return self.base_model(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+            return self.base_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
 
     def _with_encoder_outputs(self, attention_mask, adapter_names, **kwargs):
         if attention_mask is None:
@@ -529,7 +614,10 @@ class DePTModelForSeq2SeqLM(DePTModel):
             return self.base_model(attention_mask=routing.prompted_mask(attention_mask), **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None, **kwargs):
+    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None,
+                 new_tokens_only: bool = False, **kwargs):
+        """The decoder's tokens (its start token, then the new ones), as transformers returns them for an
+        encoder-decoder: they never hold the input, so `new_tokens_only` changes nothing here."""
         tokens, attention_mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
                                                                            adapter_names)
         embeds, mask = self.prompt_encoder.with_prompts(tokens, attention_mask, routing)
@@ -542,7 +630,9 @@ class DePTModelForCausalLM(DePTModel):
     """DePT for decoder-only LMs: `[P ; E']`, labels -100 over P, positions counted over real tokens.
 
     `forward` returns logits over all width + seq positions (as PEFT does; width is the longest prompt among the
-    rows' adapters, the shorter ones padded with masked slots). `generate` returns only the new tokens.
+    rows' adapters, the shorter ones padded with masked slots). `generate` follows transformers: given `input_ids`
+    it returns them followed by the new tokens (so `out[:, input_ids.shape[1]:]` is the answer), given only
+    `inputs_embeds` the new tokens; `new_tokens_only=True` asks for the new tokens alone.
 
     In eval mode (when nothing needs gradients through P) each adapter's P keys, values and logits are computed
     once and reused by every call, which then runs the base model on its own tokens only (the prompt KV cache,
@@ -551,18 +641,28 @@ class DePTModelForCausalLM(DePTModel):
     """
 
     task_type = "causal"
+    forwards_to_base = True
 
     def __init__(self, *args, **kwargs):
+        self.prompt_caches: dict[str, PromptKVCache] = {}  # by adapter name; before the base class calls eval()
+        self._stacked_prompt_states: tuple[tuple, PromptStates | None] | None = None
         super().__init__(*args, **kwargs)
         self.use_prompt_cache = True
-        self.prompt_caches: dict[str, PromptKVCache] = {}  # by adapter name
-        self._stacked_prompt_states: tuple[tuple, PromptStates | None] | None = None
+
+    def invalidate_caches(self) -> None:
+        super().invalidate_caches()
+        for cache in self.prompt_caches.values():
+            cache.clear()
+        self._stacked_prompt_states = None
+
+    def _forget_adapter(self, name: str) -> None:
+        self.prompt_caches.pop(name, None)
+        self._stacked_prompt_states = None
 
     def prompt_states(self) -> PromptStates | None:
         """P's keys, values and logits, one row per adapter of the bank (stacked to the longest m); each
-        adapter's are recomputed only after its P or the base model changed."""
+        adapter's are computed once, then kept as the caching rule says."""
         bank = self.prompt_encoder
-        self.prompt_caches = {name: cache for name, cache in self.prompt_caches.items() if name in bank.names}
         if bank.num_adapters == 1:
             return self._adapter_prompt_states(0)
         states, generations = [], []
@@ -574,7 +674,7 @@ class DePTModelForCausalLM(DePTModel):
                 return None  # this base model's cache is not plain keys and values
             states.append(state)
             generations.append((name, self.prompt_caches[name].generation))
-        key = (tuple(generations), id(bank))
+        key = tuple(generations)
         if self._stacked_prompt_states is None or self._stacked_prompt_states[0] != key:
             self._stacked_prompt_states = key, stack_prompt_states(states, bank.num_virtual_tokens)
         return self._stacked_prompt_states[1]
@@ -588,10 +688,12 @@ class DePTModelForCausalLM(DePTModel):
             with self.per_row_modules(torch.tensor([index], device=prompt.device)):  # an adapter's own lm_head
                 return compute_prompt_states(self.base_model, prompt)
 
-        return cache.get(self.base_model, prompt, compute)
+        return cache.get(self.base_model, compute)
 
     def _cached_prompt(self, use_prompt_cache: bool | None, routing: PromptRouting, kwargs: dict,
                        generating: bool = False) -> PromptStates | None:
+        if needs_gradients(self):  # a graph through P: a step may follow
+            self.invalidate_caches()
         enabled = self.use_prompt_cache if use_prompt_cache is None else use_prompt_cache
         if routing.width == 0 or not prompt_cache_applies(self, enabled, kwargs, generating):
             return None
@@ -626,10 +728,21 @@ class DePTModelForCausalLM(DePTModel):
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None,
-                 use_cache: bool = True, use_prompt_cache: bool | None = None, **kwargs):
+                 use_cache: bool = True, use_prompt_cache: bool | None = None, new_tokens_only: bool = False,
+                 **kwargs):
         """Prompt at prefill, then the KV cache carries it; with the prompt cache the prefill runs on the input
         alone. `use_cache=False` recomputes the whole sequence at every step (greedy only): slow, but the
-        reference the cached paths must match."""
+        reference the cached paths must match.
+
+        Returns `input_ids` followed by the new tokens, as transformers and PEFT do (the new tokens alone when
+        only `inputs_embeds` is given, or with `new_tokens_only=True`).
+        """
+        new_tokens = self._generate_new_tokens(input_ids, attention_mask, inputs_embeds, adapter_names, use_cache,
+                                               use_prompt_cache, **kwargs)
+        return new_tokens if input_ids is None or new_tokens_only else prepend_inputs(input_ids, new_tokens)
+
+    def _generate_new_tokens(self, input_ids, attention_mask, inputs_embeds, adapter_names, use_cache,
+                             use_prompt_cache, **kwargs):
         tokens, mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
                                                                  adapter_names)
         with self.per_row_modules(adapter_index):
@@ -683,12 +796,13 @@ class DePTModelForSequenceClassification(DePTModel):
     """
 
     task_type = "cls"
+    forwards_to_base = True
     prompt_first = True  # the pooler reads position 0, so the prompt stays in front even under left padding
 
     def __init__(self, base_model, config, tokenizer=None, modules_to_save=CLASSIFIER_HEAD_NAMES, initialize=True):
         super().__init__(base_model, config, tokenizer, modules_to_save, initialize)
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None,
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, token_type_ids=None, labels=None,
                 adapter_names=None, **kwargs):
         tokens, attention_mask, adapter_index, routing = self.embed_tokens(input_ids, attention_mask, inputs_embeds,
                                                                            adapter_names)
@@ -698,7 +812,7 @@ class DePTModelForSequenceClassification(DePTModel):
         kwargs.pop("position_ids", None)
         with self.per_row_modules(adapter_index):
             return self.base_model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=token_type_ids,
-                                   position_ids=self.position_ids(mask), **kwargs)
+                                   position_ids=self.position_ids(mask), labels=labels, **kwargs)
 
 
 _MODEL_CLASSES = {
@@ -735,15 +849,27 @@ def check_compatible(config: DePTConfig, base_config, token_dim: int, task_type:
             f"The adapter has token_dim={config.token_dim} but the model's embeddings have d={token_dim}: "
             "it was trained on another base model."
         )
+    check_position_limit(config, base_config)
+
+
+def check_position_limit(config: DePTConfig, base_config) -> None:
+    """Refuse m + s beyond the base model's position limit, where it has one (`max_position_embeddings`: learned
+    absolute positions such as BERT's and GPT-2's, or the RoPE range of LLaMA; T5's relative positions have none)."""
     model_type = getattr(base_config, "model_type", None)
     max_positions = getattr(base_config, "max_position_embeddings", None)
-    if model_type in ABSOLUTE_POSITION_MODEL_TYPES and max_positions is not None:
-        offset = base_config.pad_token_id + 1 if model_type in PADDING_OFFSET_MODEL_TYPES else 0
-        if config.num_virtual_tokens + config.max_length + offset > max_positions:
-            raise ConfigError(
-                f"num_virtual_tokens + max_length = {config.num_virtual_tokens + config.max_length} exceeds the "
-                f"{max_positions - offset} positions of this {model_type} model: lower max_length."
-            )
+    if not isinstance(max_positions, int):
+        return
+    offset = base_config.pad_token_id + 1 if model_type in PADDING_OFFSET_MODEL_TYPES else 0
+    limit = max_positions - offset
+    length = config.num_virtual_tokens + config.max_length
+    if length > limit:
+        raise ConfigError(
+            f"num_virtual_tokens + max_length = {config.num_virtual_tokens} + {config.max_length} = {length} "
+            f"exceeds the {limit} positions of this {model_type} model (its max_position_embeddings"
+            f"{f' less {offset}' if offset else ''}): lower num_virtual_tokens (--prefix_length) or max_length "
+            "(--max_seq_length) so that they add up to at most "
+            f"{limit}."
+        )
 
 
 def describe_hf_base(model: nn.Module) -> dict:

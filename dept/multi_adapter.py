@@ -35,9 +35,10 @@ class MultiAdapterModel(nn.Module):
         >>> batch = tokenizer(["sentence: great film", "premise: ... hypothesis: ..."], padding=True,
         ...                   return_tensors="pt")  # doctest: +SKIP
         >>> model.generate(**batch, adapter_names=["sst2", "rte"], max_new_tokens=4)  # doctest: +SKIP
-    """
 
-    generate_returns_new_tokens_only: bool = True  # as DePTModel: no input ids in front of the new tokens
+    `generate` returns what the model kind's returns: for decoder-only models the input ids followed by the new
+    tokens, as transformers does; `new_tokens_only=True` gives the new tokens alone.
+    """
 
     def __init__(self, base_model: nn.Module, adapters: dict[str, str | Path] | None = None):
         super().__init__()

@@ -5,8 +5,10 @@ logits) never depend on the input. Positions count real tokens only, so P always
 whatever the padding side. P's states are therefore a constant of the adapter: compute them once, in eval mode,
 and let each request prefill only its own tokens, at positions m, m+1, ..., attending to the m cached keys.
 
-The states are recomputed when P or the base model changes, by the rule of the A @ B cache: in-place version
-counters (bumped by optimizer steps and loads) and storage pointers (changed by moves and casts).
+The states follow the one caching rule of `dept.model` (recomputed after every train()/eval() call, load, move or
+cast, adapter add or remove, and forward that needs gradients; `invalidate_caches()` after any other in-place
+change), and are never keyed on tensor version counters or addresses, which fused optimizers and re-used memory
+leave unchanged. An autocast switch gives states of another precision, so it recomputes them too.
 """
 
 from __future__ import annotations
@@ -42,13 +44,12 @@ def cache_argument(model: nn.Module) -> str:
     return _CACHE_ARGUMENT[kind]
 
 
-def base_model_key(model: nn.Module) -> tuple:
-    """Changes whenever a weight of `model` is changed in place, moved or cast, or autocast is switched."""
+def computation_precision(model: nn.Module) -> tuple:
+    """The dtype and device the base computes in, autocast included: states computed in another are not reused."""
     weight = model.get_input_embeddings().weight
     device_type = weight.device.type
     autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    versions = sum(parameter._version for parameter in model.parameters())
-    return versions, weight.data_ptr(), weight.dtype, weight.device, autocast
+    return weight.dtype, weight.device, autocast
 
 
 @dataclass
@@ -130,38 +131,44 @@ def stack_prompt_states(states: list[PromptStates | None], width: int) -> Prompt
 
 
 class PromptKVCache:
-    """One prompt's states, kept until the prompt or the base model changes.
+    """One prompt's states: computed at first use, kept until `clear()` (or a change of precision).
 
-    `generation` counts the recomputations, so that tables stacked from several caches know when to restack.
+    `generation` counts the computations, so that tables stacked from several caches know when to restack.
     """
 
     def __init__(self):
-        self._key: tuple | None = None
+        self._precision: tuple | None = None  # None: nothing computed since the last clear()
         self._states: PromptStates | None = None
         self.generation = 0
 
-    def get(self, base_model: nn.Module, prompt: torch.Tensor,
-            compute: Callable[[], PromptStates | None]) -> PromptStates | None:
-        key = (prompt._version, prompt.data_ptr(), prompt.dtype, prompt.device, *base_model_key(base_model))
-        if key != self._key:
+    def get(self, base_model: nn.Module, compute: Callable[[], PromptStates | None]) -> PromptStates | None:
+        precision = computation_precision(base_model)
+        if precision != self._precision:
             self._states = compute()
-            self._key = key
+            self._precision = precision
             self.generation += 1
         return self._states
 
+    def clear(self) -> None:
+        self._precision, self._states = None, None
+
+
+def needs_gradients(module: nn.Module) -> bool:
+    """Whether a call would build a graph through the module's trainable parameters (an optimizer step may follow)."""
+    return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+
 
 def prompt_cache_applies(module: nn.Module, enabled: bool, kwargs: dict, generating: bool = False) -> bool:
-    """The cached path runs when the base model is in eval mode (the cached states are dropout-free), nothing
-    needs gradients through P, no cache of the caller's own is given, and (for a forward) only the plain
-    outputs are asked for."""
+    """The cached path runs in eval mode (the cached states are dropout-free), when nothing needs gradients
+    through P, no cache of the caller's own is given, and (for a forward) only the plain outputs are asked for."""
     if generating:  # generation options pass through; a cache of the caller's or per-layer outputs do not
         kwargs = {key: value for key, value in kwargs.items()
                   if key in CACHE_ARGUMENTS or (key in ("output_hidden_states", "output_attentions") and value)}
-    if not enabled or module.base_model.training or not set(kwargs) <= PROMPT_CACHE_FORWARD_ARGUMENTS:
+    if not enabled or module.training or module.base_model.training:
         return False
-    if kwargs.get("return_dict") is False:
+    if not set(kwargs) <= PROMPT_CACHE_FORWARD_ARGUMENTS or kwargs.get("return_dict") is False:
         return False
-    return not (torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()))
+    return not needs_gradients(module)
 
 
 def forward_after_prompt(base_model: nn.Module, states: PromptStates, token_embeds: torch.Tensor,

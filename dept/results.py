@@ -120,27 +120,17 @@ def train_metrics(state: TrainerState, args: TrainingArguments, *, runtime: floa
     }
 
 
-def best_model_criterion(args: TrainingArguments, evaluator) -> tuple[str, bool]:
-    """("eval_<metric>", greater_is_better) for picking the best checkpoint."""
-    name = args.metric_for_best_model
-    if name is None:
-        name = evaluator.main_metric if evaluator is not None else "loss"
-    name = name if name.startswith("eval_") else f"eval_{name}"
-    greater = args.greater_is_better
-    if greater is None:
-        if evaluator is not None and name == f"eval_{evaluator.main_metric}":
-            greater = evaluator.greater_is_better
-        else:
-            greater = not name.endswith("loss")
-    return name, greater
-
-
 class BestModel:
-    """The best checkpoint by one evaluation metric (`best_model_criterion`), kept in the run's `TrainerState`
-    (`best_metric`, `best_model_checkpoint`) so that it is saved with each checkpoint and goes on after a resume."""
+    """The best checkpoint by one evaluation metric, kept in the run's `TrainerState` (`best_metric`,
+    `best_model_checkpoint`) so that it is saved with each checkpoint and goes on after a resume. The metric and
+    its direction are `TrainingArguments.best_model_criterion`'s, given the evaluator's main metric."""
 
     def __init__(self, args: TrainingArguments, evaluator):
-        self.metric, self.greater_is_better = best_model_criterion(args, evaluator)
+        if evaluator is None:
+            self.metric, self.greater_is_better = args.best_model_criterion()
+        else:
+            self.metric, self.greater_is_better = args.best_model_criterion(evaluator.main_metric,
+                                                                            evaluator.greater_is_better)
 
     def update(self, state: TrainerState, metrics: dict[str, float], checkpoint: Path) -> None:
         """Make `checkpoint` the best one if its evaluation `metrics` beat the best so far."""

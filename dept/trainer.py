@@ -76,7 +76,8 @@ class Trainer:
         accelerator: an `Accelerator` to use; by default one is made from `args`.
         on_evaluate: called as `on_evaluate(global_step, metrics)` after each evaluation during training, on every
             process. It may raise to stop the run (a hyperparameter search's pruner raises `optuna.TrialPruned`);
-            the checkpoints written so far stay, so the run can resume.
+            the checkpoints written so far stay, so the run can resume, and `trainer_state.json` holds the log up
+            to this evaluation.
 
     Example:
         >>> trainer = Trainer(model, TrainingArguments(output_dir="out"), collate_fn=collate,  # doctest: +SKIP
@@ -275,7 +276,14 @@ class Trainer:
         self.accelerator.log({f"eval/{k[len('eval_') :]}": v for k, v in metrics.items()}, step=step)
         logger.info(f"step {step}: {self.best.metric} = {metrics.get(self.best.metric)}", main_process_only=True)
         if self.on_evaluate is not None:
-            self.on_evaluate(step, metrics)
+            try:
+                self.on_evaluate(step, metrics)
+            except Exception:  # the caller stops the run here (a pruner): keep its log up to this evaluation
+                if self.accelerator.is_main_process:
+                    self.output_dir.mkdir(parents=True, exist_ok=True)
+                    checkpoint.write_text_atomically(self.output_dir / checkpoint.TRAINER_STATE_NAME,
+                                                     self.state.to_json())  # fmt: skip
+                raise
 
     def _save_checkpoint(self, optimizer, scheduler) -> Path:
         """`checkpoint-<global_step>` (`dept.checkpoint.save_checkpoint`), which becomes the best one if this step's

@@ -52,8 +52,9 @@ class TrainingArguments:
             last step. True is checked at once, and refused without evaluation data.
         metric_for_best_model: metric that picks the best checkpoint, with or without the `eval_` prefix;
             None means the evaluator's main metric (or `loss` without an evaluator).
-        greater_is_better: whether a larger `metric_for_best_model` is better; None means the evaluator's own
-            answer for its main metric, False for metrics named like a loss, True otherwise.
+        greater_is_better: whether a larger `metric_for_best_model` is better; None (the default) derives it from
+            the metric (see `best_model_criterion`). Set it only for a metric of your own whose direction cannot be
+            derived; one that contradicts the metric (a loss maximised) is refused.
         seed: seed of the data order, of dropout and of anything else random in the run.
         mixed_precision: "no", "fp16" or "bf16", handed to accelerate; None (the default) takes the accelerate
             config's setting (`accelerate launch --config_file ...`), which is "no" without one.
@@ -111,7 +112,9 @@ class TrainingArguments:
         default=None, metadata={"help": "Metric picking the best checkpoint; default: the evaluator's main metric."}
     )
     greater_is_better: bool | None = field(
-        default=None, metadata={"help": "Whether a larger metric_for_best_model is better; default: inferred."}
+        default=None,
+        metadata={"help": "Whether a larger metric_for_best_model is better; default: derived from the metric (a "
+                          "loss is minimised, a task's metric maximised). A loss maximised is refused."},
     )
     seed: int = field(default=42, metadata={"help": "Seed of data order, dropout and initialisation."})
     mixed_precision: str | None = field(
@@ -166,6 +169,34 @@ class TrainingArguments:
             raise ValueError(f"save_total_limit must be >= 1 or None (keep all), got {self.save_total_limit}.")
         if self.load_best_model_at_end:
             self._check_best_model_is_saved()
+        if self.metric_for_best_model is not None:
+            self.best_model_criterion()  # refuses a loss maximised now, before any work
+
+    def best_model_criterion(self, main_metric: str | None = None,
+                             main_greater_is_better: bool = True) -> tuple[str, bool]:
+        """("eval_<metric>", greater_is_better): the metric that picks the best checkpoint, and its direction.
+
+        The one rule of direction, for every entry point: the metric is `metric_for_best_model`, else the
+        evaluator's `main_metric`, else the loss. A loss-like metric (`is_loss_metric`) is minimised, the
+        evaluator's main metric goes the evaluator's way (`main_greater_is_better`), any other metric is maximised.
+        An explicit `greater_is_better` wins for a metric of your own; against a loss or the main metric it must
+        agree, or it is refused. (A command line that overrides a recipe's metric also drops the recipe's
+        direction: `dept.command_line.parse_arguments`.)
+        """
+        name = self.metric_for_best_model or main_metric or "loss"
+        name = name if name.startswith("eval_") else f"eval_{name}"
+        is_main = main_metric is not None and name == f"eval_{main_metric.removeprefix('eval_')}"
+        known = False if is_loss_metric(name) else (main_greater_is_better if is_main else None)
+        if self.greater_is_better is None:
+            return name, True if known is None else known
+        if known is not None and self.greater_is_better != known:
+            wanted = "minimised" if not known else "maximised"
+            raise FlagError(
+                f"metric_for_best_model {name.removeprefix('eval_')!r} is {wanted}, but greater_is_better is "
+                f"{str(self.greater_is_better).lower()}: the best checkpoint would be the worst. Drop "
+                "--greater_is_better (the direction follows the metric), or choose another --metric_for_best_model."
+            )
+        return name, self.greater_is_better
 
     def best_model_at_end(self, has_eval_data: bool) -> bool:
         """Whether the run reloads its best checkpoint at the end: `load_best_model_at_end`, or by default (None)
@@ -206,6 +237,11 @@ class TrainingArguments:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def is_loss_metric(name: str) -> bool:
+    """Whether a metric is a loss, minimised whatever the task: its name ends in "loss" ("loss", "eval_nll_loss")."""
+    return name.endswith("loss")
 
 
 def check_output_dir_is_writable(output_dir: str, flag: str = "--output_dir") -> None:

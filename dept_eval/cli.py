@@ -206,12 +206,8 @@ def predict(model, dataloader: DataLoader, evaluator: Evaluator, device: torch.d
 
 
 class _RoutedModel:
-    """A `MultiAdapterModel` seen by an `Evaluator` as one plain Hugging Face model, each row on its adapter.
-
-    Like the model it routes, its `generate` returns only the new tokens.
-    """
-
-    generate_returns_new_tokens_only = True
+    """A `MultiAdapterModel` seen by an `Evaluator` as one plain Hugging Face model, each row on its adapter
+    (its decoder-only `generate` returns the input ids followed by the new tokens, as transformers does)."""
 
     def __init__(self, model: MultiAdapterModel, adapter_names: list[str]):
         self.model, self.adapter_names = model, adapter_names

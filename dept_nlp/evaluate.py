@@ -63,8 +63,8 @@ class TextEvaluator:
             max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        if self.task_type == "causal" and not getattr(model, "generate_returns_new_tokens_only", False):
-            generated = generated[:, inputs["input_ids"].shape[1]:]  # HF returns the input, then the new tokens
+        if self.task_type == "causal":  # DePT, PEFT and transformers return the input, then the new tokens
+            generated = generated[:, inputs["input_ids"].shape[1]:]
         return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
     def official_target(self, target: str) -> str:

@@ -20,6 +20,8 @@ The rules are the official DePT code's (`src/metrics.py`). Invalid predictions a
   `f1_max_over_answers` take the best over all answers (the MRQA/SQuAD standard). Any text is a valid answer.
 
 Predictions and references are stripped of surrounding whitespace first, as the official post-processor does.
+
+`load` gives each of these metrics as a Hugging Face `evaluate` module, built locally (`dept_nlp.metric_modules`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,28 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 
 from dept_nlp.tasks import TaskSpec, get_task
 
+MRQA_METRICS = ("em", "f1", "em_max_over_answers", "f1_max_over_answers")
+REGRESSION_METRICS = ("pearson", "spearmanr")
+
+
+def available_metrics(task_name: str) -> tuple[str, ...]:
+    """Every metric `compute` can score a task with: its own (`TaskSpec.metric_names`) and the others its
+    targets allow (binary F1 needs two classes; Pearson and Spearman need scores; EM/F1 need answers)."""
+    task = get_task(task_name)
+    if task.is_extractive_qa:
+        return MRQA_METRICS
+    if task.is_regression:
+        return REGRESSION_METRICS
+    binary_f1 = ("f1",) if task.num_labels == 2 else ()
+    return ("accuracy", *binary_f1, "f1_multiclass", "matthews_correlation")
+
+
+def check_metric_names(task_name: str, metric_names: Sequence[str]) -> None:
+    """Raise a ValueError naming the choices unless `metric_names` is a non-empty subset of `available_metrics`."""
+    available = available_metrics(task_name)
+    if not metric_names or not set(metric_names) <= set(available):
+        raise ValueError(f"{task_name} cannot be scored with {list(metric_names)}; pick from {list(available)}.")
+
 
 def compute(
     task_name: str,
@@ -44,8 +68,10 @@ def compute(
     references: Sequence[str] | Sequence[Sequence[str]],
     *,
     first_answers: Sequence[str] | None = None,
+    metric_names: Sequence[str] | None = None,
 ) -> dict:
-    """The task's metrics (`TaskSpec.metric_names`), each x100, as Python floats.
+    """The task's metrics (`TaskSpec.metric_names`, plus the best-over-answers figures for MRQA), each x100, as
+    Python floats.
 
     Args:
         predictions: decoded model outputs, one string per example.
@@ -53,8 +79,11 @@ def compute(
             valid answers of each example (a single string is taken as a one-answer list).
         first_answers: MRQA only: the answer the main `em`/`f1` score against, if not the first of `references`
             (the official code scores its decoded, truncated label).
+        metric_names: score these instead, in this order; any of `available_metrics(task_name)`.
     """
     task = get_task(task_name)
+    if metric_names is not None:
+        check_metric_names(task_name, metric_names)
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references.")
     if len(predictions) == 0:
@@ -64,11 +93,14 @@ def compute(
             raise TypeError(f"Predictions must be decoded strings; got {prediction!r} ({type(prediction).__name__}).")
     predictions = [prediction.strip() for prediction in predictions]
     if task.is_extractive_qa:
-        return squad_em_f1(predictions, references, first_answers=first_answers)
-    references = [_gold_reference(task, reference) for reference in references]
-    if task.is_regression:
-        return _correlations(predictions, references)
-    return _classification_metrics(task, predictions, references)
+        scores = squad_em_f1(predictions, references, first_answers=first_answers)
+    else:
+        references = [_gold_reference(task, reference) for reference in references]
+        if task.is_regression:
+            scores = _correlations(predictions, references)
+        else:
+            return _classification_metrics(task, predictions, references, metric_names or task.metric_names)
+    return scores if metric_names is None else {name: scores[name] for name in metric_names}
 
 
 def valid_labels(task_name: str) -> list[str] | None:
@@ -114,7 +146,9 @@ def _gold_reference(task: TaskSpec, reference: object) -> str:
 # Classification and regression
 
 
-def _classification_metrics(task: TaskSpec, predictions: list[str], references: list[str]) -> dict[str, float]:
+def _classification_metrics(
+    task: TaskSpec, predictions: list[str], references: list[str], names: Sequence[str]
+) -> dict[str, float]:
     gold = np.array([int(reference) for reference in references])
     label_words = set(task.label_words)
     predicted = np.array([int(p) if p in label_words else -1 for p in predictions])  # -1: invalid
@@ -128,7 +162,7 @@ def _classification_metrics(task: TaskSpec, predictions: list[str], references: 
             gold, predicted, labels=list(range(task.num_labels)), average="macro", zero_division=0.0
         ),
     }
-    return {name: 100 * float(scores[name]()) for name in task.metric_names}
+    return {name: 100 * float(scores[name]()) for name in names}
 
 
 def _correlations(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -188,9 +222,11 @@ def squad_em_f1(
     """SQuAD EM and F1 (x100): against the first answer (`em`, `f1`: the official DePT figures; `first_answers`
     replaces it when given) and the best over all answers (`em_max_over_answers`, `f1_max_over_answers`: the
     MRQA standard)."""
+    if len(predictions) == 0:
+        raise ValueError("No predictions to score.")
     if first_answers is not None and len(first_answers) != len(predictions):
         raise ValueError(f"{len(first_answers)} first answers for {len(predictions)} predictions.")
-    totals = dict.fromkeys(("em", "f1", "em_max_over_answers", "f1_max_over_answers"), 0.0)
+    totals = dict.fromkeys(MRQA_METRICS, 0.0)
     for index, (prediction, answers) in enumerate(zip(predictions, references, strict=True)):
         answers = [answers] if isinstance(answers, str) else list(answers)
         if not answers:
@@ -203,3 +239,26 @@ def squad_em_f1(
         totals["em_max_over_answers"] += max(exact)
         totals["f1_max_over_answers"] += max(f1)
     return {name: 100 * total / len(predictions) for name, total in totals.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face `evaluate` modules
+
+
+def load(name: str, task: str | None = None, **module_kwargs):
+    """One of these metrics as an `evaluate.EvaluationModule`, built locally: no hub fetch, works offline.
+
+    Args:
+        name: a task ("mrpc": the task's own metrics, as `compute` scores them), "mrqa" (SQuAD EM/F1 against the
+            first answer and the best over all answers), or one metric ("accuracy", "f1", "f1_multiclass",
+            "matthews_correlation", "pearson", "spearmanr") scored under the rules of `task`.
+        task: the task whose label rules one metric follows.
+        module_kwargs: `evaluate.EvaluationModule`'s own (`cache_dir`, `keep_in_memory`, `num_process`,
+            `process_id`, `experiment_id`, ...).
+
+    >>> load("accuracy", task="cola").compute(predictions=["1", "x"], references=["1", "0"])  # CoLA's accuracy
+    {'accuracy': 50.0}
+    """
+    from dept_nlp import metric_modules  # `evaluate` takes seconds to import: only when a module is asked for
+
+    return metric_modules.load(name, task, **module_kwargs)

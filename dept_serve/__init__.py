@@ -2,7 +2,8 @@
 
 The layers, each usable alone: `ServingEngine` (the model: tokenizing, mixed batches through
 `dept.MultiAdapterModel`), `DePTService` (checks, dynamic batching, live loading and unloading), `create_app`
-(the FastAPI routes), `dept_serve.cli` (the command line) and `DePTServeClient` (a Python client).
+(the FastAPI routes; `dept_serve.openai_api` adds OpenAI's completions and models), `dept_serve.cli` (the command
+line) and `DePTServeClient` (a Python client).
 """
 
 from dept_serve.app import create_app

@@ -3,8 +3,10 @@
     app = create_app(DePTService(ServingEngine.load("t5-base", {"sst2": "adapters/sst2"})))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Every refusal is a JSON object with an `error` that says what is wrong and how to fix it; a refused request
-leaves the server healthy. The OpenAPI spec is at /openapi.json, the interactive docs at /docs.
+Every refusal is a JSON object with an `error` that says what is wrong and how to fix it (in OpenAI's shape on
+the OpenAI routes, see `dept_serve.openai_api`); a refused request leaves the server healthy. `OPTIONS` on a
+path answers 204 with its `Allow` methods; another method it does not take, 405 with the same `Allow`. The
+OpenAPI spec is at /openapi.json, the interactive docs at /docs.
 """
 # No `from __future__ import annotations`: FastAPI reads the routes' body types, built in create_app, at run time.
 
@@ -13,9 +15,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
-from dept_serve.errors import ServeError
+from dept_serve.errors import ErrorJSONResponse, ServeError
+from dept_serve.openai_api import add_openai_routes, is_openai_path, openai_error
 from dept_serve.schemas import (
     AdapterInfo,
     AdapterList,
@@ -30,11 +35,28 @@ from dept_serve.service import DePTService
 
 logger = logging.getLogger(__name__)
 
-ERRORS = {status: {"model": ErrorResponse} for status in (403, 404, 409, 413, 422, 500)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 403, 404, 409, 413, 422, 500)}
 
 
-def _error(status: int, message: str, **extra) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def _error(status: int, message: str, headers: dict | None = None, **extra) -> ErrorJSONResponse:
+    return ErrorJSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+def error_for(request: Request | dict, status: int, message: str, headers: dict | None = None, **extra):
+    """The JSON error answer to `request` (or its ASGI scope): OpenAI's shape on the OpenAI routes, ours elsewhere."""
+    path = request["path"] if isinstance(request, dict) else request.url.path
+    answer = openai_error if is_openai_path(path) else _error
+    return answer(status, message, headers, **extra)
+
+
+def _body_error(err: Exception) -> str:
+    """What made a body unparsable, when it is not a JSON syntax error (those are 422s with their position)."""
+    cause = err.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"The request body is not valid UTF-8 ({cause.reason} at byte {cause.start}): send UTF-8 JSON."
+    if isinstance(cause, RecursionError):
+        return "The request body nests JSON arrays or objects too deeply to parse: send the API's flat JSON."
+    return f"The request body cannot be parsed as JSON ({type(cause).__name__}): send the API's JSON (see /docs)."
 
 
 class BodySizeLimit:
@@ -50,8 +72,8 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = _error(413, f"The request body is larger than this server's limit of {self.max_bytes} bytes: "
-                                "send fewer or smaller inputs (or start dept-serve with a larger --max_body_bytes).")
+        too_large = error_for(scope, 413, f"The request body is larger than this server's limit of {self.max_bytes} "
+                              "bytes: send fewer or smaller inputs (or start dept-serve with a larger --max_body_bytes).")
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await too_large(scope, receive, send)
@@ -98,19 +120,40 @@ def create_app(service: DePTService) -> FastAPI:
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, err: ServeError):
-        return _error(err.status_code, err.message, **err.extra)
+        return error_for(request, err.status_code, err.message, **err.extra)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError):
         detail = [{"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg")), "type": str(e.get("type"))}
                   for e in err.errors()]
-        summary = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in detail[:3])
+        summary = "; ".join(f"{'.'.join(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in detail[:3])
+        if is_openai_path(request.url.path):
+            loc = detail[0]["loc"] if detail else []
+            param = loc[1] if len(loc) > 1 and loc[0] == "body" else None  # the field, not its union branch
+            return openai_error(400, f"The request does not match the API schema: {summary}", param=param)
         return _error(422, f"The request does not match the API schema (see /docs): {summary}", detail=detail)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):
+        """Starlette's and FastAPI's own refusals (no route, a method a path does not take, a body that cannot be
+        parsed), as JSON errors; OPTIONS answers the methods a path takes."""
+        if err.status_code == 405:
+            allowed = allowed_methods(app, request.scope)
+            headers = {"Allow": ", ".join(allowed)}
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers=headers)
+            return error_for(request, 405, f"{request.method} is not allowed on {request.url.path}: use "
+                                           f"{', '.join(m for m in allowed if m != 'OPTIONS')}.", headers)
+        if err.status_code == 404:
+            return error_for(request, 404, f"No route {request.url.path}: see /docs for the API.")
+        if err.status_code == 400:
+            return error_for(request, 400, _body_error(err))
+        return error_for(request, err.status_code, str(err.detail), err.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception):
         logger.exception("Unexpected error on %s %s", request.method, request.url.path)
-        return _error(500, f"Internal error ({type(err).__name__}): {err}")
+        return error_for(request, 500, f"Internal error ({type(err).__name__}): {err}")
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS,
               summary="Generate with an adapter (greedy or beam search); VL adapters take an image per input.")
@@ -148,4 +191,15 @@ def create_app(service: DePTService) -> FastAPI:
         service.metrics.queue_depth.set(service.batcher.queue_depth)
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
+    add_openai_routes(app, service)
     return app
+
+
+def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
+    """Every method the routes of this request's path take, with OPTIONS (Starlette's 405 names only the first
+    route's, though GET and POST /v1/adapters are two routes)."""
+    methods = {"OPTIONS"}
+    for route in app.router.routes:
+        if getattr(route, "methods", None) and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                         help="VL: the --backbone's pretrained weights.")
     parser.add_argument("--image_size", type=int, help="VL: the --backbone's input size (default: its own).")
+    parser.add_argument("--allow_other_base", action="store_true",
+                        help="Serve adapters whose recorded base model (base_model_name_or_path) is not "
+                             "--model_name_or_path, e.g. when this is a copy of it under another name (by default "
+                             "they are refused: an adapter fits only the base it was trained on).")
     parser.add_argument("--device", help="Default: cuda if available, else cpu.")
     parser.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
@@ -95,7 +99,8 @@ def build_app(args: argparse.Namespace):
     engine = ServingEngine.load(
         args.model_name_or_path, dict(args.adapter), modality=args.modality, task_type=args.task_type,
         tokenizer_name=args.tokenizer_name, num_labels=args.num_labels, feat_dim=args.feat_dim,
-        feature_file=args.feature_file, image_features=image_features, device=args.device)
+        feature_file=args.feature_file, image_features=image_features, device=args.device,
+        allow_other_base=args.allow_other_base)
     return create_app(DePTService(engine, limits_from_args(args), args.adapter_root))
 
 

@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+
+class ErrorJSONResponse(JSONResponse):
+    """A JSON error answer, ASCII-escaped: it may quote what the client sent, and that can be a lone surrogate
+    (JSON's `"\\ud800"`) that UTF-8 cannot encode, so the answer must never depend on it encoding."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
 
 class ServeError(Exception):
     """A request the server refuses; `status_code` and `extra` go into the JSON error answer."""

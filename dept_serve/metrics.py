@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from dept_serve.batching import BatchRecord
+from dept_serve.errors import ServeError
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -36,6 +40,19 @@ class ServerMetrics:
                                        buckets=LATENCY_BUCKETS, registry=self.registry)
         self.adapters_loaded = Gauge("dept_serve_adapters_loaded", "Adapters loaded now.", registry=self.registry)
         self.queue_depth = Gauge("dept_serve_queue_depth", "Rows waiting for a batch.", registry=self.registry)
+
+    @contextlib.contextmanager
+    def counting(self, endpoint: str, adapter: str) -> Iterator[None]:
+        """Count one request of `endpoint` with the HTTP status it ends with (a refusal's, else 200 or 500)."""
+        status = 500
+        try:
+            yield
+            status = 200
+        except ServeError as err:
+            status = err.status_code
+            raise
+        finally:
+            self.requests.labels(endpoint, adapter, str(status)).inc()
 
     def observe_batch(self, record: BatchRecord) -> None:
         adapters = [row.payload.adapter for row in record.rows]

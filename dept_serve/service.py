@@ -3,6 +3,9 @@
 Every check that can refuse a request (unknown adapter, wrong endpoint, input over max_length, corrupt image,
 unknown feature id) runs before its rows are queued, so a bad request never fails a batch it shares with others.
 
+Inputs are tokenized on a thread of their own (and an input too long for its adapter is refused by its length
+in characters before that), so no request ever blocks the event loop that answers the others.
+
 Unloading never touches a request in flight: the adapter stops taking new requests at once (they get a 404),
 its queued and running rows finish, and only then is it removed, on the compute thread, between batches.
 Loading also runs on the compute thread, so no batch ever sees a half-loaded adapter.
@@ -12,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from dept import AdapterMismatchError, ConfigError
+from dept.errors import UserError
 from dept_serve.batching import DynamicBatcher, QueuedRow
 from dept_serve.engine import EngineRow, ServedAdapter, ServingEngine
 from dept_serve.errors import (
@@ -23,7 +29,6 @@ from dept_serve.errors import (
     ForbiddenError,
     InvalidInputError,
     NotFoundError,
-    ServeError,
     UnknownAdapterError,
 )
 from dept_serve.metrics import UNKNOWN_ADAPTER, ServerMetrics
@@ -51,18 +56,21 @@ class DePTService:
         self._draining: dict[str, asyncio.Event] = {}  # adapters being unloaded -> set when their rows are done
         self._loading: set[str] = set()
         self.metrics.adapters_loaded.set(len(engine.adapters))
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dept-serve-tokenize")
 
     async def start(self) -> None:
         await self.batcher.start()
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        self._tokenizer_thread.shutdown(wait=True)
 
     # ----------------------------------------------------------------------------------------------- requests
     def loaded(self) -> list[str]:
         return sorted(name for name in self.engine.adapters if name not in self._draining)
 
-    def _adapter(self, name: str, endpoint: str) -> ServedAdapter:
+    def adapter_for(self, name: str, endpoint: str) -> ServedAdapter:
+        """The loaded adapter `name`, if its inputs go to `endpoint` ("generate" or "score"); else a 404 or 422."""
         if name not in self.engine.adapters or name in self._draining:
             raise UnknownAdapterError(name, self.loaded())
         adapter = self.engine.adapters[name]
@@ -71,10 +79,13 @@ class DePTService:
                                     f"to /v1/{adapter.endpoint}, not /v1/{endpoint}.")
         return adapter
 
-    async def generate(self, request) -> dict:
-        if request.max_new_tokens > self.limits.max_new_tokens or request.num_beams > self.limits.max_num_beams:
+    def check_generation_limits(self, max_new_tokens: int, num_beams: int = 1) -> None:
+        if max_new_tokens > self.limits.max_new_tokens or num_beams > self.limits.max_num_beams:
             raise InvalidInputError(f"This server allows max_new_tokens <= {self.limits.max_new_tokens} and "
                                     f"num_beams <= {self.limits.max_num_beams}.")
+
+    async def generate(self, request) -> dict:
+        self.check_generation_limits(request.max_new_tokens, request.num_beams)
         key = ("generate", request.max_new_tokens, request.num_beams)
         return await self._answer("generate", request, key)
 
@@ -83,42 +94,64 @@ class DePTService:
 
     async def _answer(self, endpoint: str, request, key: Hashable) -> dict:
         start = time.perf_counter()
-        label = request.adapter if request.adapter in self.engine.adapters else UNKNOWN_ADAPTER
-        status = 500
-        try:
-            adapter = self._adapter(request.adapter, endpoint)
-            self._enter(adapter.name, len(request.inputs))  # before any await: an unload now waits for us
-            try:
-                ids = self.engine.encode(adapter, request.inputs)
-                visuals = await self._visuals(adapter, request)
-                rows = await self.batcher.submit(key, [EngineRow(adapter.name, row_ids, visual)
-                                                       for row_ids, visual in zip(ids, visuals)])
-            finally:
-                self._leave(adapter.name, len(request.inputs))
+        with self.metrics.counting(endpoint, self.metrics_label(request.adapter)):
+            adapter = self.adapter_for(request.adapter, endpoint)
+            job = await self.submit(adapter, key, request.inputs, request)
+            rows = await job.rows
             answer = {"adapter": adapter.name, "outputs": [row.future.result() for row in rows],
                       "timing": _timing(rows, start)}
-            status = 200
-            self.metrics.latency.labels(endpoint, label).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(endpoint, adapter.name).observe(time.perf_counter() - start)
             return answer
-        except ServeError as err:
-            status = err.status_code
-            raise
-        finally:
-            self.metrics.requests.labels(endpoint, label, str(status)).inc()
 
-    async def _visuals(self, adapter: ServedAdapter, request) -> list:
+    def metrics_label(self, name: str) -> str:
+        """The adapter label of a request in the metrics (one label for every unknown name)."""
+        return name if name in self.engine.adapters else UNKNOWN_ADAPTER
+
+    async def submit(self, adapter: ServedAdapter, key: Hashable, texts: list[str], request=None,
+                     on_token: Callable[[int, int], None] | None = None) -> Job:
+        """Check, tokenize and queue `texts` for `adapter`; returns as soon as they are queued, with their ids.
+
+        Every refusal is raised here, before any row is queued. `request` brings a VL request's images or
+        feature ids; `on_token(input_index, token_id)` (streaming) hears each new token, on the event loop.
+        """
+        self._enter(adapter.name, len(texts))  # before any await: an unload now waits for these rows
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self.engine.encode,
+                                                                   adapter, texts)
+            visuals = await self._visuals(adapter, request, len(texts))
+            rows = [EngineRow(adapter.name, row_ids, visual, self._token_callback(on_token, i))
+                    for i, (row_ids, visual) in enumerate(zip(ids, visuals))]
+            queued = asyncio.ensure_future(self.batcher.submit(key, rows))
+        except BaseException:
+            self._leave(adapter.name, len(texts))
+            raise
+        queued.add_done_callback(lambda _: self._leave(adapter.name, len(texts)))
+        return Job(adapter, ids, queued)
+
+    @staticmethod
+    def _token_callback(on_token, index: int):
+        """`on_token` for one row, called from the compute thread and run on the event loop."""
+        if on_token is None:
+            return None
+        loop = asyncio.get_running_loop()
+        return lambda token: loop.call_soon_threadsafe(on_token, index, token)
+
+    async def _visuals(self, adapter: ServedAdapter, request, count: int) -> list:
         """Each input's (features, boxes) for a VL adapter, from its uploaded image or its feature id."""
         images, feature_ids = getattr(request, "images", None), getattr(request, "feature_ids", None)
         if self.engine.modality != "vl":
             if images or feature_ids:
                 raise InvalidInputError("This server's base model reads text only: drop images and feature_ids.")
-            return [None] * len(request.inputs)
+            return [None] * count
+        if request is None:
+            raise InvalidInputError(f"Adapter {adapter.name!r} reads an image with each input: send it to "
+                                    "/v1/generate with images or feature_ids.")
         if (images is None) == (feature_ids is None):
             raise InvalidInputError(f"Adapter {adapter.name!r} reads an image with each input: send either images "
                                     "(base64 files) or feature_ids, one per input.")
         given = images if images is not None else feature_ids
-        if len(given) != len(request.inputs):
-            raise InvalidInputError(f"{len(request.inputs)} inputs but {len(given)} "
+        if len(given) != count:
+            raise InvalidInputError(f"{count} inputs but {len(given)} "
                                     f"{'images' if images is not None else 'feature_ids'}: send one per input.")
         if feature_ids is not None:
             return await self.batcher.on_compute_thread(self.engine.stored_features, feature_ids)
@@ -172,7 +205,7 @@ class DePTService:
             adapter = await self.batcher.on_compute_thread(self.engine.add_adapter, name, directory)
         except FileNotFoundError as err:
             raise NotFoundError(str(err)) from None
-        except (AdapterMismatchError, ConfigError, ValueError) as err:
+        except (AdapterMismatchError, ConfigError, UserError, ValueError) as err:
             raise InvalidInputError(f"Adapter {name!r} from {path!r} was refused: {err}") from None
         finally:
             self._loading.discard(name)
@@ -191,6 +224,15 @@ class DePTService:
         finally:
             del self._draining[name]
         self.metrics.adapters_loaded.set(len(self.engine.adapters))
+
+
+@dataclass
+class Job:
+    """Queued rows of one request: their adapter, their input ids, and `rows` (done once all are answered)."""
+
+    adapter: ServedAdapter
+    input_ids: list[list[int]]
+    rows: asyncio.Future  # -> list[QueuedRow]; each row's `future` holds its result
 
 
 def _timing(rows: list[QueuedRow], start: float) -> dict:

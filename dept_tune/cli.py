@@ -7,8 +7,8 @@
 
 Every flag that is not dept-tune's own goes to the training CLI (`dept-train`, or `dept-train-vl` when the run
 names VL `--tasks`), so a trial is exactly the run that CLI would make with the trial's values. Start the same
-command again to resume a stopped study, or several times (here or on other machines, sharing `--storage`) to
-run trials in parallel.
+command again to resume a stopped study (with the same training flags: another setup is refused), or several
+times to run trials in parallel: here, or on other machines sharing a database server's `--storage`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import optuna
 from dept_tune.pipelines import detect_pipeline
 from dept_tune.report import progress_line, write_report
 from dept_tune.space import KNOWN_PARAMETERS, SearchSpaceError, parse_search
-from dept_tune.storage import StorageError, default_storage, open_storage
+from dept_tune.storage import StorageError, default_storage, find_study, open_storage
 from dept_tune.study import (
     StudyMismatchError,
     StudySettings,
@@ -59,24 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n_warmup_steps", type=int, default=0,
                         help="Median pruner: training steps before a trial can be pruned.")
     parser.add_argument("--metric", default=None,
-                        help="Validation metric to optimise, e.g. accuracy or loss (default: the task's main "
-                             "metric; a name ending in 'loss' is minimised). It also picks each trial's best "
-                             "checkpoint.")
+                        help="Validation metric to optimise, e.g. accuracy or loss (default: the run's "
+                             "--metric_for_best_model, else the task's main metric). A loss is minimised, a task's "
+                             "metric maximised, in the study and in the pick of each trial's best checkpoint alike.")
     parser.add_argument("--storage", default=None,
-                        help="A journal file (*.log) or a database URL (sqlite:///f.db, postgresql://...). "
-                             "Default: <output_dir>/optuna_journal.log.")
+                        help="A journal file (*.log) or a database URL: sqlite:///f.db (workers on one machine, "
+                             "like the journal) or postgresql://... (workers on several machines). Default: "
+                             "<output_dir>/optuna_journal.log.")
     parser.add_argument("--study_name", default=None, help="Default: the output dir's name.")
     parser.add_argument("--sampler_seed", type=int, default=0,
                         help="Seed of the sampler of the worker that creates the study (later workers draw "
                              "fresh seeds, so that they never propose the same values).")
     parser.add_argument("--keep_all", action="store_true",
                         help="Keep every trial's adapter and checkpoints; by default only the best trial's adapter "
-                             "stays (every trial keeps its result files).")
+                             "stays. Every finished trial keeps its result files; a pruned one its trainer_state.json "
+                             "(its log up to the prune) and pruned.json (the evaluation that pruned it).")
     parser.add_argument("--heartbeat_interval", type=int, default=60,
-                        help="Database storages: seconds between a running trial's heartbeats.")
+                        help="Database storages (SQLite too): seconds between a running trial's heartbeats.")
     parser.add_argument("--grace_period", type=int, default=180,
-                        help="Database storages: a trial without heartbeat for this long is failed and run again.")
-    parser.add_argument("--report_only", action="store_true", help="Write the report of the study and stop.")
+                        help="Database storages (SQLite too): a trial without heartbeat for this long is failed and "
+                             "run again.")
+    parser.add_argument("--report_only", action="store_true",
+                        help="Write the report of an existing study and stop; reads the study, changes nothing in it.")
     return parser
 
 
@@ -103,8 +107,12 @@ def make_pruner(args: argparse.Namespace, settings: StudySettings) -> optuna.pru
 
 
 def open_study(args: argparse.Namespace, settings: StudySettings):
+    """The study and its storage: created or resumed, or with `--report_only` only read (a missing one is an
+    error, and nothing is created)."""
     storage_url = args.storage or default_storage(settings.root)
     study_name = args.study_name or settings.root.resolve().name
+    if args.report_only:
+        return find_study(storage_url, study_name), None  # no worker runs on it
     settings.root.mkdir(parents=True, exist_ok=True)
     storage = open_storage(storage_url, args.heartbeat_interval, args.grace_period, on_stale_trial=retry_trial)
     pruner = make_pruner(args, settings)

@@ -5,10 +5,14 @@ TPE and random search, or one per point for the grid. A worker pops a queued tri
 of workers, on one machine or many, run each planned trial exactly once and the study ends with exactly
 `n_trials` of them. A trial whose worker died (killed, machine lost) is failed and queued again with the same
 parameters and output dir; the retry resumes from that trial's latest checkpoint.
+
+A study is one setup: its metric, search space, sampler and training flags are stored with it, and a worker
+(or a resume) with other ones is refused, so that no study mixes two setups.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +29,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dept.checkpoint import ADAPTER_FILES, CHECKPOINT_PREFIX
+from dept.checkpoint import ADAPTER_FILES, CHECKPOINT_PREFIX, write_text_atomically
 from dept.train_loss import NonFiniteLossError
 from dept_tune.pipelines import Pipeline
 from dept_tune.space import BUDGET_PARAMETERS, Budget, ParamSpec, budget_choices, grid_points, suggest
@@ -35,11 +39,16 @@ logger = logging.getLogger("dept_tune")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 NOT_SCORES = ("runtime", "samples", "samples_per_second", "steps_per_second")  # result-file bookkeeping
 WORKER_ATTR, OUTPUT_ATTR, RETRY_ATTR = "worker", "output_dir", "retry_of"
-PLAN_ATTR = "planned_trials"
+PLAN_ATTR, FLAGS_ATTR = "planned_trials", "training_flags"
+PRUNED_NAME = "pruned.json"  # a pruned trial's marker, next to the trainer_state.json of its evaluations
+# Training flags that do not change what a trial computes, so a worker may set them its own way.
+NOT_SETUP_FLAGS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "do_train", "do_eval",
+                   "report_to", "logging_steps", "dataloader_num_workers")
 
 
 class StudyMismatchError(ValueError):
-    """An existing study was started with another metric or search space than this command asks for."""
+    """An existing study was started with another metric, search space, sampler or training flags than this
+    command asks for."""
 
 
 @dataclass
@@ -47,11 +56,11 @@ class StudySettings:
     """Everything a worker needs, fixed before the first trial (see `dept_tune.cli` for each flag)."""
 
     pipeline: Pipeline
-    argv: list[str]  # the pipeline's flags, without the searched ones
+    argv: list[str]  # the pipeline's flags, without the searched ones (with --metric as --metric_for_best_model)
     base: tuple  # those flags parsed: (model_args, data_args, method_args, training_args, ...)
     specs: dict[str, ParamSpec]
     metric: str  # without the eval_ prefix
-    direction: str
+    direction: str  # "maximize" or "minimize": the direction that also picks each trial's best checkpoint
     n_trials: int
     sampler: str
     keep_all: bool = False
@@ -69,10 +78,19 @@ class StudySettings:
 
 def make_settings(pipeline: Pipeline, argv: list[str], specs: dict[str, ParamSpec], *, metric: str | None,
                   n_trials: int | None, sampler: str, keep_all: bool) -> StudySettings:
-    """Parse and check the pipeline's flags and the search space together: every error comes before training."""
-    base = pipeline.parse([*argv, "--do_train", "true", "--do_eval", "true"])
-    metric = (metric or pipeline.main_metric(base)).removeprefix("eval_")
-    direction = "minimize" if metric.endswith("loss") else "maximize"
+    """Parse and check the pipeline's flags and the search space together: every error comes before training.
+
+    The metric is `metric` (dept-tune's --metric), else the run's --metric_for_best_model (on the command line or
+    in its recipe), else the task's main metric; its direction is the trainer's (`best_model_criterion`), so the
+    study and each trial's best checkpoint agree.
+    """
+    if metric is not None and any(word.partition("=")[0] == "--metric_for_best_model" for word in argv):
+        raise ValueError("--metric and --metric_for_best_model both name the metric: give only --metric.")
+    metric_flags = [] if metric is None else ["--metric_for_best_model", metric.removeprefix("eval_")]
+    base = pipeline.parse([*argv, "--do_train", "true", "--do_eval", "true", *metric_flags])
+    # Every evaluator of the two pipelines maximises its main metric.
+    name, greater_is_better = base[3].best_model_criterion(pipeline.main_metric(base), True)
+    metric, direction = name.removeprefix("eval_"), "maximize" if greater_is_better else "minimize"
     budget_pairs = None
     budget_specs = [spec for name, spec in specs.items() if name in BUDGET_PARAMETERS]
     if budget_specs:
@@ -89,7 +107,7 @@ def make_settings(pipeline: Pipeline, argv: list[str], specs: dict[str, ParamSpe
     n_trials = 20 if n_trials is None else n_trials
     if n_trials < 1:
         raise ValueError(f"--n_trials must be >= 1, got {n_trials}.")
-    return StudySettings(pipeline, list(argv), base, specs, metric, direction, n_trials, sampler, keep_all,
+    return StudySettings(pipeline, [*argv, *metric_flags], base, specs, metric, direction, n_trials, sampler, keep_all,
                          budget_pairs)
 
 
@@ -99,6 +117,17 @@ def make_settings(pipeline: Pipeline, argv: list[str], specs: dict[str, ParamSpe
 def describe_space(settings: StudySettings) -> dict:
     """What the study searches, stored with it so that a resume with another space is refused."""
     return {name: {"low": s.low, "high": s.high, "choices": s.choices} for name, s in settings.specs.items()}
+
+
+def training_flags(settings: StudySettings) -> dict:
+    """Every training flag's value after the recipe is read, except the searched ones and `NOT_SETUP_FLAGS`: the
+    setup every trial of the study shares, stored with it so that a resume with another setup is refused."""
+    values = {}
+    for arguments in settings.base:
+        values.update(dataclasses.asdict(arguments))
+    searched = set(settings.specs)
+    kept = {name: value for name, value in values.items() if name not in searched and name not in NOT_SETUP_FLAGS}
+    return json.loads(json.dumps(kept, sort_keys=True, default=str))
 
 
 def create_or_load_study(settings: StudySettings, storage, study_name: str, sampler, pruner,
@@ -117,7 +146,7 @@ def create_or_load_study(settings: StudySettings, storage, study_name: str, samp
     study.set_user_attr("metric", settings.metric)
     study.set_user_attr("search_space", describe_space(settings))
     study.set_user_attr("sampler", settings.sampler)
-    study.set_user_attr("flags", settings.argv)
+    study.set_user_attr(FLAGS_ATTR, training_flags(settings))
     points = grid_points(settings.specs) if settings.sampler == "grid" else [{}] * settings.n_trials
     for point in points:
         study.enqueue_trial(point, skip_if_exists=False)
@@ -135,6 +164,7 @@ def _check_same_study(study: optuna.Study, settings: StudySettings, wait_s: floa
     attrs = study.user_attrs
     expected = json.loads(json.dumps(describe_space(settings)))
     for name, value, wanted in (("metric", attrs.get("metric"), settings.metric),
+                                ("direction", study.direction.name.lower(), settings.direction),
                                 ("search space", attrs.get("search_space"), expected),
                                 ("sampler", attrs.get("sampler"), settings.sampler)):
         if value != wanted:
@@ -142,9 +172,23 @@ def _check_same_study(study: optuna.Study, settings: StudySettings, wait_s: floa
                 f"Study {study.study_name!r} was started with {name} {value}, but this command asks for {wanted}. "
                 "Resume it with the same settings, or start a new study with another --study_name."
             )
-    if attrs.get("flags") != settings.argv:
-        logger.warning("Study %r was started with the flags %s; this worker trains with %s.", study.study_name,
-                       attrs.get("flags"), settings.argv)
+    if FLAGS_ATTR not in attrs:  # made by a dept-tune that did not store them
+        logger.warning("Study %r does not record its training flags: this worker cannot check that it trains "
+                       "the same setup.", study.study_name)
+        return
+    started, now = attrs[FLAGS_ATTR], training_flags(settings)
+    changed = [f"--{name} {_flag_value(started, name)} (now {_flag_value(now, name)})"
+               for name in sorted(started.keys() | now.keys()) if started.get(name) != now.get(name)]
+    if changed:
+        raise StudyMismatchError(
+            f"Study {study.study_name!r} was started with other training flags: {', '.join(changed)}. A study "
+            "compares trials of one setup: resume it with the flags it was started with, or start a new study for "
+            "the new setup with another --study_name (or another --output_dir, which holds the default journal)."
+        )
+
+
+def _flag_value(flags: dict, name: str) -> str:
+    return "(unset)" if name not in flags else json.dumps(flags[name])
 
 
 def _extend_plan(study: optuna.Study, settings: StudySettings) -> None:
@@ -215,15 +259,22 @@ def pop_planned_trial(study: optuna.Study, storage, worker: str) -> optuna.Trial
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
+        if heartbeat_interval(storage):  # at once: a worker that dies before its heartbeat thread starts is seen
+            storage.record_heartbeat(frozen._trial_id)
         storage.set_trial_user_attr(frozen._trial_id, WORKER_ATTR, worker)
         return optuna.Trial(study, frozen._trial_id)
     return None
 
 
+def heartbeat_interval(storage) -> int | None:
+    """Seconds between a running trial's heartbeats; None for a storage without heartbeats (a journal file)."""
+    return storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
+
+
 @contextmanager
 def heartbeat(storage, trial_id: int):
     """Send the RDB heartbeat of a running trial from a thread, as `Study.optimize` does."""
-    interval = storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
+    interval = heartbeat_interval(storage)
     if not interval:
         yield
         return
@@ -297,23 +348,26 @@ def run_trial(settings: StudySettings, study: optuna.Study, trial: optuna.Trial)
     values = trial_values(settings, trial)
     output_dir = claim_output_dir(settings, trial, values)
     flags = [*settings.argv, "--do_train", "true", "--do_eval", "true", "--output_dir", str(output_dir),
-             "--resume_from_checkpoint", "auto", "--overwrite_output_dir", "true",
-             "--metric_for_best_model", settings.metric]
+             "--resume_from_checkpoint", "auto", "--overwrite_output_dir", "true"]
     for name, value in values.items():
         flags += [f"--{name}", str(value)]
     parsed = settings.pipeline.parse(flags)
     eval_key = f"eval_{settings.metric}"
 
+    reported: dict[int, float] = {}
+
     def on_evaluate(step: int, metrics: dict[str, float]) -> None:
         trial.report(metrics[eval_key], step)
+        reported[step] = metrics[eval_key]
         if trial.should_prune():
+            write_pruned_marker(output_dir, trial.number, step, metrics, reported)
             raise optuna.TrialPruned(f"{eval_key}={metrics[eval_key]:.4g} at step {step}")
 
     logger.info("trial %d: %s -> %s", trial.number, _short(values, settings), output_dir)
     try:
         results = settings.pipeline.run(*parsed, on_evaluate=on_evaluate)
     except optuna.TrialPruned as pruned:
-        logger.info("trial %d pruned: %s", trial.number, pruned)
+        logger.info("trial %d pruned: %s (its evaluations: %s)", trial.number, pruned, output_dir / PRUNED_NAME)
         return study.tell(trial, state=TrialState.PRUNED)
     except NonFiniteLossError as error:  # a learning rate too high for this run: a result, not a crash
         trial.set_user_attr("error", str(error).split(". ")[0])
@@ -326,6 +380,15 @@ def run_trial(settings: StudySettings, study: optuna.Study, trial: optuna.Trial)
     trial.set_user_attr("validation", scores(results, "eval"))
     trial.set_user_attr("test", scores(results, "test"))
     return study.tell(trial, results[eval_key])
+
+
+def write_pruned_marker(output_dir: Path, trial_number: int, step: int, metrics: dict[str, float],
+                        objective: dict[int, float]) -> None:
+    """`pruned.json`: the trial was pruned at `step`, with that evaluation's metrics and the objective at each of
+    its evaluations; the trainer leaves `trainer_state.json` beside it, its whole log up to the prune."""
+    marker = {"trial": trial_number, "pruned_at_step": step, "metrics": metrics,
+              "objective": {str(s): value for s, value in sorted(objective.items())}}
+    write_text_atomically(output_dir / PRUNED_NAME, json.dumps(marker, indent=2) + "\n")
 
 
 def _short(values: dict, settings: StudySettings) -> str:

@@ -214,22 +214,43 @@ def cider_d_scores(
     return scores
 
 
+def _tokenized_corpus(predictions: Sequence[str], references: Sequence[Sequence[str]]):
+    _check_corpus(predictions, references, "reference captions")
+    candidates = [tokenize_caption(prediction) for prediction in predictions]
+    return candidates, [[tokenize_caption(reference) for reference in refs] for refs in references]
+
+
+def _bleu4(candidates: Sequence[Tokens], references: Sequence[Sequence[Tokens]]) -> float:
+    return 100.0 * corpus_bleu(candidates, references, _BLEU_MAX_ORDER)[-1]
+
+
+def _cider_d(candidates: Sequence[Tokens], references: Sequence[Sequence[Tokens]]) -> float:
+    per_image = cider_d_scores(candidates, references)
+    return 100.0 * sum(per_image) / len(per_image)
+
+
+def bleu4_score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU-4 (x100, in [0, 100]) of predicted captions, after `tokenize_caption`."""
+    return _bleu4(*_tokenized_corpus(predictions, references))
+
+
+def cider_d_score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus CIDEr-D (x100, in [0, 1000]: the mean of `cider_d_scores`) of predicted captions, after
+    `tokenize_caption`."""
+    return _cider_d(*_tokenized_corpus(predictions, references))
+
+
 def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """BLEU-4 and CIDEr-D (both x100) of predicted captions, after `tokenize_caption`.
+    """BLEU-4 and CIDEr-D (both x100) of predicted captions, after `tokenize_caption`, tokenised once.
 
     Args:
         predictions: one generated caption per image.
         references: per image, its human captions (5 in COCO Karpathy test).
 
     Returns:
-        ``{"bleu4": ..., "cider": ...}``. BLEU-4 lies in [0, 100]; CIDEr-D lies in [0, 1000], because of its
-        built-in factor 10 (published COCO numbers such as "CIDEr 112" are on this scale).
+        ``{"bleu4": ..., "cider": ...}``, as `bleu4_score` and `cider_d_score`. BLEU-4 lies in [0, 100];
+        CIDEr-D lies in [0, 1000], because of its built-in factor 10 (published COCO numbers such as
+        "CIDEr 112" are on this scale).
     """
-    _check_corpus(predictions, references, "reference captions")
-    candidates = [tokenize_caption(prediction) for prediction in predictions]
-    tokenized_references = [[tokenize_caption(reference) for reference in refs] for refs in references]
-    per_image_cider = cider_d_scores(candidates, tokenized_references)
-    return {
-        "bleu4": 100.0 * corpus_bleu(candidates, tokenized_references, _BLEU_MAX_ORDER)[-1],
-        "cider": 100.0 * sum(per_image_cider) / len(per_image_cider),
-    }
+    tokens = _tokenized_corpus(predictions, references)
+    return {"bleu4": _bleu4(*tokens), "cider": _cider_d(*tokens)}

@@ -90,10 +90,14 @@ def grid_boxes(grid_height: int, grid_width: int) -> np.ndarray:
     return boxes.astype(np.float32)
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes, buffers included): same weights, same hash."""
+def weights_fingerprint(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes, buffers included): same weights, same hash.
+
+    `skip`: name prefixes left out (e.g. `("head.",)` for a head that an adapter saves itself)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(skip):
+            continue
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())

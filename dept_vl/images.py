@@ -16,7 +16,8 @@ from PIL import Image, ImageOps
 
 from dept.errors import UserError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "ImagePathError", "decode_image", "load_image", "resolve_image_path", "to_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "ImagePathError", "check_image", "decode_image", "load_image",
+           "resolve_image_path", "to_rgb"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -77,6 +78,41 @@ def decode_image(data: bytes, name: str = "<upload>") -> Image.Image:
     if not data:
         raise ImageLoadError(name, "the image is empty (0 bytes)")
     return _decode(io.BytesIO(data), name)
+
+
+def check_image(source: str | Path | bytes, name: str | Path | None = None) -> None:
+    """Raise `ImageLoadError` unless `source` (a path, or an image file's bytes called `name` in errors) holds a
+    whole image; a fraction of `load_image`'s cost, for checking a data set before training.
+
+    What is checked: the file exists and is not empty; Pillow recognises its header (format, size, mode, and not a
+    decompression bomb); and its compressed data reads to the end without error: a PNG through Pillow's `verify`
+    (every chunk's CRC, up to IEND), a JPEG decoded at 1/8 scale (`draft`: every entropy-coded byte is still read,
+    so a truncated file fails), any other format decoded. Not done: the EXIF rotation and colour conversion that
+    `load_image` applies after decoding, and (for PNG) decompressing the pixels, whose checksums `verify` reads.
+    """
+    if isinstance(source, bytes):
+        name = Path(name or "<bytes>")
+        if not source:
+            raise ImageLoadError(name, "the image is empty (0 bytes)")
+        source = io.BytesIO(source)
+    else:
+        name = Path(name or source)
+        try:
+            if Path(source).stat().st_size == 0:
+                raise ImageLoadError(name, "the file is empty (0 bytes)")
+        except FileNotFoundError as error:
+            raise ImageLoadError(name, "no such file") from error
+    try:
+        with Image.open(source) as image:
+            if image.format == "PNG":
+                image.verify()
+            else:
+                image.draft(None, (1, 1))  # JPEG only: the smallest DCT scale; a no-op for other formats
+                image.load()
+    except FileNotFoundError as error:
+        raise ImageLoadError(name, "no such file") from error
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ImageLoadError(name, f"{type(error).__name__}: {error}") from error
 
 
 def _decode(source, path: str | Path) -> Image.Image:

@@ -1,8 +1,11 @@
-"""Measure decoder-only prefill and `generate` with the prompt KV cache against the frozen model fed the input
-alone (the limit), HF PEFT prompt tuning (l = 100) and DePT without the cache.
+"""Measure decoder-only prefill, `generate` and the eval forward with the prompt KV cache against the frozen model
+fed the input alone, the frozen model with a 60-token prefix already in its KV cache (the limit for a prefill that
+attends to m prompt keys), HF PEFT prompt tuning (l = 100) and DePT without the cache. Every ratio comes with its
+spread over rounds and over --runs fresh processes.
 
-    python scripts/benchmark_prompt_cache.py --output_dir bench_results                 # CPU, llama-small, ~4 min
-    python scripts/benchmark_prompt_cache.py --model llama-tiny --steps 1 --output_dir /tmp/smoke   # seconds
+    python scripts/benchmark_prompt_cache.py --output_dir bench_results       # CPU, llama-small, 3 runs: ~10 min quiet
+    python scripts/benchmark_prompt_cache.py --model llama-tiny --steps 1 --runs 1 --no_sweeps \
+        --output_dir /tmp/smoke                                                   # seconds
     python scripts/benchmark_prompt_cache.py --model llama-1b --device cuda --threads 0 --output_dir out_gpu
 
 Writes prompt_cache.json and prompt_cache.md to --output_dir, and refuses a directory that already holds them
@@ -41,7 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
     parser.add_argument("--new_tokens", type=int, default=defaults.new_tokens, help="tokens per timed generate")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="measured rounds per figure")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="measured rounds per figure and run")
+    parser.add_argument("--runs", type=int, default=defaults.runs,
+                        help="process runs, each with --steps rounds; the ratios' spread covers them all")
+    parser.add_argument("--isolation", choices=("process", "inline"), default=defaults.isolation,
+                        help="each run in a fresh process (default) or all in this one")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="unmeasured rounds first")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads,
@@ -51,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate_batch_sizes", type=_ints, default=defaults.rate_batch_sizes,
                         help="batch sizes for the per-request cost at growing request rates; the first is the "
                              "queue model's service")
+    parser.add_argument("--no_sweeps", action="store_true", help="skip the prompt-length and request-rate sweeps")
     return parser.parse_args(argv)
 
 
@@ -61,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = PromptCacheSettings(
             model=args.model, workloads=tuple(w.strip() for w in args.workloads.split(",") if w.strip()),
             device=args.device, batch_size=args.batch_size, new_tokens=args.new_tokens, warmup=args.warmup,
-            steps=args.steps, seed=args.seed, threads=args.threads or None, prompt_lengths=args.prompt_lengths,
+            steps=args.steps, runs=args.runs, isolation=args.isolation, sweeps=not args.no_sweeps, seed=args.seed, threads=args.threads or None, prompt_lengths=args.prompt_lengths,
             rate_batch_sizes=args.rate_batch_sizes,
         )
     except (FileExistsError, ValueError) as error:

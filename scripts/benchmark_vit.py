@@ -1,4 +1,5 @@
-"""Visual DePT against VPT-shallow (l = 100) at the same budget: train step time, peak memory, token-count limit.
+"""Visual DePT against VPT-shallow (l = 100) at the same budget: train step time against the measured limit (the
+same ViT fed DePT's tokens with no A @ B), peak memory.
 
     python scripts/benchmark_vit.py --models vit-b16 --output_dir bench_results/vit-b16   # CPU, a few minutes
     python scripts/benchmark_vit.py --models vit-l16 --output_dir bench_results/vit-l16   # CPU, about 5 minutes
@@ -6,7 +7,7 @@
     python scripts/benchmark_vit.py --device cuda --batch_size 64 --steps 10 --warmup 3 --output_dir bench_gpu
 
 Writes results.json and results.md to --output_dir (refused if results are there, unless --overwrite).
-See dept_vl/vit_benchmark.py for what is measured.
+See benchmarks/vit.py for what is measured.
 """
 
 from __future__ import annotations

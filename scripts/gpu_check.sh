@@ -2,7 +2,10 @@
 # One prepared check for a GPU machine (one GPU, under 8 minutes), printing one table:
 #   1. the efficiency benchmark, --device cuda --bf16, at t5-base, t5-large and a LLaMA-7B-shaped model with
 #      4 layers (benchmarks.throughput's "gpu" sizes): the targets of benchmarks.throughput.TARGETS, measured against their goals;
-#   2. a short DePT training (sst2 sample data, a small random T5, fp32 so that runs are comparable) under
+#   2. the memory benchmark (scripts/benchmark_memory.py, fp32, batch 8) at t5-base, llama-small and ViT-B/16:
+#      torch.cuda.max_memory_allocated of a training step and of an eval forward, and the activations saved for
+#      backward, for DePT, PT l=100 and the limit (the same model on m+s tokens, no A·B); target DePT <= 1.02x limit;
+#   3. a short DePT training (sst2 sample data, a small random T5, fp32 so that runs are comparable) under
 #      accelerate's single-GPU, DeepSpeed ZeRO-2, ZeRO-3 (with zero3_init_flag, so the prompt init reads a
 #      ZeRO-3 shard where the model is built after the Accelerator) and FSDP 1 / FSDP 2 configs, one process each, in parallel:
 #        - its adapter against the single-GPU run's (max |difference|);
@@ -15,7 +18,7 @@
 #     --cpu       run what a machine without CUDA can: the tiny benchmark and the single-process training
 #                 (configs/accelerate/cpu.yaml); DeepSpeed and FSDP rows say "skipped"
 #   PY=python3 scripts/gpu_check.sh    the interpreter (default: .venv/bin/python, else python3)
-#   BENCH_TIMEOUT=240 TRAIN_TIMEOUT=300    seconds for each part
+#   BENCH_TIMEOUT=240 MEMORY_TIMEOUT=240 TRAIN_TIMEOUT=300    seconds for each part
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +30,7 @@ while [[ $# -gt 0 ]]; do
         --out) OUT="$2"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
         --cpu) CPU=1; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -35,6 +38,7 @@ if [[ -z "${PY:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-240}
+MEMORY_TIMEOUT=${MEMORY_TIMEOUT:-240}
 TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-300}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS: a resumed run can then be bit-identical
@@ -83,6 +87,36 @@ for t in json.load(open(sys.argv[1]))["targets"]:
     goal = t["comparison"] if t["threshold"] is None else f"{t['comparison']} {t['threshold']}"
     print(f"| benchmark: {t['target']} | {t['model']}, {t['workload']} | {'met' if t['met'] else 'NOT met'} "
           f"| {value} (goal {goal}) |")
+EOF
+    fi
+fi
+
+# ------------------------------------------------------------------------------------------------ memory
+if [[ $CPU == 1 ]]; then
+    MEMORY=(--models t5-tiny,llama-tiny,vit-tiny --device cpu --batch_size 2 --max_length 32)
+else
+    MEMORY=(--models t5-base,llama-small,vit-b16 --device cuda --batch_size 8 --max_length 256 --isolation inline)
+fi
+run_logged "$OUT/memory.log" timeout "$MEMORY_TIMEOUT" "$PY" scripts/benchmark_memory.py "${MEMORY[@]}" \
+    --output_dir "$OUT/memory"
+MEMORY_RC=$?
+if [[ $DRY_RUN == 0 ]]; then
+    if [[ $MEMORY_RC != 0 ]]; then
+        row "memory" "${MEMORY[*]}" "FAILED (exit $MEMORY_RC)" "see $OUT/memory.log"
+    else
+        "$PY" - "$OUT/memory/results.json" >> "$ROWS" <<'EOF'
+import json, sys
+results = json.load(open(sys.argv[1]))
+for record in results["records"]:
+    over, methods = record["dept_over"], record["methods"]
+    met = all(t["met"] for t in results["targets"] if t["model"] == record["model"])
+    peaks = " / ".join(f"{methods[m].get('train_peak_allocated_bytes', methods[m]['train_peak_bytes']) / 2**20:,.0f}"
+                       for m in ("dept", "limit", "pt"))
+    print(f"| memory: DePT / limit (goal <= 1.02), DePT / PT | {record['model']} | {'met' if met else 'NOT met'} "
+          f"| train peak {over['limit']['train_peak_bytes']:.4f} / {over['pt']['train_peak_bytes']:.3f}, inference "
+          f"{over['limit']['inference_peak_bytes']:.4f} / {over['pt']['inference_peak_bytes']:.3f}, saved "
+          f"{over['limit']['saved_activation_bytes']:.4f} / {over['pt']['saved_activation_bytes']:.3f}; "
+          f"train peak DePT / limit / PT {peaks} MiB ({methods['dept']['memory_source']}) |")
 EOF
     fi
 fi

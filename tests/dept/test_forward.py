@@ -117,7 +117,8 @@ def test_eval_cache_is_computed_once_and_never_stale(t5_model, tokenizer):
     with torch.no_grad():
         first = encoder.embedding_update()
         assert encoder.embedding_update().data_ptr() == first.data_ptr()  # cached, not recomputed
-        encoder.lora_embedding_B.add_(1.0)  # an update in place, as an optimizer step makes it
+        encoder.lora_embedding_B.add_(1.0)  # an update in place in eval mode, outside any forward ...
+        dept_model.invalidate_caches()  # ... is announced, as the caching rule says
         after_update = encoder.embedding_update()
         expected = encoder.scaling * encoder.lora_embedding_A @ encoder.lora_embedding_B
         torch.testing.assert_close(after_update, expected, atol=1e-6, rtol=0)

@@ -29,12 +29,50 @@ def test_decoder_only_generation_does_not_depend_on_padding(llama_model, tokeniz
     tokenizer.padding_side = "left"
     try:
         alone = dept_model.generate(**tokenizer(TEXTS[2:], return_tensors="pt"), max_new_tokens=6,
-                                    min_new_tokens=6, do_sample=False)
+                                    min_new_tokens=6, do_sample=False, new_tokens_only=True)
         batched = dept_model.generate(**tokenizer(TEXTS, return_tensors="pt", padding=True), max_new_tokens=6,
-                                      min_new_tokens=6, do_sample=False)
+                                      min_new_tokens=6, do_sample=False, new_tokens_only=True)
     finally:
         tokenizer.padding_side = "right"
     assert torch.equal(batched[2], alone[0])
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_decoder_only_generate_returns_the_input_then_the_new_tokens(causal_model, tokenizer, side, use_cache):
+    """transformers' convention: `out[:, input_ids.shape[1]:]` is the answer; embeddings alone give the new tokens."""
+    kind = "gpt2" if causal_model.config.model_type == "gpt2" else "llama"
+    dept_model = attach(kind, causal_model, tokenizer).eval()
+    tokenizer.padding_side = side
+    try:
+        batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = "right"
+    options = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=use_cache)
+    output = dept_model.generate(**batch, **options)
+    new_tokens = dept_model.generate(**batch, new_tokens_only=True, **options)
+    from_embeddings = dept_model.generate(inputs_embeds=dept_model.word_embeddings(batch["input_ids"]),
+                                          attention_mask=batch["attention_mask"], **options)
+    length = batch["input_ids"].shape[1]
+    assert output.shape == (len(TEXTS), length + 5)
+    assert torch.equal(output[:, :length], batch["input_ids"])
+    assert torch.equal(output[:, length:], new_tokens)
+    assert torch.equal(from_embeddings, new_tokens)
+
+
+def test_beams_and_returned_sequences_each_start_with_their_input(llama_model, tokenizer):
+    dept_model = attach("llama", llama_model, tokenizer).eval()
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = "right"
+    options = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, num_beams=3, num_return_sequences=2)
+    output = dept_model.generate(**batch, return_dict_in_generate=True, **options)
+    new_tokens = dept_model.generate(**batch, new_tokens_only=True, **options)
+    length = batch["input_ids"].shape[1]
+    assert torch.equal(output.sequences[:, :length], batch["input_ids"].repeat_interleave(2, dim=0))
+    assert torch.equal(output.sequences[:, length:], new_tokens)
 
 
 def test_uncached_generation_refuses_sampling(llama_model, tokenizer):

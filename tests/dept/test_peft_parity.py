@@ -47,8 +47,29 @@ def test_llama_logits_and_greedy_generation_match_peft_prompt_tuning(llama_model
         torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
         ours_tokens = dept_model.generate(**batch, max_new_tokens=6, do_sample=False)
+        new_tokens = dept_model.generate(**batch, max_new_tokens=6, do_sample=False, new_tokens_only=True)
         # PEFT 0.21's cached prompt-tuning generation under transformers 5 disagrees with its own uncached
         # generation after a few tokens; the uncached one recomputes everything, so it is the reference.
         theirs_tokens = peft_model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=False)
-    # PEFT returns the input ids followed by the new tokens; ours returns only the new tokens.
-    assert torch.equal(ours_tokens, theirs_tokens[:, batch["input_ids"].shape[1]:])
+    # Both return the input ids followed by the new tokens, as transformers does.
+    assert torch.equal(ours_tokens, theirs_tokens)
+    assert torch.equal(new_tokens, theirs_tokens[:, batch["input_ids"].shape[1]:])
+
+
+def test_llama_left_padded_generation_follows_peft_prompt_tuning_convention(llama_model, tokenizer):
+    """PEFT does not count positions over real tokens, so its padded rows differ; the convention it shares with
+    transformers must still hold: the left-padded input ids, then each row's new tokens (here: as PEFT gives
+    them for the row alone)."""
+    dept_model, peft_model = _pair("llama", llama_model, tokenizer)
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = "right"
+    with torch.no_grad():
+        ours = dept_model.generate(**batch, max_new_tokens=6, do_sample=False)
+        for row, text in enumerate(TEXTS):
+            alone = tokenizer([text], return_tensors="pt")
+            theirs = peft_model.generate(**alone, max_new_tokens=6, do_sample=False, use_cache=False)
+            assert torch.equal(ours[row, batch["input_ids"].shape[1]:], theirs[0, alone["input_ids"].shape[1]:])
+    assert torch.equal(ours[:, :batch["input_ids"].shape[1]], batch["input_ids"])

@@ -20,6 +20,7 @@ from transformers import HfArgumentParser
 from dept.command_line import MethodArguments, canonical_flag, parse_arguments
 from dept.training_args import TrainingArguments
 from dept_nlp.arguments import DataArguments, ModelArguments
+from dept_nlp.evaluate import TextEvaluator
 from dept_nlp.tasks import TASKS, get_task
 from tests.conftest import OFFICIAL_CHECKPOINTS, REPO_ROOT, free_port
 
@@ -181,10 +182,11 @@ def test_recipe_selects_the_best_checkpoint_by_the_official_main_metric(path):
     assert len(OFFICIAL_BEST_MODEL_METRIC) == len(RECIPES) == 22
     assert recipe["metric_for_best_model"] == OFFICIAL_BEST_MODEL_METRIC[recipe["task_name"]]
     assert recipe["metric_for_best_model"] == get_task(recipe["task_name"]).main_metric  # a metric we report
-    assert recipe["greater_is_better"] is True
+    assert "greater_is_better" not in recipe  # derived from the metric, so a --metric_for_best_model loss minimises
     *_, training_args = parse_arguments(CLI_DATACLASSES, ["--config", str(path)])
-    assert (training_args.metric_for_best_model, training_args.greater_is_better) == (
-        OFFICIAL_BEST_MODEL_METRIC[recipe["task_name"]], True)
+    evaluator = TextEvaluator(get_task(recipe["task_name"]), tokenizer=None, task_type="seq2seq")
+    assert training_args.best_model_criterion(evaluator.main_metric, evaluator.greater_is_better) == (
+        f"eval_{OFFICIAL_BEST_MODEL_METRIC[recipe['task_name']]}", True)
 
 
 # Hand-copied from the official run logs (github.com/ZhengxiangShi/DePT, checkpoints/<task>/output.log):

@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from dept_nlp.metrics import compute, is_valid_prediction, normalize_answer, token_f1, valid_labels
+from dept_nlp.metrics import (
+    available_metrics,
+    compute,
+    is_valid_prediction,
+    normalize_answer,
+    token_f1,
+    valid_labels,
+)
 from dept_nlp.tasks import TASKS
 
 
@@ -135,3 +142,31 @@ def test_bad_inputs_are_clear_errors():
         compute("sst2", [1], ["1"])
     with pytest.raises(ValueError, match="no reference answers"):
         compute("nq", ["a"], [[]])
+
+
+def test_metric_names_score_a_task_with_other_metrics_under_its_rules_in_the_order_asked():
+    # CoLA's accuracy: "x" is wrong (2 of 4 right); its Matthews correlation is the one compute reports by default.
+    predictions, references = ["1", "x", "0", "1"], ["1", "1", "0", "0"]
+    scores = compute("cola", predictions, references, metric_names=["accuracy", "matthews_correlation"])
+    assert list(scores) == ["accuracy", "matthews_correlation"] and scores["accuracy"] == 50.0
+    assert scores["matthews_correlation"] == compute("cola", predictions, references)["matthews_correlation"]
+    # mrpc's macro F1: "x" (gold 1) is a miss for class 1 and a hit for none. Class 0: TP 1, FN 1 -> 2/3;
+    # class 1: TP 1, FP 1, FN 1 -> 1/2.
+    assert compute("mrpc", predictions, references, metric_names=["f1_multiclass"]) == {
+        "f1_multiclass": pytest.approx(100 * (2 / 3 + 1 / 2) / 2)}
+    assert compute("stsb", ["1", "2", "3"], ["1.0", "2.0", "4.0"], metric_names=["spearmanr"]) == {"spearmanr": 100.0}
+    assert compute("nq", ["Paris"], [["London", "paris"]], metric_names=["f1_max_over_answers", "em"]) == {
+        "f1_max_over_answers": 100.0, "em": 0.0}
+
+
+def test_available_metrics_follow_the_targets_and_exclude_what_cannot_be_computed():
+    assert available_metrics("mrpc") == ("accuracy", "f1", "f1_multiclass", "matthews_correlation")
+    assert available_metrics("superglue-cb") == ("accuracy", "f1_multiclass", "matthews_correlation")  # 3 classes
+    assert available_metrics("stsb") == ("pearson", "spearmanr")
+    assert available_metrics("nq") == ("em", "f1", "em_max_over_answers", "f1_max_over_answers")
+    for task in TASKS.values():
+        assert set(task.metric_names) <= set(available_metrics(task.name))
+    with pytest.raises(ValueError, match=r"superglue-cb cannot be scored with \['f1'\]; pick from"):
+        compute("superglue-cb", ["0"], ["0"], metric_names=["f1"])
+    with pytest.raises(ValueError, match="stsb cannot be scored with"):
+        compute("stsb", ["1.0"], ["1.0"], metric_names=[])

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from dept_vl.features import FeatureStore, FeatureStoreError, GridFeatureExtractor, extract_to_h5, grid_boxes
-from dept_vl.images import ImageLoadError, load_image
+from dept_vl.images import ImageLoadError, check_image, load_image
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -58,11 +58,15 @@ def test_corrupt_images_raise_an_error_naming_the_file(tmp_path, name, content):
     if content is None:
         path.write_bytes(bytes(_encoded(_noise_image(), "PNG")))
         assert load_image(path).size == (64, 64)
+        check_image(path)  # the check before training passes what loads
         return
     path.write_bytes(content)
     with pytest.raises(ImageLoadError) as error:
         load_image(path)
     assert error.value.path == path and str(path) in str(error.value)
+    with pytest.raises(ImageLoadError) as error:  # and the check before training refuses it, by name
+        check_image(path)
+    assert error.value.path == path
 
 
 def test_a_directory_or_a_dangling_symlink_in_place_of_an_image_names_the_path(tmp_path):

@@ -1,14 +1,19 @@
-"""Tiny saved bases with four adapters each, and an in-process server to call over ASGI."""
+"""Tiny saved bases with four adapters each, an in-process server to call over ASGI, and one on loopback."""
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 
 from dept_serve import DePTService, Limits, ServingEngine, create_app
+from tests.conftest import free_port
 from tests.serve.fixtures import OfflineReference, save_adapters, save_base
 
 
@@ -43,3 +48,22 @@ async def served(engine: ServingEngine, adapter_root: Path | None = None, **limi
             yield service, client
     finally:
         await service.stop()
+
+
+@contextlib.contextmanager
+def on_loopback(engine: ServingEngine, adapter_root: Path | None = None, **limits) -> Iterator[str]:
+    """The app served by uvicorn on 127.0.0.1 (a free port) from a thread of this process; yields its URL."""
+    server = uvicorn.Server(uvicorn.Config(create_app(DePTService(engine, Limits(**limits), adapter_root)),
+                                           host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

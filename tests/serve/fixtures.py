@@ -9,7 +9,7 @@ import torch
 
 from dept import DePTConfig, DePTModel, get_dept_model
 from dept_nlp.modeling import load_model, load_tokenizer
-from dept_nlp.preprocess import encode_source
+from dept_nlp.preprocess import CAUSAL_TEMPLATE, encode_source
 from tests.conftest import save_tiny_model
 from tests.dept.test_multi_adapter import ADAPTERS as ADAPTER_SIZES  # different m and r, r = 0, m = 0
 
@@ -32,9 +32,10 @@ def save_base(family: str, directory: Path, **config) -> Path:
     return save_tiny_model(family, directory, WORDS, **config)
 
 
-def save_adapter(family: str, base_dir: Path, directory: Path, seed: int, label_words=("0", "1"), **sizes) -> Path:
+def save_adapter(family: str, base_dir: Path, directory: Path, seed: int, label_words=("0", "1"),
+                 causal_template: str | None = None, **sizes) -> Path:
     """A train-free stand-in for a trained adapter: its own P, a non-zero B (and for classifiers its own head),
-    saved with the training_task.json that dept-train writes."""
+    saved with the training_task.json that dept-train writes (with `causal_template` where one is given)."""
     base = load_model(str(base_dir), family)
     tokenizer = load_tokenizer(str(base_dir))
     config = DePTConfig(prompt_init="vocab", init_seed=seed, task_type=family, **sizes)
@@ -45,7 +46,8 @@ def save_adapter(family: str, base_dir: Path, directory: Path, seed: int, label_
         if family == "cls":
             base.classifier.weight.normal_(0, 1.0, generator=generator)
     model.save_pretrained(directory)
-    record = {"task_names": ["sst2"], "modality": "text", "label_words": list(label_words), "model_family": family}
+    record = {"task_names": ["sst2"], "modality": "text", "label_words": list(label_words), "model_family": family,
+              "model_name_or_path": str(base_dir), "causal_template": causal_template}
     (directory / "training_task.json").write_text(json.dumps(record))
     return directory
 
@@ -57,23 +59,27 @@ def save_adapters(family: str, base_dir: Path, root: Path, sizes: dict | None = 
 
 class OfflineReference:
     """The same adapters run the offline way: one DePTModel per adapter on its own base, one input at a time
-    (decoder-only: without the prompt KV cache, the path the cached one must match)."""
+    (decoder-only: without the prompt KV cache, the path the cached one must match; in the template given in
+    `causal_templates`, else the default)."""
 
-    def __init__(self, family: str, base_dir: Path, adapters: dict[str, Path]):
+    def __init__(self, family: str, base_dir: Path, adapters: dict[str, Path],
+                 causal_templates: dict[str, str] | None = None):
         self.family = family
         self.tokenizer = load_tokenizer(str(base_dir))
         self.models = {name: DePTModel.from_pretrained(load_model(str(base_dir), family), path)
                        for name, path in adapters.items()}
+        self.causal_templates = causal_templates or {}
 
-    def inputs(self, text: str) -> dict:
-        ids = torch.tensor([encode_source(self.tokenizer, self.family, text)])
+    def inputs(self, text: str, causal_template: str = CAUSAL_TEMPLATE) -> dict:
+        ids = torch.tensor([encode_source(self.tokenizer, self.family, text, causal_template)])
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     @torch.no_grad()
     def generate(self, adapter: str, text: str, max_new_tokens: int, num_beams: int = 1) -> list[int]:
         uncached = {"use_prompt_cache": False} if self.family == "causal" else {}  # the reference path
-        output = self.models[adapter].generate(**self.inputs(text), max_new_tokens=max_new_tokens,
-                                               num_beams=num_beams, do_sample=False,
+        inputs = self.inputs(text, self.causal_templates.get(adapter, CAUSAL_TEMPLATE))
+        output = self.models[adapter].generate(**inputs, max_new_tokens=max_new_tokens,
+                                               num_beams=num_beams, do_sample=False, new_tokens_only=True,
                                                pad_token_id=self.tokenizer.pad_token_id, **uncached)[0].tolist()
         if self.family == "seq2seq":
             output = output[1:]  # the decoder's start token

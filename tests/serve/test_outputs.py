@@ -9,8 +9,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dept_serve import ServingEngine
+from tests.conftest import save_tiny_model
 from tests.serve.conftest import served, t5_engine
-from tests.serve.fixtures import ADAPTER_SIZES, TEXTS, OfflineReference, save_adapters, save_base
+from tests.serve.fixtures import ADAPTER_SIZES, TEXTS, WORDS, OfflineReference, save_adapter, save_adapters, save_base
 
 NEW_TOKENS = 6
 
@@ -93,3 +94,25 @@ def test_classifier_scores_equal_offline_probabilities(tmp_path):
             assert output["label"] == str(max(range(2), key=expected.__getitem__))
             labels.add(output["label"])
     assert labels == {"0", "1"}  # both labels occur, so the heads really differ
+
+
+def test_a_decoder_only_adapter_is_served_in_the_causal_template_it_was_trained_with(tmp_path):
+    """Its training_task.json records `--causal_template "Review: {source} => "`: served outputs equal offline
+    generation in that template, token for token, and differ from the default template's."""
+    template = "Review: {source} => "
+    base = save_tiny_model("causal", tmp_path / "llama", [*WORDS, template.format(source="")])
+    adapters = {"review": save_adapter("causal", base, tmp_path / "review", seed=3, causal_template=template,
+                                       num_virtual_tokens=4, r=2, max_length=24),
+                "official": save_adapter("causal", base, tmp_path / "official", seed=3,  # the same P, A and B
+                                         num_virtual_tokens=4, r=2, max_length=24)}
+    requests = [(name, [text]) for name in adapters for text in TEXTS]
+    responses, _ = asyncio.run(_generate_concurrently(ServingEngine.load(str(base), adapters, device="cpu"),
+                                                      requests, max_wait_ms=100))
+    reference = OfflineReference("causal", base, adapters, causal_templates={"review": template})
+    served_tokens = {}
+    for (name, (text,)), response in zip(requests, responses):
+        assert response.status_code == 200, response.text
+        served_tokens[name, text] = response.json()["outputs"][0]["token_ids"]
+        assert served_tokens[name, text] == reference.generate(name, text, NEW_TOKENS), (name, text)
+    # The two adapters are one adapter in two templates: the template alone changes the answers.
+    assert sum(served_tokens["review", text] != served_tokens["official", text] for text in TEXTS) >= 3

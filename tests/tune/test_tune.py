@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
@@ -47,10 +49,34 @@ def _run_dirs(root: Path) -> list[Path]:
     return sorted(path for path in root.iterdir() if path.is_dir() and path.name.startswith(f"{TASK}_"))
 
 
-def _worker(argv: list[str], log: Path) -> subprocess.Popen:
+def _worker(argv: list[str], log: Path, hostname: str | None = None) -> subprocess.Popen:
+    """A dept-tune worker process; with `hostname`, one that runs as if on another machine (or container)."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dept_tune.cli", *argv], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, env=env)
+    command = ["-m", "dept_tune.cli"]
+    if hostname is not None:
+        command = ["-c", f"import socket, sys; socket.gethostname = lambda: {hostname!r}; "
+                         "from dept_tune.cli import main; sys.exit(main(sys.argv[1:]))"]
+    return subprocess.Popen([sys.executable, *command, *argv], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env=env)
+
+
+def _kill_mid_trial(worker: subprocess.Popen, storage: str, study_name: str, root: Path, log: Path):
+    """SIGKILL `worker` once a trial of its has written a checkpoint; return that trial as it was."""
+    deadline = time.monotonic() + 240
+    victim = None
+    while victim is None and time.monotonic() < deadline and worker.poll() is None:
+        time.sleep(0.2)
+        try:
+            trials = _load(storage, study_name).get_trials()
+        except (KeyError, ValueError, StorageError):  # the study is not created yet
+            continue
+        running = [t for t in trials if t.state == TrialState.RUNNING and "output_dir" in t.user_attrs]
+        if running and complete_checkpoints(root / running[0].user_attrs["output_dir"]):
+            victim = running[0]
+    assert victim is not None, log.read_text()[-3000:]
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    return victim
 
 
 @pytest.mark.slow
@@ -79,6 +105,17 @@ def test_six_trials_with_pruning_keep_the_best_adapter_and_report(tiny_task, tmp
     assert with_adapter == [best.user_attrs["output_dir"]]
     assert not list(root.glob("*/checkpoint-*"))
     assert all((root / t.user_attrs["output_dir"] / "eval_results.json").is_file() for t in complete)
+    # A pruned trial keeps its log up to the prune (the trainer's trainer_state.json) and a marker saying so.
+    for trial in pruned:
+        path = root / trial.user_attrs["output_dir"]
+        state = json.loads((path / "trainer_state.json").read_text())
+        logged = {entry["step"]: entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry}
+        assert logged == trial.intermediate_values and state["global_step"] == max(logged)
+        marker = json.loads((path / "pruned.json").read_text())
+        assert marker["trial"] == trial.number and marker["pruned_at_step"] == max(logged)
+        assert marker["metrics"]["eval_loss"] == logged[max(logged)] and "eval_accuracy" in marker["metrics"]
+        assert marker["objective"] == {str(step): value for step, value in sorted(logged.items())}
+        assert not (path / "eval_results.json").exists()  # scripts/summarize_sweep.py counts finished runs only
     # The report: best parameters with validation and test metrics, a table of trials, and the plots.
     assert report["best"]["params"] == best.params and report["best"]["validation"]["eval_loss"] == best.value
     assert "test_accuracy" in report["best"]["test"]
@@ -151,6 +188,92 @@ def test_study_killed_mid_trial_resumes_without_losing_or_repeating_a_trial(tiny
     assert len({tuple(sorted(t.params.items())) for t in counted}) == 4
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_dead_workers_trial_on_sqlite_runs_again_after_the_grace_period(tiny_task, tmp_path):
+    # A worker in another container (another host name, another process namespace) dies: no process id tells this
+    # machine so, only the missing heartbeat does.
+    root = tmp_path / "sqlite"
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    argv = _argv(tiny_task, root, "--n_trials", "2", "--pruner", "none", "--keep_all", "--storage", url,
+                 "--study_name", "shared", "--heartbeat_interval", "1", "--grace_period", "2",
+                 "--search", "learning_rate=1e-2:1", "--search", "lora_embedding_lr=1e-4:1e-1")
+    open_storage(url)  # Optuna's tables, before two processes race to create them
+    log = tmp_path / "other-machine.log"
+    victim = _kill_mid_trial(_worker(argv, log, hostname="other-machine"), url, "shared", root, log)
+    assert victim.user_attrs["worker"].startswith("other-machine:")
+    resumed_at = int(complete_checkpoints(root / victim.user_attrs["output_dir"])[-1].name.split("-")[1])
+    time.sleep(4)  # past the grace period (SQLite's clock counts whole seconds)
+
+    tune(argv)  # a worker of this machine
+
+    study = _load(url, "shared")
+    counted = counted_trials(study)
+    assert len(counted) == 2 and all(t.state == TrialState.COMPLETE for t in counted), [t.state for t in counted]
+    assert study.trials[victim.number].state == TrialState.FAIL
+    retry = next(t for t in counted if t.user_attrs.get("retry_of") == victim.number)
+    assert retry.params == victim.params and retry.user_attrs["output_dir"] == victim.user_attrs["output_dir"]
+    assert sorted(retry.intermediate_values) == list(range(resumed_at + 2, 9, 2))  # resumed from its checkpoint
+
+
+def _database_contents(url: str) -> tuple[list[str], list[str]]:
+    """The tables of a database, and the studies in them."""
+    engine = sqlalchemy.create_engine(url)
+    try:
+        tables = sorted(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    return tables, sorted(optuna.get_all_study_names(open_storage(url))) if "studies" in tables else []
+
+
+@pytest.mark.parametrize("storage", ["default", "journal", "sqlite", "sqlite_without_tables", "other_study",
+                                     pytest.param("postgresql", marks=pytest.mark.skipif(
+                                         POSTGRES_URL_VAR not in os.environ, reason=f"no {POSTGRES_URL_VAR}"))])
+def test_report_only_on_a_missing_study_is_refused_and_creates_nothing(tiny_task, tmp_path, capsys, storage):
+    root = tmp_path / "reported"
+    url = {"default": None, "journal": str(tmp_path / "elsewhere.log"), "sqlite": f"sqlite:///{tmp_path / 'x.db'}",
+           "sqlite_without_tables": f"sqlite:///{tmp_path / 'empty.db'}",
+           "other_study": str(tmp_path / "other.log"), "postgresql": os.environ.get(POSTGRES_URL_VAR)}[storage]
+    database_before = _database_contents(url) if storage == "postgresql" else None
+    if storage == "sqlite_without_tables":
+        sqlite3.connect(tmp_path / "empty.db").close()
+    if storage == "other_study":
+        optuna.create_study(study_name="another", storage=open_storage(url))
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    flags = ["--report_only"] + ([] if url is None else ["--storage", url])
+    with pytest.raises(SystemExit) as stopped:
+        tune(_argv(tiny_task, root, *flags))
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip()
+    where = re.sub(r"(//[^:/@]+):[^@]*@", r"\1:***@", url) if url else str(root / "optuna_journal.log")  # no password
+    assert error == (f"dept-tune: error: There is no study 'reported' in {where}: nothing to report. Check "
+                     "--storage, --study_name and --output_dir, or run without --report_only to start the study.")
+    after = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    assert after == before and not root.exists()  # no file, table, study or trial was created
+    if storage == "other_study":
+        assert optuna.get_all_study_names(open_storage(url)) == ["another"]
+    if storage == "postgresql":
+        assert _database_contents(url) == database_before
+
+
+@pytest.mark.slow
+def test_resuming_with_other_training_flags_is_refused_and_with_the_same_flags_resumes(tiny_task, tmp_path, capsys):
+    root = tmp_path / "resumed"
+    first = _argv(tiny_task, root, "--n_trials", "1", "--pruner", "none", "--max_steps", "2")
+    assert tune(first)["counts"] == {"COMPLETE": 1}
+    with pytest.raises(SystemExit) as stopped:
+        tune(_argv(tiny_task, root, "--n_trials", "2", "--pruner", "none", "--max_steps", "4", "--seed", "1"))
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "Study 'resumed' was started with other training flags: --max_steps 2 (now 4), --seed 0 (now 1)." in error
+    assert "start a new study for the new setup with another --study_name" in error
+    study = _load(str(root / "optuna_journal.log"), "resumed")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]  # nothing was planned or trained
+    # The same training flags resume it (here with one more trial planned).
+    report = tune(_argv(tiny_task, root, "--n_trials", "2", "--pruner", "none", "--max_steps", "2"))
+    assert report["counts"] == {"COMPLETE": 2}
+
+
 def _two_workers(argv: list[str], storage: str, study_name: str, tmp_path: Path) -> None:
     """A worker process, and this test process as the second worker once the first one runs a trial."""
     worker = _worker(argv, tmp_path / "worker.log")
@@ -187,6 +310,17 @@ def test_two_workers_on_one_journal_file_share_the_trials(tiny_task, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+def test_two_workers_on_one_sqlite_file_share_the_trials_while_sending_heartbeats(tiny_task, tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    argv = _argv(tiny_task, tmp_path / "parallel", "--n_trials", "4", "--pruner", "none", "--max_steps", "2",
+                 "--storage", url, "--heartbeat_interval", "1", "--grace_period", "30")
+    open_storage(url)  # Optuna's tables, before two processes race to create them
+    _two_workers(argv, url, "parallel", tmp_path)
+    _assert_shared_fairly(_load(url, "parallel"), 4)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.skipif(POSTGRES_URL_VAR not in os.environ,
                     reason=f"{POSTGRES_URL_VAR} names no PostgreSQL server (.ci/run starts one)")
 def test_two_workers_share_a_study_on_postgresql(tiny_task, tmp_path):
@@ -207,6 +341,7 @@ def test_two_workers_share_a_study_on_postgresql(tiny_task, tmp_path):
         (["--search", "r=100:200"], "nothing to search"),
         (["--storage", "postgresql://dept:secret@127.0.0.1:1/optuna"], "Cannot reach the study storage"),
         (["--sampler", "grid", "--n_trials", "5"], "runs every grid point once: 6 trials"),
+        (["--metric", "loss", "--metric_for_best_model", "accuracy"], "both name the metric: give only --metric"),
     ],
 )
 def test_bad_search_or_storage_is_refused_before_any_training(tiny_task, tmp_path, capsys, extra, message):

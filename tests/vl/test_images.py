@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dept_vl.images import ImageLoadError, ImagePathError, load_image, resolve_image_path
+from dept_vl.images import ImageLoadError, ImagePathError, check_image, decode_image, load_image, resolve_image_path
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -121,3 +121,56 @@ def test_paths_leaving_the_root_are_refused(tmp_path, relative):
     with pytest.raises(ImagePathError, match="outside the image root") as info:
         resolve_image_path(root, relative)
     assert relative in str(info.value)
+
+
+def _encoded(image_format: str, mode: str = "RGB") -> bytes:
+    noise = np.random.default_rng(1).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).convert(mode).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def _flipped_middle_byte(data: bytes) -> bytes:
+    data = bytearray(data)
+    data[len(data) // 2] ^= 0xFF
+    return bytes(data)
+
+
+FILES = {  # name -> bytes; None: no file at all
+    "ok.jpg": _encoded("JPEG"), "ok_cmyk.jpg": _encoded("JPEG", "CMYK"), "ok.png": _encoded("PNG"),
+    "ok.webp": _encoded("WEBP"), "ok.gif": _encoded("GIF"), "ok.bmp": _encoded("BMP"), "ok.tiff": _encoded("TIFF"),
+    "png_named.jpg": _encoded("PNG"),
+    "empty.png": b"", "text.png": b"not an image", "missing.jpg": None,
+    "truncated_half.jpg": _encoded("JPEG")[: len(_encoded("JPEG")) // 2],
+    "truncated_end.jpg": _encoded("JPEG")[:-100],  # only the last scan data and the end marker are gone
+    "truncated.png": _encoded("PNG")[:-100], "broken_byte.png": _flipped_middle_byte(_encoded("PNG")),
+    "truncated.webp": _encoded("WEBP")[:-100], "truncated.bmp": _encoded("BMP")[:-100],
+    "truncated.gif": _encoded("GIF")[: len(_encoded("GIF")) // 2],
+}
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_check_image_refuses_exactly_the_files_load_image_refuses_and_names_them(tmp_path, name):
+    path = tmp_path / name
+    if FILES[name] is not None:
+        path.write_bytes(FILES[name])
+    try:
+        load_image(path)
+        loads = True
+    except ImageLoadError:
+        loads = False
+    assert loads == name.startswith(("ok", "png_named")), name  # the cases are what their names say
+    if loads:
+        check_image(path)
+        if FILES[name] is not None:
+            check_image(FILES[name], name="upload.jpg")
+        return
+    with pytest.raises(ImageLoadError) as error:
+        check_image(path)
+    assert error.value.path == path and str(path) in str(error.value)
+    if FILES[name] is not None:  # the bytes of the same file, as a Hub dataset stores them
+        with pytest.raises(ImageLoadError) as error:
+            check_image(FILES[name], name="row 7")
+        assert str(error.value.path) == "row 7"
+        with pytest.raises(ImageLoadError):
+            decode_image(FILES[name], name="row 7")

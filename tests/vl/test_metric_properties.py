@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import evaluate
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dept_vl import metrics
 from dept_vl.metrics import (
     accuracy,
     caption_scores,
@@ -91,3 +93,32 @@ def test_tokenizing_tokenized_text_changes_nothing(text):
     tokens = tokenize_caption(text)
     assert all(token and not any(character.isspace() for character in token) for token in tokens)
     assert tokenize_caption(" ".join(tokens)) == tokens
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("evaluate"))
+
+
+def _add_in_batches(module, predictions, references, cuts):
+    for start, end in zip([0, *cuts], [*cuts, len(predictions)]):
+        module.add_batch(predictions=predictions[start:end], references=references[start:end])
+    return module.compute()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(vqa_question, min_size=1, max_size=8), st.data())
+def test_the_vqa_module_equals_vqa_accuracy_for_any_questions_and_any_batching(cache_dir, questions, data):
+    predictions, answers = [p for p, _ in questions], [h for _, h in questions]
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(questions)), max_size=3)))
+    module = metrics.load("vqa", keep_in_memory=True, cache_dir=cache_dir)  # in memory: no files between examples
+    assert _add_in_batches(module, predictions, answers, cuts) == {"accuracy": vqa_accuracy(predictions, answers)}
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(caption_example, min_size=1, max_size=6), st.data())
+def test_the_caption_modules_combined_equal_caption_scores_for_any_corpus_and_any_batching(cache_dir, examples, data):
+    predictions, references = [p for p, _ in examples], [r for _, r in examples]
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(examples)), max_size=3)))
+    combined = evaluate.combine([metrics.load(name, keep_in_memory=True, cache_dir=cache_dir) for name in ("bleu4", "cider")])
+    assert _add_in_batches(combined, predictions, references, cuts) == caption_scores(predictions, references)
