@@ -357,6 +357,12 @@ def write_text_atomically(path: str | Path, text: str) -> None:
         ) from err
 
 
+def write_trainer_state(output_dir: Path, state: TrainerState) -> None:
+    """`trainer_state.json` in `output_dir` (the run's progress and log), atomically."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(output_dir / TRAINER_STATE_NAME, state.to_json())
+
+
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
 

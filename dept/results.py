@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dept.checkpoint import TRAINER_STATE_NAME, TrainerState, write_on_main_process, write_text_atomically
+from dept.checkpoint import TrainerState, write_on_main_process, write_text_atomically, write_trainer_state
 from dept.distributed import full_trainable_state_dict, uses_deepspeed, uses_fsdp
 from dept.training_args import TrainingArguments
 
@@ -79,7 +79,7 @@ def write_final_outputs(accelerator, model: nn.Module, output_dir: Path, state: 
     def write() -> None:
         write_adapter(unwrapped, output_dir, trainable, sharded=sharded)
         write_results(output_dir, "train", metrics)
-        write_text_atomically(output_dir / TRAINER_STATE_NAME, state.to_json())
+        write_trainer_state(output_dir, state)
 
     write_on_main_process(accelerator, output_dir, write)
 

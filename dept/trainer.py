@@ -52,10 +52,7 @@ class Evaluator(Protocol):
 
     def predict_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list:
         """One decoded prediction per row of `batch` (the collated tensors and non-tensor extras, without
-        `references`).
-
-        `model` is the unwrapped model: call `generate` or take an argmax on it.
-        """
+        `references`), from the unwrapped `model`: call `generate` or take an argmax on it."""
         ...
 
     def compute_metrics(self, predictions: list, references: list) -> dict[str, float]:
@@ -86,19 +83,10 @@ class Trainer:
         >>> trainer.evaluate(test, split="test")  # {"test_accuracy": ..., "test_loss": ...}  # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        args: TrainingArguments,
-        *,
-        collate_fn,
-        evaluator: Evaluator | None = None,
-        train_dataset: Dataset | None = None,
-        eval_dataset: Dataset | None = None,
-        test_dataset: Dataset | None = None,
-        accelerator: Accelerator | None = None,
-        on_evaluate: Callable[[int, dict[str, float]], None] | None = None,
-    ):
+    def __init__(self, model: nn.Module, args: TrainingArguments, *, collate_fn, evaluator: Evaluator | None = None,
+                 train_dataset: Dataset | None = None, eval_dataset: Dataset | None = None,
+                 test_dataset: Dataset | None = None, accelerator: Accelerator | None = None,
+                 on_evaluate: Callable[[int, dict[str, float]], None] | None = None):
         self.model, self.args, self.collate_fn, self.evaluator = model, args, collate_fn, evaluator
         self.train_dataset, self.eval_dataset, self.test_dataset = train_dataset, eval_dataset, test_dataset
         self.on_evaluate = on_evaluate
@@ -280,9 +268,7 @@ class Trainer:
                 self.on_evaluate(step, metrics)
             except Exception:  # the caller stops the run here (a pruner): keep its log up to this evaluation
                 if self.accelerator.is_main_process:
-                    self.output_dir.mkdir(parents=True, exist_ok=True)
-                    checkpoint.write_text_atomically(self.output_dir / checkpoint.TRAINER_STATE_NAME,
-                                                     self.state.to_json())  # fmt: skip
+                    checkpoint.write_trainer_state(self.output_dir, self.state)
                 raise
 
     def _save_checkpoint(self, optimizer, scheduler) -> Path:
@@ -373,14 +359,9 @@ class Trainer:
     def _eval_dataloader(self, dataset: Dataset) -> DataLoader:
         # Prepared once per dataset: accelerate keeps a reference to every dataloader it prepares.
         if id(dataset) not in self._eval_dataloaders:
-            dataloader = DataLoader(
-                dataset,
-                batch_size=self.args.per_device_eval_batch_size,
-                shuffle=False,
-                collate_fn=self.collate_fn,
-                num_workers=self.args.dataloader_num_workers,
-                generator=torch.Generator(),  # do not draw from the global RNG that training resumes
-            )
+            dataloader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
+                                    collate_fn=self.collate_fn, num_workers=self.args.dataloader_num_workers,
+                                    generator=torch.Generator())  # not the global RNG, which training resumes
             self._eval_dataloaders[id(dataset)] = (dataset, self.accelerator.prepare_data_loader(dataloader))
         return self._eval_dataloaders[id(dataset)][1]
 
