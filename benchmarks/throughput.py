@@ -54,10 +54,12 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
+from dept.checkpoint import EpochSampler
 from dept.config import DePTConfig
 from dept.methods import LoraSettings
 from dept.methods import prepare_model as prepare_method
-from dept.trainer import EpochSampler, Trainer, build_optimizer
+from dept.optim import build_optimizer
+from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
 
 # The budgets compared: PT with l = 100 against DePT with m = 60, r = 30 (equal at d = 768, s = 256).

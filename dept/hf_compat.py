@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .hub import upload_adapter, write_model_card
+
 
 class HuggingFaceModelMixin:
     """The members of a `PreTrainedModel` that transformers' `Trainer` and TRL use, taken from `self.base_model`.
@@ -74,8 +76,6 @@ class HuggingFaceModelMixin:
         adapter_model.safetensors and its model card README.md, nothing else. `run_dir`, the training run's output
         directory, gives the card the task and metrics (its training_task.json and all_results.json);
         `model_card_data` adds card fields. Returns huggingface_hub's `CommitInfo`."""
-        from .hub import upload_adapter, write_model_card
-
         with tempfile.TemporaryDirectory(prefix="dept-push-") as directory:
             self.save_pretrained(directory)
             write_model_card(directory, self.config, repo_id=repo_id, run_dir=run_dir,

@@ -43,6 +43,7 @@ from transformers import Seq2SeqTrainer, Trainer
 from .adapter_files import load_adapter
 from .hub import write_model_card
 from .model import AdapterMismatchError, DePTModel
+from .optim import parameter_groups
 
 try:
     from transformers.trainer_optimizer import is_optimizer_factory
@@ -84,8 +85,6 @@ class DePTTrainerMixin:
         dept_model = self._dept_model(model)
         if self.optimizer is not None or dept_model is None:
             return super().create_optimizer(model)
-        from .trainer import parameter_groups  # DePT's grouping rule, shared with our trainer
-
         opt_model = self.model if model is None else model
         if self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs

@@ -39,13 +39,17 @@ class TrainingArguments:
         warmup_steps: optimizer steps of linear warmup from 0 to the learning rates.
         lr_scheduler_type: shape of the schedule after warmup, one of `LR_SCHEDULER_TYPES`.
         max_grad_norm: gradients are clipped to this global L2 norm; 0 or less disables clipping.
-        eval_strategy: evaluate every `eval_steps` optimizer steps ("steps"), after each epoch ("epoch") or never.
+        eval_strategy: evaluate every `eval_steps` optimizer steps ("steps"), after each epoch ("epoch") or never
+            ("no"); a run without evaluation data never evaluates.
         eval_steps: optimizer steps between evaluations when `eval_strategy="steps"`.
         save_strategy: write a checkpoint every `save_steps` ("steps"), after each epoch ("epoch") or never.
         save_steps: optimizer steps between checkpoints when `save_strategy="steps"`.
         logging_steps: optimizer steps between loss / learning-rate log entries.
         save_total_limit: keep at most this many checkpoints (the best one is never deleted); None keeps all.
-        load_best_model_at_end: at the end, load the checkpoint with the best `metric_for_best_model`.
+        load_best_model_at_end: at the end, load the checkpoint with the best `metric_for_best_model`. None (the
+            default) follows the data: on when the run evaluates (an `eval_dataset` and `eval_strategy != "no"`,
+            checked when training starts), off when it has nothing to evaluate, where it keeps the adapter of its
+            last step. True is checked at once, and refused without evaluation data.
         metric_for_best_model: metric that picks the best checkpoint, with or without the `eval_` prefix;
             None means the evaluator's main metric (or `loss` without an evaluator).
         greater_is_better: whether a larger `metric_for_best_model` is better; None (the default) derives it from
@@ -97,8 +101,12 @@ class TrainingArguments:
     save_total_limit: int | None = field(
         default=1, metadata={"help": "Keep at most this many checkpoints (never deleting the best); None keeps all."}
     )
-    load_best_model_at_end: bool = field(
-        default=True, metadata={"help": "Load the best checkpoint (by metric_for_best_model) at the end."}
+    load_best_model_at_end: bool | None = field(
+        default=None,
+        # nargs/const: a bare `--load_best_model_at_end` means True (HfArgumentParser adds them to a bool flag only
+        # when its default is not None).
+        metadata={"help": "Load the best checkpoint (by metric_for_best_model) at the end; default: when the run "
+                          "has evaluation data.", "nargs": "?", "const": True},
     )
     metric_for_best_model: str | None = field(
         default=None, metadata={"help": "Metric picking the best checkpoint; default: the evaluator's main metric."}
@@ -190,22 +198,41 @@ class TrainingArguments:
             )
         return name, self.greater_is_better
 
+    def best_model_at_end(self, has_eval_data: bool) -> bool:
+        """Whether the run reloads its best checkpoint at the end: `load_best_model_at_end`, or by default (None)
+        whenever it evaluates, which then needs the checkpoints that `_check_best_model_is_saved` asks for. Asked
+        for explicitly without evaluation data, it is an error, not a silent no."""
+        if self.load_best_model_at_end is None:
+            if not has_eval_data or self.eval_strategy == "no":
+                return False
+            self._check_best_model_is_saved()
+            return True
+        if self.load_best_model_at_end and not has_eval_data:
+            raise FlagError(
+                "--load_best_model_at_end (load_best_model_at_end=True) picks the best checkpoint by evaluating, but "
+                "this run has no evaluation data. Give it validation data (--validation_file; eval_dataset in "
+                "Python), or leave load_best_model_at_end unset to keep the adapter of the last step."
+            )
+        return self.load_best_model_at_end
+
     def _check_best_model_is_saved(self) -> None:
         # The best model can only be reloaded if every evaluation that may be the best has a checkpoint.
+        unset = " (unset, it is on when the run evaluates)" if self.load_best_model_at_end is None else ""
+        off = "set load_best_model_at_end=False (--load_best_model_at_end false)"
         if self.eval_strategy == "no" or self.save_strategy == "no":
-            raise ValueError(
-                "load_best_model_at_end needs evaluations and checkpoints: set eval_strategy and save_strategy "
-                "to 'steps' or 'epoch', or set load_best_model_at_end=False."
+            raise FlagError(
+                f"load_best_model_at_end{unset} needs evaluations and checkpoints: set eval_strategy and save_strategy "
+                f"to 'steps' or 'epoch', or {off}."
             )
         if self.eval_strategy != self.save_strategy:
-            raise ValueError(
-                f"load_best_model_at_end needs save_strategy == eval_strategy, got save_strategy="
-                f"{self.save_strategy!r} and eval_strategy={self.eval_strategy!r}."
+            raise FlagError(
+                f"load_best_model_at_end{unset} needs save_strategy == eval_strategy, got save_strategy="
+                f"{self.save_strategy!r} and eval_strategy={self.eval_strategy!r}; or {off}."
             )
         if self.save_strategy == "steps" and self.save_steps % self.eval_steps != 0:
-            raise ValueError(
-                f"load_best_model_at_end needs save_steps to be a multiple of eval_steps, got save_steps="
-                f"{self.save_steps} and eval_steps={self.eval_steps}."
+            raise FlagError(
+                f"load_best_model_at_end{unset} needs save_steps to be a multiple of eval_steps, got save_steps="
+                f"{self.save_steps} and eval_steps={self.eval_steps}; or {off}."
             )
 
     def to_dict(self) -> dict:

@@ -1,7 +1,7 @@
 """The text metrics as Hugging Face `evaluate` modules, built here: no hub fetch, no network.
 
-    >>> from dept_nlp import metrics
-    >>> mrpc = metrics.load("mrpc")  # the task's own metrics, as dept-eval reports them
+    >>> from dept_nlp import metric_modules
+    >>> mrpc = metric_modules.load("mrpc")  # the task's own metrics, as dept-eval reports them
     >>> mrpc.compute(predictions=["1", "0", "yes"], references=["1", "1", "0"])  # doctest: +ELLIPSIS
     {'accuracy': 33.33..., 'f1': 50.0}
 
@@ -150,7 +150,19 @@ ONE_METRIC_MODULES: dict[str, type[TaskMetrics]] = {
 
 
 def load(name: str, task: str | None = None, **module_kwargs) -> evaluate.EvaluationModule:
-    """See `dept_nlp.metrics.load`."""
+    """One of these metrics as an `evaluate.EvaluationModule`, built locally: no hub fetch, works offline.
+
+    Args:
+        name: a task ("mrpc": the task's own metrics, as `compute` scores them), "mrqa" (SQuAD EM/F1 against the
+            first answer and the best over all answers), or one metric ("accuracy", "f1", "f1_multiclass",
+            "matthews_correlation", "pearson", "spearmanr") scored under the rules of `task`.
+        task: the task whose label rules one metric follows.
+        module_kwargs: `evaluate.EvaluationModule`'s own (`cache_dir`, `keep_in_memory`, `num_process`,
+            `process_id`, `experiment_id`, ...).
+
+    >>> load("accuracy", task="cola").compute(predictions=["1", "x"], references=["1", "0"])  # CoLA's accuracy
+    {'accuracy': 50.0}
+    """
     if name in TASKS:
         if task not in (None, name):
             raise ValueError(f"load({name!r}) is {name}'s own metrics; leave task out, or load one metric of "

@@ -21,7 +21,7 @@ The rules are the official DePT code's (`src/metrics.py`). Invalid predictions a
 
 Predictions and references are stripped of surrounding whitespace first, as the official post-processor does.
 
-`load` gives each of these metrics as a Hugging Face `evaluate` module, built locally (`dept_nlp.metric_modules`).
+`dept_nlp.metric_modules.load` gives each of these metrics as a Hugging Face `evaluate` module, built locally.
 """
 
 from __future__ import annotations
@@ -243,22 +243,3 @@ def squad_em_f1(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hugging Face `evaluate` modules
-
-
-def load(name: str, task: str | None = None, **module_kwargs):
-    """One of these metrics as an `evaluate.EvaluationModule`, built locally: no hub fetch, works offline.
-
-    Args:
-        name: a task ("mrpc": the task's own metrics, as `compute` scores them), "mrqa" (SQuAD EM/F1 against the
-            first answer and the best over all answers), or one metric ("accuracy", "f1", "f1_multiclass",
-            "matthews_correlation", "pearson", "spearmanr") scored under the rules of `task`.
-        task: the task whose label rules one metric follows.
-        module_kwargs: `evaluate.EvaluationModule`'s own (`cache_dir`, `keep_in_memory`, `num_process`,
-            `process_id`, `experiment_id`, ...).
-
-    >>> load("accuracy", task="cola").compute(predictions=["1", "x"], references=["1", "0"])  # CoLA's accuracy
-    {'accuracy': 50.0}
-    """
-    from dept_nlp import metric_modules  # `evaluate` takes seconds to import: only when a module is asked for
-
-    return metric_modules.load(name, task, **module_kwargs)

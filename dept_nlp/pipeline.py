@@ -28,7 +28,10 @@ logger = logging.getLogger(__name__)
 
 
 def needed_splits(data_args: DataArguments) -> tuple[str, ...]:
-    wanted = {"train": data_args.do_train, "validation": data_args.do_train or data_args.do_eval,
+    # Training evaluates on the validation split it has: the hub's when the training data come from the hub, else
+    # only a --validation_file (as --do_predict with local data needs --test_file). Without one it evaluates nothing.
+    validate_training = data_args.do_train and (data_args.validation_file is not None or data_args.train_file is None)
+    wanted = {"train": data_args.do_train, "validation": validate_training or data_args.do_eval,
               "test": data_args.do_predict}
     return tuple(split for split, needed in wanted.items() if needed)
 

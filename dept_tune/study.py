@@ -29,8 +29,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dept.resume_state import CHECKPOINT_PREFIX, write_text_atomically
-from dept.trainer import ADAPTER_FILES, NonFiniteLossError
+from dept.checkpoint import ADAPTER_FILES, CHECKPOINT_PREFIX, write_text_atomically
+from dept.train_loss import NonFiniteLossError
 from dept_tune.pipelines import Pipeline
 from dept_tune.space import BUDGET_PARAMETERS, Budget, ParamSpec, budget_choices, grid_points, suggest
 

@@ -1,7 +1,7 @@
 """The vision-language metrics as Hugging Face `evaluate` modules, built here: no hub fetch, no network.
 
-    >>> from dept_vl import metrics
-    >>> vqa = metrics.load("vqa")
+    >>> from dept_vl import metric_modules
+    >>> vqa = metric_modules.load("vqa")
     >>> vqa.compute(predictions=["Two.", "yes"], references=[["2"] * 9 + ["3"], ["yes"] * 10])
     {'accuracy': 100.0}
 
@@ -166,7 +166,16 @@ class Cider(evaluate.Metric):
 
 
 def load(name: str, **module_kwargs) -> evaluate.EvaluationModule:
-    """See `dept_vl.metrics.load`."""
+    """One of these metrics as an `evaluate.EvaluationModule`, built locally: no hub fetch, works offline.
+
+    Args:
+        name: "vqa" (the official VQA accuracy), "gqa" or "nlvr2" (accuracy), "bleu4" or "cider" (COCO captions).
+        module_kwargs: `evaluate.EvaluationModule`'s own (`cache_dir`, `keep_in_memory`, `num_process`,
+            `process_id`, `experiment_id`, ...).
+
+    >>> load("gqa").compute(predictions=["Yes ", "no"], references=["yes", "left"])
+    {'accuracy': 50.0}
+    """
     modules = {"vqa": Vqa, "gqa": Gqa, "nlvr2": Nlvr2, "bleu4": Bleu4, "cider": Cider}
     if name not in modules:
         raise ValueError(f"No VL metric {name!r}; pick one of vqa, gqa, nlvr2, bleu4, cider.")

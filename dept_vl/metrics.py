@@ -4,7 +4,7 @@
 - GQA and NLVR2: `accuracy`; NLVR2 also reports `nlvr_consistency`.
 - COCO captions: `caption_scores`, `bleu4_score`, `cider_d_score` (BLEU-4 and CIDEr-D, in `dept_vl.caption_eval`).
 
-`load` gives each of these metrics as a Hugging Face `evaluate` module, built locally (`dept_vl.metric_modules`).
+`dept_vl.metric_modules.load` gives each of these metrics as a Hugging Face `evaluate` module, built locally.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ __all__ = [
     "cider_d_score",
     "cider_d_scores",
     "corpus_bleu",
-    "load",
     "normalize_vqa_answer",
     "nlvr_consistency",
     "nlvr_sentence_id",
@@ -91,19 +90,3 @@ def nlvr_consistency(predictions: Sequence[str], references: Sequence[str], grou
     for group, is_correct in zip(group_ids, correct):
         all_correct[group] = all_correct.get(group, True) and is_correct
     return 100.0 * sum(all_correct.values()) / len(all_correct)
-
-
-def load(name: str, **module_kwargs):
-    """One of these metrics as an `evaluate.EvaluationModule`, built locally: no hub fetch, works offline.
-
-    Args:
-        name: "vqa" (the official VQA accuracy), "gqa" or "nlvr2" (accuracy), "bleu4" or "cider" (COCO captions).
-        module_kwargs: `evaluate.EvaluationModule`'s own (`cache_dir`, `keep_in_memory`, `num_process`,
-            `process_id`, `experiment_id`, ...).
-
-    >>> load("gqa").compute(predictions=["Yes ", "no"], references=["yes", "left"])
-    {'accuracy': 50.0}
-    """
-    from dept_vl import metric_modules  # `evaluate` takes seconds to import: only when a module is asked for
-
-    return metric_modules.load(name, **module_kwargs)

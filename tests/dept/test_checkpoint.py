@@ -112,7 +112,9 @@ def test_official_cola_checkpoint_matches_formula(t5_base_dims_model):
     expected = torch.cat([raw["prompt_embeddings"].float(), E + 8 / 15**0.5 * (A @ B)[:5]])
     with torch.no_grad():
         embeds, mask = model.embed(input_ids)
-    torch.testing.assert_close(embeds[0], expected, atol=1e-6, rtol=0)
+    # float32 along two paths (the cached A @ B table, sliced, against A @ B[:5] here), at values up to ~150:
+    # rtol 1e-5 (~80 ulps) and an atol of 1e-5 of the largest value for the elements near zero.
+    torch.testing.assert_close(embeds[0], expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert mask.shape == (1, 80 + 5)
 
 

@@ -3,7 +3,7 @@
 import torch
 
 from dept import DePTModel, MultiAdapterModel
-from dept.trainer import build_optimizer
+from dept.optim import build_optimizer
 from dept.training_args import TrainingArguments
 from tests.dept.helpers import attach, dept_forward
 from tests.dept.test_forward import TEXTS, hand_computed_logits

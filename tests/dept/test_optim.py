@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dept.trainer import build_optimizer, build_scheduler, learning_rates, parameter_groups
+from dept.optim import build_optimizer, build_scheduler, learning_rates, parameter_groups
 from tests.dept._toy import ToyAdapterModel, make_dataset, toy_args
 
 

@@ -78,5 +78,5 @@ def test_causal_labels_are_ignored_over_the_prompt(llama_model, tokenizer):
     out = dept_model(**batch, labels=labels)
     logits = out.logits[0, dept_model.config.num_virtual_tokens - 1:-1]  # predictions of the real tokens
     expected = torch.nn.functional.cross_entropy(logits, labels[0])
-    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=0)  # float32 along two paths, a loss of ~4
     assert dept_forward("llama", dept_model, batch).shape[1] == dept_model.config.num_virtual_tokens + labels.shape[1]

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import BertForSequenceClassification
 
-from dept_nlp import metrics
+from dept_nlp import metric_modules, metrics
 from dept_nlp.metric_modules import ONE_METRIC_MODULES
 from dept_nlp.tasks import TASKS
 from tests.conftest import REPO_ROOT, build_word_tokenizer, tiny_bert_config
@@ -50,7 +50,7 @@ def cache_dir(tmp_path):
 def test_a_task_module_gives_the_numbers_of_compute_in_one_call_in_batches_and_example_by_example(
         task, predictions, references, cache_dir):
     expected = metrics.compute(task, predictions, references)
-    module = metrics.load(task, cache_dir=cache_dir)
+    module = metric_modules.load(task, cache_dir=cache_dir)
     assert module.compute(predictions=predictions, references=references) == expected
     module.add_batch(predictions=predictions[:1], references=references[:1])  # uneven batches
     module.add_batch(predictions=predictions[1:], references=references[1:])
@@ -62,14 +62,14 @@ def test_a_task_module_gives_the_numbers_of_compute_in_one_call_in_batches_and_e
 
 def test_the_modules_keep_the_official_rules_by_hand(cache_dir):
     # Hand-checked as in test_metrics.py: the module path changes no number.
-    assert metrics.load("sst2", cache_dir=cache_dir).compute(predictions=["1", "0", "maybe", "1"], references=["1", "1", "0", "1"]) == {
+    assert metric_modules.load("sst2", cache_dir=cache_dir).compute(predictions=["1", "0", "maybe", "1"], references=["1", "1", "0", "1"]) == {
         "accuracy": 50.0}
-    mrpc = metrics.load("mrpc", cache_dir=cache_dir).compute(predictions=["1", "0", "x", "1"], references=["1", "1", "1", "0"])
+    mrpc = metric_modules.load("mrpc", cache_dir=cache_dir).compute(predictions=["1", "0", "x", "1"], references=["1", "1", "1", "0"])
     assert mrpc == pytest.approx({"accuracy": 25.0, "f1": 40.0})
     # sklearn's MCC on the raw strings: (c*s - sum p*t) / sqrt((s^2 - sum p^2)(s^2 - sum t^2)) = 6 / sqrt(80).
-    cola = metrics.load("cola", cache_dir=cache_dir).compute(predictions=["1", "x", "0", "0"], references=["1", "1", "0", "0"])
+    cola = metric_modules.load("cola", cache_dir=cache_dir).compute(predictions=["1", "x", "0", "0"], references=["1", "1", "0", "0"])
     assert cola == {"matthews_correlation": pytest.approx(100 * 6 / 80 ** 0.5)}
-    assert metrics.load("mrqa", cache_dir=cache_dir).compute(predictions=["the cat sat", " Paris "],
+    assert metric_modules.load("mrqa", cache_dir=cache_dir).compute(predictions=["the cat sat", " Paris "],
                                                              references=[["A cat sat down", "dog"], ["London", "paris"]]) == pytest.approx(
         {"em": 0.0, "f1": 40.0, "em_max_over_answers": 50.0, "f1_max_over_answers": 90.0})
 
@@ -78,8 +78,8 @@ def test_the_modules_keep_the_official_rules_by_hand(cache_dir):
 def test_the_mrqa_module_scores_every_mrqa_task_as_the_task_does(task, cache_dir):
     _, predictions, references = CASES[-1]
     expected = metrics.compute(task, predictions, references)
-    assert metrics.load("mrqa", cache_dir=cache_dir).compute(predictions=predictions, references=references) == expected
-    assert metrics.load(task, cache_dir=cache_dir).compute(predictions=predictions, references=references) == expected
+    assert metric_modules.load("mrqa", cache_dir=cache_dir).compute(predictions=predictions, references=references) == expected
+    assert metric_modules.load(task, cache_dir=cache_dir).compute(predictions=predictions, references=references) == expected
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_a_task_module_equals_compute_for_any_predictions_and_any_batching(modul
     references = data.draw(st.lists(st.sampled_from(labels), min_size=size, max_size=size))
     predictions = data.draw(st.lists(st.sampled_from([*labels, "", " 1", "x", "yes"]), min_size=size, max_size=size))
     cuts = sorted(data.draw(st.lists(st.integers(0, size), max_size=3)))
-    module = metrics.load(task, keep_in_memory=True, cache_dir=module_cache_dir)  # in memory: no files between examples
+    module = metric_modules.load(task, keep_in_memory=True, cache_dir=module_cache_dir)  # in memory: no files between examples
     for start, end in zip([0, *cuts], [*cuts, size]):
         module.add_batch(predictions=predictions[start:end], references=references[start:end])
     assert module.compute() == metrics.compute(task, predictions, references)
@@ -105,14 +105,14 @@ def test_a_task_module_equals_compute_for_any_predictions_and_any_batching(modul
 def test_combining_the_one_metric_modules_rebuilds_the_task_metrics(task, predictions, references, cache_dir):
     own = metrics.compute(task, predictions, references)
     names = [name for name in own if name in ONE_METRIC_MODULES]
-    combined = evaluate.combine([metrics.load(name, task=task, cache_dir=cache_dir) for name in names])
+    combined = evaluate.combine([metric_modules.load(name, task=task, cache_dir=cache_dir) for name in names])
     assert combined.compute(predictions=predictions, references=references) == {name: own[name] for name in names}
 
 
 def test_combine_adds_a_metric_the_task_does_not_report_under_its_rules(cache_dir):
     predictions, references = ["1", "x", "0", "0", "1"], ["1", "1", "0", "0", "0"]
-    combined = evaluate.combine([metrics.load("cola", cache_dir=cache_dir),
-                                 metrics.load("accuracy", task="cola", cache_dir=cache_dir)])
+    combined = evaluate.combine([metric_modules.load("cola", cache_dir=cache_dir),
+                                 metric_modules.load("accuracy", task="cola", cache_dir=cache_dir)])
     combined.add_batch(predictions=predictions[:2], references=references[:2])
     combined.add_batch(predictions=predictions[2:], references=references[2:])
     scores = combined.compute()
@@ -123,8 +123,8 @@ def test_combine_adds_a_metric_the_task_does_not_report_under_its_rules(cache_di
 def test_every_task_and_each_of_its_metrics_is_an_evaluate_metric_with_features_and_citation(cache_dir):
     for task in TASKS:
         one_metric = [name for name in metrics.available_metrics(task) if name in ONE_METRIC_MODULES]
-        modules = [metrics.load(task, cache_dir=cache_dir)]
-        modules += [metrics.load(name, task=task, cache_dir=cache_dir) for name in one_metric]
+        modules = [metric_modules.load(task, cache_dir=cache_dir)]
+        modules += [metric_modules.load(name, task=task, cache_dir=cache_dir) for name in one_metric]
         for module in modules:
             assert isinstance(module, evaluate.Metric)
             assert set(module.features) == {"predictions", "references"}
@@ -135,28 +135,28 @@ def test_every_task_and_each_of_its_metrics_is_an_evaluate_metric_with_features_
 
 def test_load_refuses_what_it_cannot_score_and_names_the_fix():
     with pytest.raises(ValueError, match="name the task, e.g. load"):
-        metrics.load("accuracy")
+        metric_modules.load("accuracy")
     with pytest.raises(ValueError, match=r"superglue-cb cannot be scored with \['f1'\]; pick from"):
-        metrics.load("f1", task="superglue-cb")  # binary F1 of a three-class task
+        metric_modules.load("f1", task="superglue-cb")  # binary F1 of a three-class task
     with pytest.raises(ValueError, match="mrpc cannot be scored with"):
-        metrics.load("pearson", task="mrpc")
+        metric_modules.load("pearson", task="mrpc")
     with pytest.raises(ValueError, match="No text metric 'bleu'"):
-        metrics.load("bleu")
+        metric_modules.load("bleu")
     with pytest.raises(ValueError, match="Unknown task 'sst'. Did you mean 'sst2'"):
-        metrics.load("accuracy", task="sst")
+        metric_modules.load("accuracy", task="sst")
 
 
 def test_module_errors_are_those_of_the_functions(cache_dir):
     with pytest.raises(ValueError, match="No predictions to score"):
-        metrics.load("sst2", cache_dir=cache_dir).compute(predictions=[], references=[])
+        metric_modules.load("sst2", cache_dir=cache_dir).compute(predictions=[], references=[])
     with pytest.raises(ValueError, match="No predictions to score"):
-        metrics.load("mrqa", cache_dir=cache_dir).compute(predictions=[], references=[])
+        metric_modules.load("mrqa", cache_dir=cache_dir).compute(predictions=[], references=[])
     with pytest.raises(ValueError, match="unlabeled"):
-        metrics.load("sst2", cache_dir=cache_dir).compute(predictions=["1"], references=[""])
+        metric_modules.load("sst2", cache_dir=cache_dir).compute(predictions=["1"], references=[""])
     with pytest.raises(ValueError, match="no reference answers"):
-        metrics.load("mrqa", cache_dir=cache_dir).compute(predictions=["a"], references=[[]])
+        metric_modules.load("mrqa", cache_dir=cache_dir).compute(predictions=["a"], references=[[]])
     with pytest.raises(ValueError, match=r"Mismatch in the number of predictions \(2\) and references \(1\)"):
-        metrics.load("sst2", cache_dir=cache_dir).compute(predictions=["1", "0"], references=["1"])
+        metric_modules.load("sst2", cache_dir=cache_dir).compute(predictions=["1", "0"], references=["1"])
 
 
 def test_the_modules_load_and_score_with_the_network_cut(monkeypatch, cache_dir):
@@ -166,11 +166,11 @@ def test_the_modules_load_and_score_with_the_network_cut(monkeypatch, cache_dir)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    combined = evaluate.combine([metrics.load("mrpc", cache_dir=cache_dir),
-                                 metrics.load("matthews_correlation", task="mrpc", cache_dir=cache_dir)])
+    combined = evaluate.combine([metric_modules.load("mrpc", cache_dir=cache_dir),
+                                 metric_modules.load("matthews_correlation", task="mrpc", cache_dir=cache_dir)])
     assert combined.compute(predictions=["1", "0"], references=["1", "0"]) == {
         "accuracy": 100.0, "f1": 100.0, "matthews_correlation": 100.0}
-    assert metrics.load("mrqa", cache_dir=cache_dir).compute(predictions=["x"], references=[["x"]])["f1"] == 100.0
+    assert metric_modules.load("mrqa", cache_dir=cache_dir).compute(predictions=["x"], references=[["x"]])["f1"] == 100.0
 
 
 def test_importing_the_metric_functions_does_not_import_evaluate():
@@ -197,23 +197,24 @@ def test_the_text_classification_evaluator_scores_a_pipeline_with_a_task_module(
                               "label": ["1", "0", "1", "1"]})
     task_evaluator = evaluate.evaluator("text-classification")
     results = task_evaluator.compute(model_or_pipeline=model, tokenizer=tokenizer, data=data, device=-1,
-                                     metric=metrics.load("mrpc", cache_dir=cache_dir))
+                                     metric=metric_modules.load("mrpc", cache_dir=cache_dir))
     # Every prediction is "1": accuracy 3/4; F1: TP 3, FP 1, FN 0 -> 2 * 0.75 / 1.75.
     assert results["accuracy"] == 75.0 and results["f1"] == pytest.approx(100 * 1.5 / 1.75)
     assert {key: results[key] for key in ("accuracy", "f1")} == metrics.compute("mrpc", ["1"] * 4, data["label"])
-    combined = evaluate.combine([metrics.load("accuracy", task="mrpc", cache_dir=cache_dir),
-                                 metrics.load("matthews_correlation", task="mrpc", cache_dir=cache_dir)])
+    combined = evaluate.combine([metric_modules.load("accuracy", task="mrpc", cache_dir=cache_dir),
+                                 metric_modules.load("matthews_correlation", task="mrpc", cache_dir=cache_dir)])
     results = task_evaluator.compute(model_or_pipeline=model, tokenizer=tokenizer, data=data, device=-1,
                                      metric=combined)
     assert results["accuracy"] == 75.0 and results["matthews_correlation"] == 0.0  # constant predictions
 
 
 def test_the_readme_metrics_example_gives_the_numbers_it_shows(monkeypatch, tmp_path):
-    from dept_vl import metrics as vl_metrics
+    from dept_vl import metric_modules as vl_metrics
+    from dept_vl.metrics import caption_scores
 
     monkeypatch.setattr(evaluate.config, "HF_METRICS_CACHE", tmp_path)  # evaluate's default cache, kept out of ~
 
-    text_metrics = metrics
+    text_metrics = metric_modules
     # --- README code ("Metrics with evaluate"), the shown results asserted ---
     mrpc = text_metrics.load("mrpc")
     mrpc.add_batch(predictions=["1", "0"], references=["1", "1"])
@@ -227,5 +228,5 @@ def test_the_readme_metrics_example_gives_the_numbers_it_shows(monkeypatch, tmp_
     assert vl_metrics.load("vqa").compute(predictions=["Two."], references=[["2"] * 9 + ["3"]]) == {"accuracy": 100.0}
     # --- end ---
     predictions, references = ["a dog runs on the grass", "a red car"], [["a dog on grass", "dogs"], ["a red car"]]
-    assert captions.compute(predictions=predictions, references=references) == vl_metrics.caption_scores(
+    assert captions.compute(predictions=predictions, references=references) == caption_scores(
         predictions, references)

@@ -20,7 +20,7 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 from dept import DePTConfig, get_dept_model
-from dept.resume_state import complete_checkpoints
+from dept.checkpoint import complete_checkpoints
 from tests.conftest import free_port, save_tiny_model
 from tests.reliability.console import (
     ENV,

@@ -18,7 +18,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from dept.resume_state import complete_checkpoints
+from dept.checkpoint import complete_checkpoints
 from dept_serve.client import wait_until_healthy
 from tests.conftest import free_port
 from tests.reliability.console import (

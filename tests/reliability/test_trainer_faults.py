@@ -3,6 +3,7 @@ existing outputs, and two processes."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -17,17 +18,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dept.resume_state import (
+from dept.checkpoint import (
     OPTIMIZER_NAME,
     TRAINABLE_PARAMETERS_NAME,
     CheckpointWriteError,
+    EpochSampler,
+    OutputDirExistsError,
     complete_checkpoints,
     is_complete_checkpoint,
     latest_checkpoint,
     read_checkpoint,
 )
-from dept.trainer import EpochSampler, NonFiniteLossError, OutputDirExistsError
+from dept.train_loss import NonFiniteLossError
 from tests.dept._toy import TRAIN_SIZE, ToyAdapterModel, expected_log_losses, make_dataset, toy_args, toy_trainer
+from tests.reliability.console import assert_clear_error, make_text_setup, printed_results
+from tests.reliability.console import run as run_console_script
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO_ROOT / "tests" / "dept" / "launch_toy_training.py"
@@ -169,6 +174,61 @@ def test_full_disk_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_
     assert_same_outcome(run, reference, resumed_metrics, reference_metrics)
 
 
+@contextlib.contextmanager
+def small_file_system(path: Path, size: str = "8m"):
+    """A tmpfs of `size` mounted at `path`, so that a test can fill a disk for real (needs root and mount rights)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip() or 'mount is missing'}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_file_system(filler: Path) -> None:
+    """Write `filler` until the file system under it has no byte left."""
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (b"\0" * 65536, b"\0" * 4096, b"\0"):
+            while True:
+                try:
+                    os.write(fd, chunk)
+                except OSError as err:
+                    assert err.errno == errno.ENOSPC, err
+                    break
+    finally:
+        os.close(fd)
+
+
+def test_really_full_disk_is_named_with_the_checkpoint_path_and_the_run_resumes(tmp_path):
+    # No stand-in for torch.save: the disk really fills, and torch reports it in its own terms ("[enforce fail at
+    # inline_container.cc:672] . unexpected pos ..."), which the message must translate.
+    settings = dict(max_steps=12, save_steps=4, eval_steps=4, save_total_limit=None)
+    reference = tmp_path / "reference"
+    reference_metrics = train_and_evaluate(reference, **settings)
+
+    with small_file_system(tmp_path / "disk") as disk:
+        run, filler = disk / "run", disk / "filler"
+
+        def fill_before_checkpoint_8(step, metrics):  # step 8 is evaluated, then saved
+            if step == 8:
+                fill_file_system(filler)
+
+        with pytest.raises(CheckpointWriteError) as failure:
+            toy_trainer(toy_args(run, **settings), on_evaluate=fill_before_checkpoint_8).train()
+        message = str(failure.value)
+        for expected in ("No space left on device", str(run / "checkpoint-8"), str(run / "checkpoint-4"), "resume"):
+            assert expected in message, (expected, message)
+        assert "enforce fail" not in message and "inline_container" not in message, message
+        assert [path.name for path in run.iterdir() if path.name.startswith("checkpoint-")] == ["checkpoint-4"]
+
+        filler.unlink()  # space freed
+        resumed_metrics = train_and_evaluate(run, resume_from_checkpoint="auto", **settings)
+        assert_same_outcome(run, reference, resumed_metrics, reference_metrics)
+
+
 def poisoned_step_dataset(step: int, seed: int, batch_size: int = 4) -> list[dict]:
     """The training set with NaN features in the example that the first epoch's `step`-th batch starts with."""
     order = list(EpochSampler(TRAIN_SIZE, seed))
@@ -269,3 +329,61 @@ def test_resume_with_a_different_batch_size_is_refused(tmp_path):
                                    resume_from_checkpoint="auto"))  # fmt: skip
     with pytest.raises(ValueError, match="per_device_train_batch_size"):
         trainer.train()
+
+
+# --------------------------------------------------------------------------------------------- through dept-train
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    return make_text_setup(tmp_path_factory.mktemp("trainer-console"))
+
+
+def train_only_flags(text, output_dir: Path, *extra) -> list:
+    """A plain `--do_train` on a local training file, with no validation file."""
+    return ["--model_name_or_path", text["model"], "--task_name", "sst2", "--output_dir", output_dir,
+            "--train_file", text["files"]["sst2"]["train_file"], "--do_train", "--prefix_length", "4", "--r", "2",
+            "--max_seq_length", "32", "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "4",
+            "--report_to", "none", "--seed", "7", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def train_only_run(text, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("train-only") / "out"
+    return run_console_script("dept-train", *train_only_flags(text, output_dir)), output_dir
+
+
+@pytest.mark.slow
+def test_plain_do_train_without_validation_data_trains_and_saves_the_last_adapter(train_only_run):
+    finished, output_dir = train_only_run
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert printed_results(finished.stdout)["total_steps"] == 4
+    assert "No evaluation data: this run evaluates nothing and saves the adapter of its last step" in finished.stderr
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] is None and not any("eval_loss" in entry for entry in state["log_history"])
+    # The adapter is the last step's trainable weights, as checkpoint-4 holds them.
+    last = read_checkpoint(output_dir / "checkpoint-4").trainable_parameters
+    adapter = load_file(str(output_dir / "adapter_model.safetensors"))
+    assert len(adapter) == len(last) == 3
+    for name, tensor in adapter.items():
+        (match,) = [weights for key, weights in last.items() if key.endswith(name)]
+        assert torch.equal(tensor, match), name
+
+
+@pytest.mark.slow
+def test_explicit_load_best_model_at_end_without_validation_data_is_a_clear_error(text, tmp_path):
+    finished = run_console_script("dept-train", *train_only_flags(text, tmp_path / "out", "--eval_steps", "2",
+                                                                     "--load_best_model_at_end"))
+    assert_clear_error(finished, "--load_best_model_at_end", "no evaluation data", "--validation_file")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_existing_output_dir_is_refused_at_the_console_naming_the_flags(text, train_only_run):
+    _, output_dir = train_only_run
+    before = {path: path.stat().st_mtime_ns for path in output_dir.rglob("*")}
+    finished = run_console_script("dept-train", *train_only_flags(text, output_dir))
+    assert_clear_error(finished, str(output_dir), "--overwrite_output_dir", "--resume_from_checkpoint auto",
+                       "--output_dir")  # fmt: skip
+    assert "overwrite_output_dir=True" not in finished.stderr.split("--overwrite_output_dir")[0]  # the flag first
+    assert {path: path.stat().st_mtime_ns for path in output_dir.rglob("*")} == before

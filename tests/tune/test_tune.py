@@ -21,7 +21,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
-from dept.resume_state import complete_checkpoints
+from dept.checkpoint import complete_checkpoints
 from dept_tune.cli import main, tune
 from dept_tune.space import SEED_GRID, Budget
 from dept_tune.storage import StorageError, open_storage

@@ -14,7 +14,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-from dept_vl import metrics
+from dept_vl import metric_modules, metrics
 
 # VQA questions whose scores need the official rules: normalisation only when the humans disagree, periods,
 # commas between digits, number words, articles, contractions, and partial credit (1, 2, 3 of 10 humans).
@@ -55,7 +55,7 @@ def _in_batches(module, predictions, references, sizes):
 def test_the_vqa_module_gives_the_official_accuracy_in_one_call_and_in_batches(cache_dir):
     expected = metrics.vqa_accuracy(VQA_PREDICTIONS, VQA_ANSWERS)
     assert expected == pytest.approx(100 * (1 + 0 + 0.6 + 0.9 + 0.3 + 0 + 1 + 1) / 8)  # by hand
-    vqa = metrics.load("vqa", cache_dir=cache_dir)
+    vqa = metric_modules.load("vqa", cache_dir=cache_dir)
     assert vqa.compute(predictions=VQA_PREDICTIONS, references=VQA_ANSWERS) == {"accuracy": expected}
     assert _in_batches(vqa, VQA_PREDICTIONS, VQA_ANSWERS, [3, 1, 4]) == {"accuracy": expected}
 
@@ -63,7 +63,7 @@ def test_the_vqa_module_gives_the_official_accuracy_in_one_call_and_in_batches(c
 def test_the_vqa_module_passes_the_normalization_option_to_the_function(cache_dir):
     always = metrics.vqa_accuracy(VQA_PREDICTIONS, VQA_ANSWERS, normalization="always")
     assert always > metrics.vqa_accuracy(VQA_PREDICTIONS, VQA_ANSWERS)  # "Yes" now matches ten "yes"
-    vqa = metrics.load("vqa", cache_dir=cache_dir)
+    vqa = metric_modules.load("vqa", cache_dir=cache_dir)
     assert vqa.compute(predictions=VQA_PREDICTIONS, references=VQA_ANSWERS, normalization="always") == {
         "accuracy": always}
     with pytest.raises(ValueError, match="normalization must be one of"):
@@ -74,7 +74,7 @@ def test_the_vqa_module_passes_the_normalization_option_to_the_function(cache_di
 def test_the_gqa_and_nlvr2_modules_give_accuracy_after_strip_and_lower(task, cache_dir):
     predictions, references = ["True ", "false", "", "left", "Yes"], ["true", "true", "no", "left", "yes"]
     assert metrics.accuracy(predictions, references) == 60.0
-    module = metrics.load(task, cache_dir=cache_dir)
+    module = metric_modules.load(task, cache_dir=cache_dir)
     assert module.compute(predictions=predictions, references=references) == {"accuracy": 60.0}
     assert _in_batches(module, predictions, references, [2, 3]) == {"accuracy": 60.0}
 
@@ -82,7 +82,7 @@ def test_the_gqa_and_nlvr2_modules_give_accuracy_after_strip_and_lower(task, cac
 def test_bleu4_and_cider_combined_give_caption_scores_in_one_call_and_in_batches(cache_dir):
     expected = metrics.caption_scores(CAPTIONS, CAPTION_REFERENCES)
     assert 0 < expected["bleu4"] < 100 and 0 < expected["cider"] < 1000  # no trivial case
-    combined = evaluate.combine([metrics.load("bleu4", cache_dir=cache_dir), metrics.load("cider", cache_dir=cache_dir)])
+    combined = evaluate.combine([metric_modules.load("bleu4", cache_dir=cache_dir), metric_modules.load("cider", cache_dir=cache_dir)])
     assert combined.compute(predictions=CAPTIONS, references=CAPTION_REFERENCES) == expected
     # CIDEr-D's document frequencies come from the whole corpus: batches must be scored together, not averaged.
     combined.add_batch(predictions=CAPTIONS[:1], references=CAPTION_REFERENCES[:1])
@@ -94,7 +94,7 @@ def test_bleu4_and_cider_combined_give_caption_scores_in_one_call_and_in_batches
 
 def test_the_modules_are_evaluate_metrics_with_features_and_citation(cache_dir):
     for name, references in (("vqa", "list"), ("gqa", "one"), ("nlvr2", "one"), ("bleu4", "list"), ("cider", "list")):
-        module = metrics.load(name, cache_dir=cache_dir)
+        module = metric_modules.load(name, cache_dir=cache_dir)
         assert module.name == name
         assert isinstance(module, evaluate.Metric)
         assert set(module.features) == {"predictions", "references"}
@@ -104,15 +104,15 @@ def test_the_modules_are_evaluate_metrics_with_features_and_citation(cache_dir):
 
 def test_bad_names_and_inputs_are_clear_errors(cache_dir):
     with pytest.raises(ValueError, match="No VL metric 'vqa_accuracy'; pick one of vqa, gqa"):
-        metrics.load("vqa_accuracy")
+        metric_modules.load("vqa_accuracy")
     with pytest.raises(ValueError, match="no questions to score"):
-        metrics.load("vqa", cache_dir=cache_dir).compute(predictions=[], references=[])
+        metric_modules.load("vqa", cache_dir=cache_dir).compute(predictions=[], references=[])
     with pytest.raises(ValueError, match=r"answers\[0\] is empty"):
-        metrics.load("vqa", cache_dir=cache_dir).compute(predictions=["yes"], references=[[]])
+        metric_modules.load("vqa", cache_dir=cache_dir).compute(predictions=["yes"], references=[[]])
     with pytest.raises(ValueError, match="Got a string but expected a list"):
-        metrics.load("cider", cache_dir=cache_dir).compute(predictions=["a dog"], references=["a dog"])
+        metric_modules.load("cider", cache_dir=cache_dir).compute(predictions=["a dog"], references=["a dog"])
     with pytest.raises(ValueError, match="no captions to score"):
-        metrics.load("bleu4", cache_dir=cache_dir).compute(predictions=[], references=[])
+        metric_modules.load("bleu4", cache_dir=cache_dir).compute(predictions=[], references=[])
 
 
 def test_the_modules_load_and_score_with_the_network_cut(monkeypatch, cache_dir):
@@ -122,7 +122,7 @@ def test_the_modules_load_and_score_with_the_network_cut(monkeypatch, cache_dir)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    combined = evaluate.combine([metrics.load(name, cache_dir=cache_dir) for name in ("vqa", "bleu4", "cider")])
+    combined = evaluate.combine([metric_modules.load(name, cache_dir=cache_dir) for name in ("vqa", "bleu4", "cider")])
     scores = combined.compute(predictions=CAPTIONS, references=CAPTION_REFERENCES)
     assert scores == {"accuracy": metrics.vqa_accuracy(CAPTIONS, CAPTION_REFERENCES),
                       **metrics.caption_scores(CAPTIONS, CAPTION_REFERENCES)}
@@ -154,13 +154,13 @@ def test_the_image_classification_evaluator_scores_a_pipeline_with_the_vqa_and_g
         features=Features({"image": ImageFeature(), "answers": Sequence(Value("string")), "answer": Value("string")}))
     task_evaluator = evaluate.evaluator("image-classification")
     results = task_evaluator.compute(model_or_pipeline=model_dir, data=data, input_column="image",
-                                     label_column="answers", metric=metrics.load("vqa", cache_dir=cache_dir),
+                                     label_column="answers", metric=metric_modules.load("vqa", cache_dir=cache_dir),
                                      device=-1)
     # Every prediction is "2": 10 humans (1.0); "two" is normalised to "2" as the humans disagree (1.0);
     # 2 of 10 humans (0.6); no human (0).
     assert results["accuracy"] == pytest.approx(100 * (1 + 1 + 0.6 + 0) / 4)
     assert results["accuracy"] == metrics.vqa_accuracy(["2"] * 4, human_answers)
     results = task_evaluator.compute(model_or_pipeline=model_dir, data=data, input_column="image",
-                                     label_column="answer", metric=metrics.load("gqa", cache_dir=cache_dir),
+                                     label_column="answer", metric=metric_modules.load("gqa", cache_dir=cache_dir),
                                      device=-1)
     assert results["accuracy"] == 25.0 == metrics.accuracy(["2"] * 4, data["answer"])  # GQA: no normalisation

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dept_vl import metrics
+from dept_vl import metric_modules
 from dept_vl.metrics import (
     accuracy,
     caption_scores,
@@ -111,7 +111,7 @@ def _add_in_batches(module, predictions, references, cuts):
 def test_the_vqa_module_equals_vqa_accuracy_for_any_questions_and_any_batching(cache_dir, questions, data):
     predictions, answers = [p for p, _ in questions], [h for _, h in questions]
     cuts = sorted(data.draw(st.lists(st.integers(0, len(questions)), max_size=3)))
-    module = metrics.load("vqa", keep_in_memory=True, cache_dir=cache_dir)  # in memory: no files between examples
+    module = metric_modules.load("vqa", keep_in_memory=True, cache_dir=cache_dir)  # in memory: no files between examples
     assert _add_in_batches(module, predictions, answers, cuts) == {"accuracy": vqa_accuracy(predictions, answers)}
 
 
@@ -120,5 +120,5 @@ def test_the_vqa_module_equals_vqa_accuracy_for_any_questions_and_any_batching(c
 def test_the_caption_modules_combined_equal_caption_scores_for_any_corpus_and_any_batching(cache_dir, examples, data):
     predictions, references = [p for p, _ in examples], [r for _, r in examples]
     cuts = sorted(data.draw(st.lists(st.integers(0, len(examples)), max_size=3)))
-    combined = evaluate.combine([metrics.load(name, keep_in_memory=True, cache_dir=cache_dir) for name in ("bleu4", "cider")])
+    combined = evaluate.combine([metric_modules.load(name, keep_in_memory=True, cache_dir=cache_dir) for name in ("bleu4", "cider")])
     assert _add_in_batches(combined, predictions, references, cuts) == caption_scores(predictions, references)
