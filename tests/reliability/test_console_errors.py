@@ -135,9 +135,7 @@ def test_a_yaml_typo_names_the_file_and_the_nearest_key(vl, tmp_path):
     assert_clear_error(finished, f"--config {recipe}: unknown key 'max_stpes'. Did you mean 'max_steps'?")
 
 
-@pytest.mark.parametrize("kind", ["cls", pytest.param("causal", marks=pytest.mark.xfail(
-    reason="needs engineer model's position-limit check for RoPE models in dept/model.py (issue 21, another "
-           "branch); BERT's learned positions are checked already", strict=False))])
+@pytest.mark.parametrize("kind", ["cls", "causal"])  # BERT's learned positions, LLaMA's max_position_embeddings
 def test_a_prompt_beyond_the_models_positions_is_refused_in_one_line(text, tmp_path, kind):
     model = save_tiny_model(kind, tmp_path / kind, ["sentence : a b c", "0 1"], max_position_embeddings=64)
     finished = run("dept-train", *train_flags(text, tmp_path / "out", "--model_name_or_path", model,
