@@ -245,7 +245,8 @@ def test_report_only_on_a_missing_study_is_refused_and_creates_nothing(tiny_task
     error = capsys.readouterr().err.strip()
     where = re.sub(r"(//[^:/@]+):[^@]*@", r"\1:***@", url) if url else str(root / "optuna_journal.log")  # no password
     assert error == (f"dept-tune: error: There is no study 'reported' in {where}: nothing to report. Check "
-                     "--storage, --study_name and --output_dir, or run without --report_only to start the study.")
+                     "--storage, --study_name and --output_dir, or run without --report_only to start the study. "
+                     "(--help lists the flags; --debug shows the traceback)")  # the console contract's one line
     after = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     assert after == before and not root.exists()  # no file, table, study or trial was created
     if storage == "other_study":
