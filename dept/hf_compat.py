@@ -8,10 +8,12 @@ P, A and B need nothing of it: they sit in front of the base, whose settings the
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from .config import TRAINING_TASK_NAME
 from .hub import upload_adapter, write_model_card
 
 
@@ -73,11 +75,14 @@ class HuggingFaceModelMixin:
                     token: str | bool | None = None, private: bool | None = None, revision: str | None = None,
                     commit_message: str | None = None, create_pr: bool = False):
         """Upload the adapter to the Hub repository `repo_id` (created if needed): adapter_config.json,
-        adapter_model.safetensors and its model card README.md, nothing else. `run_dir`, the training run's output
-        directory, gives the card the task and metrics (its training_task.json and all_results.json);
-        `model_card_data` adds card fields. Returns huggingface_hub's `CommitInfo`."""
+        adapter_model.safetensors and its model card README.md. `run_dir`, the training run's output directory,
+        gives the card the task and metrics (its training_task.json and all_results.json), and its
+        training_task.json goes along, so dept-eval and dept-serve read the run's task, template and base from
+        the Hub as from the directory. `model_card_data` adds card fields. Returns huggingface_hub's `CommitInfo`."""
         with tempfile.TemporaryDirectory(prefix="dept-push-") as directory:
             self.save_pretrained(directory)
+            if run_dir is not None and (Path(run_dir) / TRAINING_TASK_NAME).is_file():
+                shutil.copyfile(Path(run_dir) / TRAINING_TASK_NAME, Path(directory) / TRAINING_TASK_NAME)
             write_model_card(directory, self.config, repo_id=repo_id, run_dir=run_dir,
                              tags=getattr(self.base_model, "model_tags", None) or (), model_card_data=model_card_data)
             return upload_adapter(directory, repo_id, token=token, private=private, revision=revision,

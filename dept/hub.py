@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_CARD_NAME = "README.md"
 RESULTS_NAME = "all_results.json"  # what the training CLIs write: every split's metrics
-UPLOADED_FILES = (CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME)
+# The run's record goes too when there is one: dept-eval and dept-serve read its tasks, template and base from it.
+UPLOADED_FILES = (CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME, TRAINING_TASK_NAME)
 # What a resolved Hub adapter needs locally: ours, an official DePT release, and the run's record if it has one.
 DOWNLOADED_FILES = [CONFIG_NAME, WEIGHTS_NAME, OFFICIAL_WEIGHTS_NAME, TRAINING_TASK_NAME]
 LIBRARY_NAME = "dept"
@@ -246,7 +247,8 @@ def upload_adapter(directory: str | Path, repo_id: str, *, token: str | bool | N
                    private: bool | None = None, revision: str | None = None, commit_message: str | None = None,
                    create_pr: bool = False):
     """Push the adapter saved in `directory` to the Hub repository `repo_id` (created if needed): one commit of
-    `adapter_config.json`, `adapter_model.safetensors` and `README.md`, on `revision` (a branch, created if
+    `adapter_config.json`, `adapter_model.safetensors`, `README.md` and the run's `training_task.json` when the
+    directory holds one, on `revision` (a branch, created if
     needed; default main). Returns huggingface_hub's `CommitInfo`."""
     from huggingface_hub import CommitOperationAdd, HfApi
 

@@ -17,11 +17,13 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, RepoUrl, constants
 from safetensors.torch import load
 
 from dept import DePTConfig, DePTModel, get_dept_model
+from dept.config import read_training_task
 from dept.hub import AdapterNotFoundError, resolve_adapter_dir
 from tests.conftest import TASK_TYPES
 from tests.dept.helpers import dept_forward
 
 ADAPTER_UPLOAD = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+RUN_RECORD = "training_task.json"  # uploaded beside the adapter when the run wrote one
 PIPELINE_TAGS = {"seq2seq": "text2text-generation", "causal": "text-generation", "cls": "text-classification"}
 
 
@@ -216,7 +218,9 @@ def test_push_to_hub_uploads_the_adapter_files_and_the_card_only(any_model, toke
                           "token": "hf_token"}]
     assert hub.branches == []
     (commit,) = hub.commits
-    assert set(commit["files"]) == ADAPTER_UPLOAD and commit["revision"] is None and commit["token"] == "hf_token"
+    assert set(commit["files"]) == ADAPTER_UPLOAD | {RUN_RECORD} and commit["revision"] is None
+    assert commit["token"] == "hf_token"
+    assert commit["files"][RUN_RECORD] == (tmp_path / "run" / RUN_RECORD).read_bytes()
     uploaded = load(commit["files"]["adapter_model.safetensors"])
     for key, value in dept_model.adapter_state_dict().items():
         assert torch.equal(uploaded[key], value), key
@@ -229,10 +233,18 @@ def test_push_to_hub_uploads_the_adapter_files_and_the_card_only(any_model, toke
 def test_the_pushed_adapter_loads_back_by_id_through_the_cache(any_model, tokenizer, tmp_path, hub):
     kind, model = any_model
     dept_model = adapter(kind, model, tokenizer, seed=3)
-    dept_model.push_to_hub("me/round-trip")
+    write_run_files(tmp_path / "run")
+    dept_model.push_to_hub("me/round-trip", run_dir=tmp_path / "run")
     put_in_hub_cache(tmp_path / "cache", "me/round-trip", hub.commits[0]["files"], "f" * 40)
     loaded = DePTModel.from_pretrained(dept_model.base_model, "me/round-trip", cache_dir=tmp_path / "cache")
     torch.testing.assert_close(answers(kind, loaded, tokenizer), answers(kind, dept_model, tokenizer), rtol=0, atol=0)
+    resolved = resolve_adapter_dir("me/round-trip", cache_dir=tmp_path / "cache")  # the run's record came along
+    assert read_training_task(resolved) == read_training_task(tmp_path / "run")
+
+
+def test_a_push_without_a_run_uploads_no_record(t5_model, tokenizer, hub):
+    adapter("t5", t5_model, tokenizer).push_to_hub("me/bare")
+    assert set(hub.commits[0]["files"]) == ADAPTER_UPLOAD
 
 
 def test_save_pretrained_with_push_to_hub_leaves_the_rest_of_the_directory_home(t5_model, tokenizer, tmp_path, hub):
@@ -249,7 +261,7 @@ def test_save_pretrained_with_push_to_hub_leaves_the_rest_of_the_directory_home(
     assert hub.branches == [{"repo_id": "user/sst2", "branch": "v2", "exist_ok": True}]
     (commit,) = hub.commits
     assert commit["repo_id"] == "user/sst2"
-    assert set(commit["files"]) == ADAPTER_UPLOAD
+    assert set(commit["files"]) == ADAPTER_UPLOAD | {RUN_RECORD}  # not the checkpoints, args or predictions
     assert (commit["revision"], commit["create_pr"], commit["message"]) == ("v2", True, "sst2 run")
     card = ModelCard(commit["files"]["README.md"].decode())
     assert card.data.language == "en" and card.data.eval_results  # the run's results, from the directory
