@@ -3,7 +3,9 @@
 In a decoder-only model P sits in front of the input and attention is causal, so P's keys and values (and its
 logits) never depend on the input. Positions count real tokens only, so P always holds positions 0..m-1,
 whatever the padding side. P's states are therefore a constant of the adapter: compute them once, in eval mode,
-and let each request prefill only its own tokens, at positions m, m+1, ..., attending to the m cached keys.
+and let each request prefill only its own tokens, at positions m, m+1, ..., attending to the m cached keys. A
+forward's (batch, m + seq, vocab) logits are the uncached path's: P's cached logits and the tokens' own, put in its
+layout by contiguous copies (`place_logits`).
 
 The states follow the one caching rule of `dept.model` (recomputed after every train()/eval() call, load, move or
 cast, adapter add or remove, and forward that needs gradients; `invalidate_caches()` after any other in-place
@@ -13,8 +15,11 @@ leave unchanged. An autocast switch gives states of another precision, so it rec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import math
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +37,9 @@ PROMPT_CACHE_FORWARD_ARGUMENTS = frozenset({"use_cache", "num_items_in_batch", "
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # a cache of the caller's own: it already holds the prompt
 
 _CACHE_ARGUMENT: dict[type, str] = {}
+
+# glibc's largest mmap threshold on 64-bit: every larger allocation is a fresh mapping, its pages faulted on first write
+FRESH_MAPPING_BYTES = 32 << 20
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -57,20 +65,22 @@ class PromptStates:
     """Prompts' keys and values per layer, each (rows, kv_heads, width, head_dim), and logits (rows, width, vocab).
 
     Row i holds prompt i in its first m_i slots; with several prompts the slots after it are zeros, masked by
-    the caller.
+    the caller. States selected for a batch by an index keep the logits table whole: batch row i takes its
+    logits from row `rows[i]` (they are only read by `place_logits`, so generation never copies them).
     """
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     logits: torch.Tensor
+    rows: torch.Tensor | None = None
 
     @property
     def width(self) -> int:
         return self.logits.shape[1]
 
     def select(self, rows: torch.Tensor | int, width: int | None = None) -> PromptStates:
-        """The states for a batch: an int repeats the single prompt that many times (no copy); a (batch,)
-        index picks each row's prompt. `width` keeps only the first slots."""
+        """The states for a batch: an int repeats the single prompt that many times (no copy); a (batch,) index
+        picks each row's prompt. `width` keeps only the first slots."""
         width = self.width if width is None else width
 
         def pick(tensor):
@@ -79,7 +89,9 @@ class PromptStates:
                 return tensor.expand(rows, *tensor.shape[1:])
             return tensor.index_select(0, rows)
 
-        return PromptStates(tuple(map(pick, self.keys)), tuple(map(pick, self.values)), pick(self.logits))
+        if isinstance(rows, int):
+            return PromptStates(tuple(map(pick, self.keys)), tuple(map(pick, self.values)), pick(self.logits))
+        return PromptStates(tuple(map(pick, self.keys)), tuple(map(pick, self.values)), self.logits[:, :width], rows)
 
     def to_cache(self) -> DynamicCache:
         """A fresh transformers cache holding these states; generation appends to it, never to `self`."""
@@ -183,11 +195,57 @@ def forward_after_prompt(base_model: nn.Module, states: PromptStates, token_embe
                       **{cache_argument(base_model): states.to_cache()}, **kwargs)
 
 
-def with_prompt_logits(base_model: nn.Module, output, prompt_logits: torch.Tensor, place: Callable, labels=None,
+def placement_runs(layout: torch.Tensor | None, batch: int, width: int, seq: int) -> list[tuple[int, int, int, int]]:
+    """`dept.embedding.place`'s order as contiguous runs: (row, start, source, length), each `length` positions
+    taken from `source` in a row's `[prompt slots ; tokens]` to `start` in its output (one device-to-host sync)."""
+    if layout is None:
+        return [run for row in range(batch) for run in ((row, 0, 0, width), (row, width, width, seq))]
+    starts_run = torch.ones_like(layout, dtype=torch.bool)
+    starts_run[:, 1:] = (layout[:, 1:] - layout[:, :-1] != 1) | (layout[:, 1:] == width)  # the tokens start anew
+    rows, starts = starts_run.nonzero(as_tuple=True)
+    runs = list(zip(rows.tolist(), starts.tolist(), layout[rows, starts].tolist()))
+    ends = [next_start if next_row == row else width + seq
+            for (row, _, _), (next_row, next_start, _) in zip(runs, [*runs[1:], (None, 0, 0)])]
+    return [(row, start, source, end - start) for (row, start, source), end in zip(runs, ends)]
+
+
+def new_output_tensor(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised tensor of `like`'s dtype and device, to be written whole. A large CPU one is mapped on
+    transparent huge pages where Linux offers them (`madvise`): glibc maps every allocation above
+    `FRESH_MAPPING_BYTES` afresh, and its 4 KiB pages each fault on first write, which costs more than the copies
+    that fill it (PyTorch's own allocator does this only under THP_MEM_ALLOC_ENABLE=1)."""
+    numel = math.prod(shape)
+    nbytes = numel * like.element_size()
+    if (like.device.type != "cpu" or nbytes < FRESH_MAPPING_BYTES or not hasattr(mmap, "MADV_HUGEPAGE")
+            or torch.compiler.is_compiling()):
+        return like.new_empty(shape)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # a kernel without transparent huge pages: plain pages, as glibc's
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(mapping, dtype=like.dtype, count=numel).view(shape)  # the tensor keeps the mapping
+
+
+def place_logits(states: PromptStates, token_logits: torch.Tensor, layout: torch.Tensor | None) -> torch.Tensor:
+    """`dept.embedding.place` of the prompts' cached logits and the tokens' (batch, seq, vocab), by contiguous
+    copies into one new (batch, width + seq, vocab) tensor: a gather over the vocabulary costs several copies."""
+    (batch, seq, vocab), width = token_logits.shape, states.width
+    prompt_logits = states.logits.to(token_logits.dtype)
+    prompt_rows = range(batch) if states.rows is None else states.rows.tolist()
+    output = new_output_tensor(token_logits, (batch, width + seq, vocab))
+    for row, start, source, length in placement_runs(layout, batch, width, seq):
+        if source < width:
+            part = prompt_logits[prompt_rows[row], source:source + length]
+        else:
+            part = token_logits[row, source - width:source - width + length]
+        output[row, start:start + length] = part
+    return output
+
+
+def with_prompt_logits(base_model: nn.Module, output, states: PromptStates, layout: torch.Tensor | None, labels=None,
                        num_items_in_batch=None):
     """The output of the uncached path rebuilt: the prompts' cached logits put in front of the tokens' (in the
-    layout `place` gives) and the loss over the whole prompted sequence, as the base model computes it."""
-    logits = place(prompt_logits.to(output.logits.dtype), output.logits)
+    routing's `layout`) and the loss over the whole prompted sequence, as the base model computes it."""
+    logits = place_logits(states, output.logits, layout)
     loss = None
     if labels is not None:
         extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
