@@ -15,11 +15,8 @@ leave unchanged. An autocast switch gives states of another precision, so it rec
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
-import math
-import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,9 +34,6 @@ PROMPT_CACHE_FORWARD_ARGUMENTS = frozenset({"use_cache", "num_items_in_batch", "
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # a cache of the caller's own: it already holds the prompt
 
 _CACHE_ARGUMENT: dict[type, str] = {}
-
-# glibc's largest mmap threshold on 64-bit: every larger allocation is a fresh mapping, its pages faulted on first write
-FRESH_MAPPING_BYTES = 32 << 20
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -209,29 +203,13 @@ def placement_runs(layout: torch.Tensor | None, batch: int, width: int, seq: int
     return [(row, start, source, end - start) for (row, start, source), end in zip(runs, ends)]
 
 
-def new_output_tensor(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised tensor of `like`'s dtype and device, to be written whole. A large CPU one is mapped on
-    transparent huge pages where Linux offers them (`madvise`): glibc maps every allocation above
-    `FRESH_MAPPING_BYTES` afresh, and its 4 KiB pages each fault on first write, which costs more than the copies
-    that fill it (PyTorch's own allocator does this only under THP_MEM_ALLOC_ENABLE=1)."""
-    numel = math.prod(shape)
-    nbytes = numel * like.element_size()
-    if (like.device.type != "cpu" or nbytes < FRESH_MAPPING_BYTES or not hasattr(mmap, "MADV_HUGEPAGE")
-            or torch.compiler.is_compiling()):
-        return like.new_empty(shape)
-    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(OSError):  # a kernel without transparent huge pages: plain pages, as glibc's
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(mapping, dtype=like.dtype, count=numel).view(shape)  # the tensor keeps the mapping
-
-
 def place_logits(states: PromptStates, token_logits: torch.Tensor, layout: torch.Tensor | None) -> torch.Tensor:
     """`dept.embedding.place` of the prompts' cached logits and the tokens' (batch, seq, vocab), by contiguous
     copies into one new (batch, width + seq, vocab) tensor: a gather over the vocabulary costs several copies."""
     (batch, seq, vocab), width = token_logits.shape, states.width
     prompt_logits = states.logits.to(token_logits.dtype)
     prompt_rows = range(batch) if states.rows is None else states.rows.tolist()
-    output = new_output_tensor(token_logits, (batch, width + seq, vocab))
+    output = token_logits.new_empty(batch, width + seq, vocab)
     for row, start, source, length in placement_runs(layout, batch, width, seq):
         if source < width:
             part = prompt_logits[prompt_rows[row], source:source + length]

@@ -2,13 +2,11 @@
 sequence, while the base model runs on the input tokens alone."""
 
 import copy
-import mmap
-import pickle
 
 import pytest
 import torch
 
-from dept import DePTModel, MultiAdapterModel, prompt_cache
+from dept import DePTModel, MultiAdapterModel
 from dept.embedding import place, prompt_layout
 from dept.prompt_cache import PromptStates, place_logits
 from tests.dept.helpers import attach
@@ -162,26 +160,6 @@ def test_placed_logits_equal_the_gather_of_place(layout_name):
     one_prompt = PromptStates((), (), table[:1]).select(len(m))  # one adapter: a view, no copy per row
     assert torch.equal(place_logits(one_prompt, token_logits, layout),
                        place(table[:1].expand(len(m), -1, -1), token_logits, layout))
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_cached_logits_on_huge_pages_equal_the_uncached_path(causal_model, tokenizer, side, monkeypatch):
-    """Logits above the size glibc maps afresh go to a mapping on transparent huge pages (here: every size)."""
-    monkeypatch.setattr(prompt_cache, "FRESH_MAPPING_BYTES", 0)
-    dept_model = attach(model_kind(causal_model), causal_model, tokenizer).eval()
-    batch = tokenize(tokenizer, TEXTS, side)
-    with torch.no_grad():
-        cached = dept_model(**batch, labels=labels_for(batch))
-        full = dept_model(**batch, labels=labels_for(batch), use_prompt_cache=False)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        assert not cached.logits.untyped_storage().resizable()  # a mapping of its own, not the allocator's
-    keep = real_positions(dept_model, batch)
-    torch.testing.assert_close(cached.logits[keep], full.logits[keep], atol=1e-5, rtol=0)
-    torch.testing.assert_close(cached.loss, full.loss, atol=1e-5, rtol=0)
-    copied = pickle.loads(pickle.dumps(cached.logits))  # an ordinary tensor to the rest of torch
-    del cached
-    with torch.no_grad():
-        assert torch.equal(copied, dept_model(**batch).logits)
 
 
 def eval_logits(dept_model, batch, **kwargs):
