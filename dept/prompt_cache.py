@@ -73,8 +73,8 @@ class PromptStates:
         return self.logits.shape[1]
 
     def select(self, rows: torch.Tensor | int, width: int | None = None) -> PromptStates:
-        """The states for a batch: an int repeats the single prompt that many times (no copy); a (batch,) index
-        picks each row's prompt. `width` keeps only the first slots."""
+        """The states for a batch: an int repeats the single prompt that many times (no copy); a (batch,)
+        index picks each row's prompt. `width` keeps only the first slots."""
         width = self.width if width is None else width
 
         def pick(tensor):
@@ -83,9 +83,10 @@ class PromptStates:
                 return tensor.expand(rows, *tensor.shape[1:])
             return tensor.index_select(0, rows)
 
+        keys, values = tuple(map(pick, self.keys)), tuple(map(pick, self.values))
         if isinstance(rows, int):
-            return PromptStates(tuple(map(pick, self.keys)), tuple(map(pick, self.values)), pick(self.logits))
-        return PromptStates(tuple(map(pick, self.keys)), tuple(map(pick, self.values)), self.logits[:, :width], rows)
+            return PromptStates(keys, values, pick(self.logits))
+        return PromptStates(keys, values, self.logits[:, :width], rows)  # the table, read row by row when placed
 
     def to_cache(self) -> DynamicCache:
         """A fresh transformers cache holding these states; generation appends to it, never to `self`."""
