@@ -513,7 +513,7 @@ class DePTModelForCausalLM(DePTModel):
             rows = routing.select_states(states, tokens.shape[0])
             num_items_in_batch = kwargs.pop("num_items_in_batch", None)
             output = forward_after_prompt(self.base_model, rows, tokens, mask, routing.prompt_mask(mask), **kwargs)
-            return with_prompt_logits(self.base_model, output, rows.logits, routing.place, labels, num_items_in_batch)
+            return with_prompt_logits(self.base_model, output, rows, routing.layout, labels, num_items_in_batch)
         embeds, mask = self.prompt_encoder.with_prompts(tokens, mask, routing)
         return self.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.position_ids(mask),
                                labels=labels, **kwargs)

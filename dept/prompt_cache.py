@@ -3,7 +3,9 @@
 In a decoder-only model P sits in front of the input and attention is causal, so P's keys and values (and its
 logits) never depend on the input. Positions count real tokens only, so P always holds positions 0..m-1,
 whatever the padding side. P's states are therefore a constant of the adapter: compute them once, in eval mode,
-and let each request prefill only its own tokens, at positions m, m+1, ..., attending to the m cached keys.
+and let each request prefill only its own tokens, at positions m, m+1, ..., attending to the m cached keys. A
+forward's (batch, m + seq, vocab) logits are the uncached path's: P's cached logits and the tokens' own, put in its
+layout by contiguous copies (`place_logits`).
 
 The states follow the one caching rule of `dept.model` (recomputed after every train()/eval() call, load, move or
 cast, adapter add or remove, and forward that needs gradients; `invalidate_caches()` after any other in-place
@@ -57,12 +59,14 @@ class PromptStates:
     """Prompts' keys and values per layer, each (rows, kv_heads, width, head_dim), and logits (rows, width, vocab).
 
     Row i holds prompt i in its first m_i slots; with several prompts the slots after it are zeros, masked by
-    the caller.
+    the caller. States selected for a batch by an index keep the logits table whole: batch row i takes its
+    logits from row `rows[i]` (they are only read by `place_logits`, so generation never copies them).
     """
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     logits: torch.Tensor
+    rows: torch.Tensor | None = None
 
     @property
     def width(self) -> int:
@@ -79,7 +83,10 @@ class PromptStates:
                 return tensor.expand(rows, *tensor.shape[1:])
             return tensor.index_select(0, rows)
 
-        return PromptStates(tuple(map(pick, self.keys)), tuple(map(pick, self.values)), pick(self.logits))
+        keys, values = tuple(map(pick, self.keys)), tuple(map(pick, self.values))
+        if isinstance(rows, int):
+            return PromptStates(keys, values, pick(self.logits))
+        return PromptStates(keys, values, self.logits[:, :width], rows)  # the table, read row by row when placed
 
     def to_cache(self) -> DynamicCache:
         """A fresh transformers cache holding these states; generation appends to it, never to `self`."""
@@ -183,11 +190,41 @@ def forward_after_prompt(base_model: nn.Module, states: PromptStates, token_embe
                       **{cache_argument(base_model): states.to_cache()}, **kwargs)
 
 
-def with_prompt_logits(base_model: nn.Module, output, prompt_logits: torch.Tensor, place: Callable, labels=None,
+def placement_runs(layout: torch.Tensor | None, batch: int, width: int, seq: int) -> list[tuple[int, int, int, int]]:
+    """`dept.embedding.place`'s order as contiguous runs: (row, start, source, length), each `length` positions
+    taken from `source` in a row's `[prompt slots ; tokens]` to `start` in its output (one device-to-host sync)."""
+    if layout is None:
+        return [run for row in range(batch) for run in ((row, 0, 0, width), (row, width, width, seq))]
+    starts_run = torch.ones_like(layout, dtype=torch.bool)
+    starts_run[:, 1:] = (layout[:, 1:] - layout[:, :-1] != 1) | (layout[:, 1:] == width)  # the tokens start anew
+    rows, starts = starts_run.nonzero(as_tuple=True)
+    runs = list(zip(rows.tolist(), starts.tolist(), layout[rows, starts].tolist()))
+    ends = [next_start if next_row == row else width + seq
+            for (row, _, _), (next_row, next_start, _) in zip(runs, [*runs[1:], (None, 0, 0)])]
+    return [(row, start, source, end - start) for (row, start, source), end in zip(runs, ends)]
+
+
+def place_logits(states: PromptStates, token_logits: torch.Tensor, layout: torch.Tensor | None) -> torch.Tensor:
+    """`dept.embedding.place` of the prompts' cached logits and the tokens' (batch, seq, vocab), by contiguous
+    copies into one new (batch, width + seq, vocab) tensor: a gather over the vocabulary costs several copies."""
+    (batch, seq, vocab), width = token_logits.shape, states.width
+    prompt_logits = states.logits.to(token_logits.dtype)
+    prompt_rows = range(batch) if states.rows is None else states.rows.tolist()
+    output = token_logits.new_empty(batch, width + seq, vocab)
+    for row, start, source, length in placement_runs(layout, batch, width, seq):
+        if source < width:
+            part = prompt_logits[prompt_rows[row], source:source + length]
+        else:
+            part = token_logits[row, source - width:source - width + length]
+        output[row, start:start + length] = part
+    return output
+
+
+def with_prompt_logits(base_model: nn.Module, output, states: PromptStates, layout: torch.Tensor | None, labels=None,
                        num_items_in_batch=None):
     """The output of the uncached path rebuilt: the prompts' cached logits put in front of the tokens' (in the
-    layout `place` gives) and the loss over the whole prompted sequence, as the base model computes it."""
-    logits = place(prompt_logits.to(output.logits.dtype), output.logits)
+    routing's `layout`) and the loss over the whole prompted sequence, as the base model computes it."""
+    logits = place_logits(states, output.logits, layout)
     loss = None
     if labels is not None:
         extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}

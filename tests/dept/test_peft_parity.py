@@ -61,6 +61,28 @@ def test_decoder_only_logits_and_greedy_generation_match_peft_prompt_tuning(caus
     assert torch.equal(new_tokens, theirs_tokens[:, batch["input_ids"].shape[1]:])
 
 
+def test_decoder_only_cached_eval_logits_match_peft_prompt_tuning(causal_model, tokenizer):
+    """In eval mode under no_grad DePT's forward takes the prompt KV cache (P's logits cached, the tokens' computed
+    after it): its (1, m + s, vocab) logits and loss are still PEFT's, position by position."""
+    dept_model, peft_model = _pair(_kind(causal_model), causal_model, tokenizer)
+    dept_model.eval()
+    batch = tokenizer(TEXTS[1:], return_tensors="pt")  # PEFT does not handle padding positions; one row
+    with torch.no_grad():
+        dept_model.prompt_states()  # computed once; the forward below only reads it
+        calls = []
+        handle = dept_model.base_model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(
+            kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+        try:
+            ours = dept_model(**batch, labels=batch["input_ids"])
+        finally:
+            handle.remove()
+        theirs = peft_model(**batch, labels=batch["input_ids"])
+    assert calls == [batch["input_ids"].shape[1]]  # the input alone: P came from the cache
+    assert ours.logits.shape == theirs.logits.shape
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
+
+
 def test_decoder_only_left_padded_generation_follows_peft_prompt_tuning_convention(causal_model, tokenizer):
     """PEFT does not count positions over real tokens, so its padded rows differ; the convention it shares with
     transformers must still hold: the left-padded input ids, then each row's new tokens (here: as PEFT gives

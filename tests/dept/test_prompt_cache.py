@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from dept import DePTModel, MultiAdapterModel
+from dept.embedding import place, prompt_layout
+from dept.prompt_cache import PromptStates, place_logits
 from tests.dept.helpers import attach
 from tests.dept.test_multi_adapter import ROW_ADAPTERS, save_adapters, tokenize
 
@@ -127,6 +129,37 @@ def test_mixed_batch_rows_get_their_adapters_cached_prompts(causal_model, tokeni
         expected = alone.generate(**tokenizer([text], return_tensors="pt"), use_cache=False, new_tokens_only=True,
                                   **GREEDY)
         assert torch.equal(generated[row, batch["input_ids"].shape[1]:], expected[0]), f"row {row} ({name})"
+
+
+# (leading pads per row, m per row, prompt slots, prompt_first): one adapter left- and right-padded, a bank whose
+# rows have their own m (empty slots), and the classifiers' layout with P at position 0
+LAYOUTS = {
+    "one-left": ([3, 0, 5], [4, 4, 4], 4, False),
+    "one-right": ([0, 0, 0], [4, 4, 4], 4, False),
+    "bank-left": ([3, 0, 5], [4, 1, 0], 4, False),
+    "bank-right": ([0, 0, 0], [2, 4, 0], 4, False),
+    "prompt-first": ([3, 0, 5], [4, 1, 0], 4, True),
+}
+
+
+@pytest.mark.parametrize("layout_name", sorted(LAYOUTS))
+def test_placed_logits_equal_the_gather_of_place(layout_name):
+    """The copies of `place_logits` give exactly `dept.embedding.place`'s order, each row's prompt logits taken
+    from its own row of the table (a bank) or from the one prompt repeated."""
+    leading_pads, m, width, prompt_first = LAYOUTS[layout_name]
+    seq, vocab = 9, 11
+    attention_mask = torch.ones(len(m), seq, dtype=torch.long)
+    for row, pads in enumerate(leading_pads):
+        attention_mask[row, :pads] = 0
+    layout = prompt_layout(attention_mask, torch.tensor(m), width, prompt_first)
+    token_logits = torch.randn(len(m), seq, vocab)
+    table = torch.randn(len(m), width, vocab)
+    rows = torch.tensor([2, 0, 1])
+    expected = place(table[rows], token_logits, layout)
+    assert torch.equal(place_logits(PromptStates((), (), table, rows), token_logits, layout), expected)
+    one_prompt = PromptStates((), (), table[:1]).select(len(m))  # one adapter: a view, no copy per row
+    assert torch.equal(place_logits(one_prompt, token_logits, layout),
+                       place(table[:1].expand(len(m), -1, -1), token_logits, layout))
 
 
 def eval_logits(dept_model, batch, **kwargs):
