@@ -151,8 +151,7 @@ def check_features_cover(dataset: datasets.Dataset, sources: Mapping[str, Featur
                 )
 
 
-def check_images_load(datasets_by_split: Mapping[str, datasets.Dataset], sources: Mapping[str, FeatureSource],
-                      shown: int = 20) -> None:
+def check_images_load(datasets_by_split: Mapping[str, datasets.Dataset], sources: Mapping[str, FeatureSource]) -> None:
     """Before training on raw images (`--image_dir`, with or without `--vision_backbone`), load every image a row
     refers to, and report all that fail at once, counted, by path (as `scripts/extract_features.py` does), instead
     of stopping at the first one."""
@@ -166,11 +165,9 @@ def check_images_load(datasets_by_split: Mapping[str, datasets.Dataset], sources
         checked += len(set(image_ids))
         failures += sources[task].unreadable(image_ids)
     if failures:
-        listed = "; ".join(f"{failure.path}: {failure.reason}" for failure in failures[:shown])
-        more = f"; ... and {len(failures) - shown} more" if len(failures) > shown else ""
-        raise UnreadableImagesError(
-            f"{len(failures)} of the {checked} images the data refers to cannot be loaded: {listed}{more}. "
-            "Replace or remove these files (or the rows that use them), then run again.", failures)
+        raise UnreadableImagesError.listing(
+            failures, checked, "images the data refers to cannot be loaded",
+            "Replace or remove these files (or the rows that use them), then run again.")
 
 
 def tokenize_vl_rows(

@@ -67,9 +67,18 @@ class FeatureStoreError(UserError, ValueError):
 class UnreadableImagesError(FeatureStoreError):
     """Images that rows of the data refer to and that cannot be loaded; `failures` holds one error per image."""
 
+    SHOWN = 20  # images listed by path in the message; the count covers all
+
     def __init__(self, message: str, failures: Sequence[ImageLoadError]):
         super().__init__(message)
         self.failures = list(failures)
+
+    @classmethod
+    def listing(cls, failures: Sequence[ImageLoadError], checked: int, what: str, fix: str) -> UnreadableImagesError:
+        """'N of the `checked` `what` cannot be loaded: path: reason; ... `fix`', the first SHOWN by path."""
+        listed = "; ".join(f"{failure.path}: {failure.reason}" for failure in failures[:cls.SHOWN])
+        more = f"; ... and {len(failures) - cls.SHOWN} more" if len(failures) > cls.SHOWN else ""
+        return cls(f"{len(failures)} of the {checked} {what}: {listed}{more}. {fix}", failures)
 
 
 class MissingFeaturesError(FeatureStoreError, KeyError):

@@ -61,7 +61,6 @@ SPLIT_ALIASES = {"validation": ("validation", "valid", "val", "dev")}
 TOP_K = 5
 DEFAULT_HEAD_LEARNING_RATE = 1e-3
 TRAIN_AUGMENTATIONS = ("none", "timm")
-SHOWN_FAILURES = 20  # unreadable images listed by path in the error; the count covers all
 
 
 class ImageDataError(UserError, ValueError):
@@ -364,11 +363,8 @@ def check_images(selected: dict, image_column: str, batch_size: int = 256) -> No
                 checked += len(sources)
                 progress.update(len(batch[image_column]))
     if failures:
-        listed = "; ".join(f"{error.path}: {error.reason}" for error in failures[:SHOWN_FAILURES])
-        more = f"; ... and {len(failures) - SHOWN_FAILURES} more" if len(failures) > SHOWN_FAILURES else ""
-        raise UnreadableImagesError(
-            f"{len(failures)} of the {checked} images cannot be read: {listed}{more}. Replace or remove these files, "
-            "then run again.", failures)
+        raise UnreadableImagesError.listing(failures, checked, "images cannot be read",
+                                            "Replace or remove these files, then run again.")
 
 
 def image_transforms(model: torch.nn.Module, train_augmentation: str = "none") -> tuple:
