@@ -73,7 +73,6 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from dept.distributed import full_trainable_state_dict, load_state_kwargs, save_state_kwargs, uses_deepspeed, uses_fsdp
 from dept.errors import UserError
@@ -185,6 +184,8 @@ class EpochSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         if self.lengths is None:
             return iter(torch.randperm(self.num_examples, generator=generator).tolist())
+        from transformers.trainer_pt_utils import get_length_grouped_indices  # here: it imports the Trainer's stack
+
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 

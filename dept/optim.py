@@ -12,7 +12,6 @@ import math
 
 import torch
 from torch import nn
-from transformers import get_scheduler
 
 from dept.training_args import TrainingArguments
 
@@ -69,6 +68,8 @@ def build_scheduler(
     """
     if num_training_steps < 1:
         raise ValueError(f"num_training_steps must be >= 1, got {num_training_steps}.")
+    from transformers import get_scheduler  # here: transformers.optimization imports its Trainer's utilities
+
     return get_scheduler(
         args.lr_scheduler_type,
         optimizer,

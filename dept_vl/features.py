@@ -26,7 +26,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import timm
 import torch
@@ -37,7 +36,10 @@ from tqdm.auto import tqdm
 
 from dept.config import ConfigError
 from dept.errors import UserError
+from dept.extras import LazyModule
 from dept_vl.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, resolve_image_path
+
+h5py = LazyModule("h5py", extra="vl")  # the feature files only: on-the-fly features need none
 
 __all__ = [
     "ExtractionReport",
