@@ -29,7 +29,8 @@ def require(module: str, extra: str | None = None) -> ModuleType:
     except ImportError as error:
         if extra is None or isinstance(error, MissingExtraError):
             raise
-        raise MissingExtraError(f"{module} is not installed ({error}): pip install 'dept[{extra}]'") from error
+        package = module.partition(".")[0]
+        raise MissingExtraError(f"{package} is not installed ({error}): pip install 'dept[{extra}]'") from error
 
 
 class LazyModule:

@@ -12,6 +12,7 @@ import logging
 from torch import nn
 
 from .config import ConfigError, DePTConfig
+from .extras import require
 from .model import DePTModel, get_dept_model, infer_task_type
 
 logger = logging.getLogger(__name__)
@@ -95,10 +96,7 @@ def check_max_length(config: DePTConfig, requested: int, source: str = "the adap
 
 
 def _lora(model: nn.Module, settings: LoraSettings, modules_to_save) -> nn.Module:
-    try:
-        import peft
-    except ImportError:
-        raise ImportError("The LoRA baseline needs HF PEFT: pip install 'dept[peers]'.") from None
+    peft = require("peft", extra="peers")  # the LoRA baseline only
     config = peft.LoraConfig(
         task_type=None if settings.custom_model else _PEFT_TASK_TYPES[infer_task_type(model)],
         r=settings.r,

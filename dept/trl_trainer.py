@@ -18,11 +18,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import trl.trainer.sft_trainer as sft_trainer_module
-from trl import SFTTrainer
-
+from .extras import require
 from .hf_trainer import DePTTrainerMixin
 from .model import DePTModel
+
+sft_trainer_module = require("trl.trainer.sft_trainer", extra="peers")
+SFTTrainer = sft_trainer_module.SFTTrainer
 
 
 @contextmanager
