@@ -53,6 +53,10 @@ class ServingModel(DePTModel):
     other adapters keep their prompt states, which their unchanged P still gives.
     """
 
+    # A serving model holds a bank, not the training model's single adapter, and no config of its own.
+    prompt_encoder: AdapterBank  # type: ignore[assignment]
+    config: DePTConfig | None  # type: ignore[assignment]
+
     def __init__(self, base_model: nn.Module):
         nn.Module.__init__(self)  # no adapter of its own to attach, as DePTModel.__init__ does
         self._attach(base_model, self.describe_base(base_model)["token_dim"])

@@ -19,11 +19,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .extras import require
-from .hf_trainer import DePTTrainerMixin
-from .model import DePTModel
 
-sft_trainer_module = require("trl.trainer.sft_trainer", extra="peers")
-SFTTrainer = sft_trainer_module.SFTTrainer
+require("trl", extra="peers")  # without TRL: one line naming `pip install 'dept[peers]'`, not a traceback
+
+import trl.trainer.sft_trainer as sft_trainer_module  # noqa: E402
+from trl import SFTTrainer  # noqa: E402
+
+from .hf_trainer import DePTTrainerMixin  # noqa: E402
+from .model import DePTModel  # noqa: E402
 
 
 @contextmanager
