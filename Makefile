@@ -24,6 +24,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(PY) -m mypy  # dept/, configured in pyproject.toml
 
 bench: install
 	$(OFFLINE) $(PY) scripts/benchmark.py --sizes small --output_dir bench_output --overwrite

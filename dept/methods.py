@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 from torch import nn
 
@@ -57,7 +58,7 @@ def prepare_model(
     """
     if peft_type not in PEFT_TYPES:
         raise ConfigError(f"Unknown peft_type {peft_type!r}: choose one of {PEFT_TYPES}.")
-    extra = {} if modules_to_save is None else {"modules_to_save": tuple(modules_to_save)}
+    extra: dict[str, Any] = {} if modules_to_save is None else {"modules_to_save": tuple(modules_to_save)}
     if peft_type in ("PROMPT_TUNING_LORA", "PROMPT_TUNING"):
         if peft_model_id:
             if dept_config is not None:  # before loading anything onto the model

@@ -21,8 +21,9 @@ def parameter_groups(model: nn.Module, args: TrainingArguments) -> list[dict]:
 
     Each group is a dict for `torch.optim.AdamW` with `params`, `lr`, `weight_decay` and a `name` used in logs.
     """
-    if hasattr(model, "optimizer_param_groups"):
-        groups = model.optimizer_param_groups(
+    own_groups = getattr(model, "optimizer_param_groups", None)
+    if own_groups is not None:
+        groups = own_groups(
             learning_rate=args.learning_rate,
             lora_embedding_lr=args.lora_embedding_lr,
             weight_decay=args.weight_decay,
