@@ -11,7 +11,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[dev,peers,serve,deepspeed]"
+	$(PY) -m pip install --quiet -e ".[dev,peers,serve,deepspeed,tune,vl]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,6 +24,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(PY) -m mypy  # dept/, configured in pyproject.toml
 
 bench: install
 	$(OFFLINE) $(PY) scripts/benchmark.py --sizes small --output_dir bench_output --overwrite

@@ -53,6 +53,7 @@ class BankRouting(PromptRouting):
         prompt_width: the batch's prompt slots, max m_i; a row with a shorter prompt gets masked empty slots.
     """
 
+    num_virtual_tokens: torch.Tensor  # type: ignore[assignment]  # a bank's m is per row: (batch,), not one int
     adapter_index: torch.Tensor
     prompt_width: int
 
@@ -85,6 +86,10 @@ class AdapterBank(nn.Module):
         >>> mask.tolist()[0]  # adapter "b" has no prompt: its 4 slots are masked
         [0, 0, 0, 0, 1, 1, 1, 1, 1]
     """
+
+    scaling: torch.Tensor  # buffers, (n, 1, 1) and (n,)
+    adapter_num_virtual_tokens: torch.Tensor
+    adapter_max_lengths: torch.Tensor
 
     def __init__(self, configs: Sequence[DePTConfig], token_dim: int, names: Sequence[str]):
         super().__init__()

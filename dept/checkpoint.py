@@ -61,9 +61,10 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -73,11 +74,13 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from dept.distributed import full_trainable_state_dict, load_state_kwargs, save_state_kwargs, uses_deepspeed, uses_fsdp
 from dept.errors import UserError
 from dept.training_args import TrainingArguments
+
+if TYPE_CHECKING:
+    from accelerate.data_loader import DataLoaderShard
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +188,8 @@ class EpochSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         if self.lengths is None:
             return iter(torch.randperm(self.num_examples, generator=generator).tolist())
+        from transformers.trainer_pt_utils import get_length_grouped_indices  # here: it imports the Trainer's stack
+
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
@@ -197,21 +202,30 @@ def example_lengths(dataset: Dataset) -> list[int]:
         if "input_ids" in columns:
             return [len(ids) for ids in dataset["input_ids"]]
     else:
-        first = dataset[0] if len(dataset) else {}
+        size = num_examples(dataset)
+        first = dataset[0] if size else {}
         if isinstance(first, Mapping) and "length" in first:
-            return [int(dataset[i]["length"]) for i in range(len(dataset))]
+            return [int(dataset[i]["length"]) for i in range(size)]
         if isinstance(first, Mapping) and "input_ids" in first:
-            return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+            return [len(dataset[i]["input_ids"]) for i in range(size)]
     raise ValueError(
         "group_by_length needs a 'length' or 'input_ids' entry in every training example; add one "
         "(e.g. dataset.map(lambda ex: {'length': len(ex['input_ids'])})) or set group_by_length=False."
     )
 
 
+def num_examples(dataset: Dataset) -> int:
+    """The length of a map-style dataset; an iterable one has none, and epochs and resume need it."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} has no length: the trainer reads map-style datasets "
+                        "(a datasets.Dataset, or a torch Dataset with __len__ and __getitem__).")
+    return len(dataset)
+
+
 def train_dataloader(dataset: Dataset, args: TrainingArguments, collate_fn) -> tuple[DataLoader, EpochSampler]:
     """The training batches in the order `EpochSampler` fixes from `args.seed` (length-grouped if asked)."""
     lengths = example_lengths(dataset) if args.group_by_length else None
-    sampler = EpochSampler(len(dataset), args.seed, lengths, args.per_device_train_batch_size)
+    sampler = EpochSampler(num_examples(dataset), args.seed, lengths, args.per_device_train_batch_size)
     dataloader = DataLoader(
         dataset,
         batch_size=args.per_device_train_batch_size,
@@ -235,7 +249,7 @@ def data_order(args: TrainingArguments, num_processes: int, num_train_examples: 
     }
 
 
-def remaining_batches(accelerator: Accelerator, dataloader: DataLoader, sampler: EpochSampler, state: TrainerState):
+def remaining_batches(accelerator: Accelerator, dataloader: DataLoaderShard, sampler: EpochSampler, state: TrainerState):
     """The batches of the current epoch that this run has not consumed yet (all of them, unless resuming)."""
     epoch, skip = state.epoch, state.batches_seen_in_epoch
     sampler.set_epoch(epoch)
@@ -446,7 +460,8 @@ def _replace_directory(source: Path, target: Path) -> None:
 
 def write_on_main_process(accelerator: Accelerator, output_dir: Path, write: Callable[[], None]) -> None:
     """Run `write` on the main process only, then sync; if it fails, every process stops with the error."""
-    error, message = None, [None]
+    error: BaseException | None = None
+    message: list[str | None] = [None]
     if accelerator.is_main_process:
         try:
             write()
@@ -490,7 +505,8 @@ def save_checkpoint(accelerator: Accelerator, model: nn.Module, scheduler, state
         failure = (write_failure_reason(err, temporary), getattr(err, "filename", None))  # while the disk is full
     failure = next((f for f in gather_object([failure]) if f is not None), None)
     engine_error = None if failure is None else OSError(0, failure[0], failure[1] or str(temporary))
-    trainable = None if failure is not None else full_trainable_state_dict(accelerator, model)
+    # After an engine failure nothing is written: write_checkpoint raises `engine_error` first.
+    trainable = {} if failure is not None else full_trainable_state_dict(accelerator, model)
 
     def write() -> None:
         write_checkpoint(output_dir, state.global_step, trainable_parameters=trainable,

@@ -9,12 +9,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-)
-
 from .errors import UserError
 
 CONFIG_NAME = "adapter_config.json"
@@ -47,6 +41,13 @@ def infer_task_type(model_or_config) -> str:
             return "causal"
     else:
         name = f"model type {getattr(config, 'model_type', type(config).__name__)!r}"
+        # here, not at the top: the mappings import every model's name (a tenth of `import torch`)
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+            MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        )
+
         model_type = getattr(config, "model_type", None)
         if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
             return "causal"

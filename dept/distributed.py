@@ -27,7 +27,8 @@ def is_zero3_partitioned(parameter: torch.Tensor) -> bool:
 
 def full_shape(parameter: torch.Tensor) -> torch.Size:
     """The parameter's whole shape, also for a ZeRO-3 shard (whose own shape is (0,))."""
-    return torch.Size(parameter.ds_shape) if is_zero3_partitioned(parameter) else parameter.shape
+    ds_shape = getattr(parameter, "ds_shape", None)  # set by ZeRO-3 on the parameters it partitions
+    return parameter.shape if ds_shape is None else torch.Size(ds_shape)
 
 
 @contextlib.contextmanager
@@ -92,7 +93,8 @@ def full_trainable_state_dict(accelerator, model: nn.Module) -> dict[str, torch.
         options = StateDictOptions(full_state_dict=True, cpu_offload=several, ignore_frozen_params=True)
         state = get_model_state_dict(model, options=options)
         names = {name for name, _ in trainable}
-        return {name: t.detach().float().cpu().clone() for name, t in state.items() if name in names}
+        return {name: t.detach().float().cpu().clone() for name, t in state.items()
+                if name in names and isinstance(t, torch.Tensor)}
     return {name: p.detach().cpu().clone().contiguous() for name, p in trainable}
 
 

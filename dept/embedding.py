@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -33,7 +34,11 @@ class InputTooLongError(ValueError):
     """An input has more real tokens than the adapter's max_length covers."""
 
 
-def invalidate_after_load(module: nn.Module, incompatible_keys) -> None:
+class CachingModule(Protocol):
+    def invalidate_caches(self) -> None: ...
+
+
+def invalidate_after_load(module: CachingModule, incompatible_keys) -> None:
     """A load_state_dict post-hook: whatever was loaded, the module's caches are recomputed."""
     module.invalidate_caches()
 
@@ -163,6 +168,9 @@ def initialize_adapter(tensors: dict[str, torch.Tensor], config: DePTConfig, wor
     if prompt_bound is not None:
         prompt.copy_(torch.empty(prompt.shape).uniform_(-prompt_bound, prompt_bound, generator=generator))
         return
+    if word_embeddings is None:
+        raise ConfigError(f"prompt_init={config.prompt_init!r} reads the frozen word embeddings: pass "
+                          "word_embeddings=..., or prompt_bound=... for a prompt without a vocabulary.")
     vocab_size, token_dim = full_shape(word_embeddings)
     if config.prompt_init == "text":
         if tokenizer is None:

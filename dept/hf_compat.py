@@ -11,10 +11,25 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from .config import TRAINING_TASK_NAME
 from .hub import upload_adapter, write_model_card
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from .config import DePTConfig
+
+
+def input_embedding_weight(model: PreTrainedModel) -> torch.Tensor:
+    """The (vocab, d) weight of a Hugging Face model's input embeddings (a ZeRO-3 shard is its local part)."""
+    weight = model.get_input_embeddings().weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(model).__name__}.get_input_embeddings() has no weight tensor.")
+    return weight
 
 
 class HuggingFaceModelMixin:
@@ -30,6 +45,10 @@ class HuggingFaceModelMixin:
     """
 
     base_model: Any
+    config: DePTConfig  # what the model class that mixes this in provides
+
+    def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> Any:
+        raise NotImplementedError
 
     @property
     def generation_config(self):

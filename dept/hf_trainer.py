@@ -36,6 +36,7 @@ import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Seq2SeqTrainer, Trainer
@@ -48,8 +49,13 @@ from .optim import parameter_groups
 try:
     from transformers.trainer_optimizer import is_optimizer_factory
 except ImportError:  # transformers before optimizer factories
-    def is_optimizer_factory(optimizer_cls) -> bool:
+    def is_optimizer_factory(optimizer_cls_or_factory: Any) -> bool:
         return False
+
+if TYPE_CHECKING:  # the mixin's members and super() calls are the Trainer's, which it is mixed into
+    _Trainer = Trainer
+else:
+    _Trainer = object
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +64,7 @@ TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name, written beside t
 _OWN_GROUPS = ("params", "model", "optimizer_dict")
 
 
-class DePTTrainerMixin:
+class DePTTrainerMixin(_Trainer):
     """The seams of transformers' `Trainer` that a DePT model needs (see the module docstring).
 
     Args (besides the Trainer's own):
@@ -113,6 +119,9 @@ class DePTTrainerMixin:
         if not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if output_dir is None:
+            raise ValueError("The trainer has no output_dir (TrainingArguments(output_dir=None)) to save the "
+                             "adapter to.")
         os.makedirs(output_dir, exist_ok=True)
         logger.info(f"Saving the DePT adapter to {output_dir}")
         # `state_dict` (DeepSpeed, FSDP) holds whole tensors by parameter name; the adapter's are taken from it.
@@ -123,14 +132,15 @@ class DePTTrainerMixin:
             tokenizer.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
-    def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
+    def create_model_card(self, *args, **kwargs) -> None:
         """DePT's model card in `args.output_dir`, with the trainer's tags (transformers and TRL write theirs there
         at every checkpoint and before a push; theirs would describe a full model)."""
         dept_model = self._dept_model()
         if dept_model is None:
-            return super().create_model_card(*args, tags=tags, **kwargs)
-        if not self.is_world_process_zero():
+            return super().create_model_card(*args, **kwargs)
+        if not self.is_world_process_zero() or self.args.output_dir is None:
             return
+        tags = kwargs.get("tags")  # transformers and TRL pass it by keyword
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         os.makedirs(self.args.output_dir, exist_ok=True)
         write_model_card(self.args.output_dir, dept_model.config, repo_id=self.hub_model_id,
@@ -143,12 +153,11 @@ class DePTTrainerMixin:
         load_adapter_into(dept_model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        dept_model = self._dept_model()
-        if dept_model is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        dept_model, best = self._dept_model(), self.state.best_model_checkpoint
+        if dept_model is None or best is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._load_best_model()
-        logger.info(f"Loading the best adapter from {self.state.best_model_checkpoint} "
-                    f"(score: {self.state.best_metric}).")
-        load_adapter_into(dept_model, self.state.best_model_checkpoint)
+        logger.info(f"Loading the best adapter from {best} (score: {self.state.best_metric}).")
+        load_adapter_into(dept_model, best)
 
 
 def load_adapter_into(dept_model: DePTModel, directory: str | Path) -> None:

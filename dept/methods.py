@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 from torch import nn
 
 from .config import ConfigError, DePTConfig
+from .extras import require
 from .model import DePTModel, get_dept_model, infer_task_type
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def prepare_model(
     """
     if peft_type not in PEFT_TYPES:
         raise ConfigError(f"Unknown peft_type {peft_type!r}: choose one of {PEFT_TYPES}.")
-    extra = {} if modules_to_save is None else {"modules_to_save": tuple(modules_to_save)}
+    extra: dict[str, Any] = {} if modules_to_save is None else {"modules_to_save": tuple(modules_to_save)}
     if peft_type in ("PROMPT_TUNING_LORA", "PROMPT_TUNING"):
         if peft_model_id:
             if dept_config is not None:  # before loading anything onto the model
@@ -95,10 +97,7 @@ def check_max_length(config: DePTConfig, requested: int, source: str = "the adap
 
 
 def _lora(model: nn.Module, settings: LoraSettings, modules_to_save) -> nn.Module:
-    try:
-        import peft
-    except ImportError:
-        raise ImportError("The LoRA baseline needs HF PEFT: pip install 'dept[peers]'.") from None
+    peft = require("peft", extra="peers")  # the LoRA baseline only
     config = peft.LoraConfig(
         task_type=None if settings.custom_model else _PEFT_TASK_TYPES[infer_task_type(model)],
         r=settings.r,

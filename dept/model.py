@@ -25,6 +25,7 @@ import types
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ from .embedding import (
     real_token_position_ids,
 )
 from .errors import UserError
-from .hf_compat import HuggingFaceModelMixin
+from .hf_compat import HuggingFaceModelMixin, input_embedding_weight
 from .hub import resolve_adapter_dir, upload_adapter, write_model_card
 from .prompt_cache import (
     PromptKVCache,
@@ -53,6 +54,9 @@ from .prompt_cache import (
     prompt_cache_applies,
     with_prompt_logits,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Heads that are trained with the prompt, as PEFT's modules_to_save for sequence classification.
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
@@ -100,7 +104,7 @@ def expose_forward_signature(model: nn.Module, base_model: nn.Module) -> None:
     def forward(self, *args, **kwargs):
         return implementation(self, *args, **kwargs)
 
-    forward.__signature__ = signature
+    vars(forward)["__signature__"] = signature  # what inspect.signature reads (PEP 362)
     model.forward = types.MethodType(forward, model)  # per instance: each base model takes its own arguments
 
 
@@ -249,7 +253,7 @@ class DePTModel(HuggingFaceModelMixin, nn.Module):
         """P at `learning_rate`; A and B at `lora_embedding_lr`; trainable modules (a head) at `modules_lr`
         (default `lora_embedding_lr`: a head at the prompt's 0.3 would diverge)."""
         encoder = self.prompt_encoder
-        groups = [
+        groups: list[dict[str, Any]] = [
             {"name": "prompt", "params": [encoder.prompt_embeddings], "lr": learning_rate},
             {"name": "lora_embedding", "params": [encoder.lora_embedding_A, encoder.lora_embedding_B],
              "lr": lora_embedding_lr},
@@ -660,9 +664,10 @@ def check_position_limit(config: DePTConfig, base_config) -> None:
 
 def describe_hf_base(model: nn.Module) -> dict:
     """`DePTModel.describe_base` for a Hugging Face model: d of its input embeddings and its config's fields."""
-    base_config = model.config
+    hf_model = cast("PreTrainedModel", model)  # the model kinds that call this are those of Hugging Face models
+    base_config = hf_model.config
     return {
-        "token_dim": full_shape(model.get_input_embeddings().weight)[1],  # also for a ZeRO-3 shard
+        "token_dim": full_shape(input_embedding_weight(hf_model))[1],  # also for a ZeRO-3 shard
         "vocab_size": getattr(base_config, "vocab_size", None),
         "base_model_type": getattr(base_config, "model_type", None),
         "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,

@@ -12,6 +12,7 @@ alone gives. Serving runs one call at a time (the rows of a call are set for its
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -52,6 +53,10 @@ class ServingModel(DePTModel):
     directory-loading API over it. It follows the caching rule of `dept.model`; after an add or a remove the
     other adapters keep their prompt states, which their unchanged P still gives.
     """
+
+    # A serving model holds a bank, not the training model's single adapter, and no config of its own.
+    prompt_encoder: AdapterBank  # type: ignore[assignment]
+    config: DePTConfig | None  # type: ignore[assignment]
 
     def __init__(self, base_model: nn.Module):
         nn.Module.__init__(self)  # no adapter of its own to attach, as DePTModel.__init__ does
@@ -133,8 +138,8 @@ class ServingModel(DePTModel):
         if name not in self.prompt_encoder.names:
             raise KeyError(f"No adapter named {name!r}; loaded adapters: {sorted(self.prompt_encoder.names)}.")
         tensors = self.prompt_encoder.adapter_tensors(self.prompt_encoder.names.index(name))
-        modules = self.adapter_modules[name] if name in self.adapter_modules else {}
-        for module_name, module in modules.items():
+        modules = self.adapter_modules[name] if name in self.adapter_modules else nn.ModuleDict()
+        for module_name, module in modules.named_children():
             tensors.update({f"{MODULES_PREFIX}{module_name}.{k}": v for k, v in module.state_dict().items()})
         return {key: tensor.detach() for key, tensor in tensors.items()}
 
@@ -168,7 +173,8 @@ class ServingModel(DePTModel):
         handles = []
         try:
             if outer is None:
-                for module_name in sorted({m for modules in self.adapter_modules.values() for m in modules}):
+                for module_name in sorted({m for modules in self.adapter_modules.values()
+                                           for m, _ in modules.named_children()}):
                     module = getattr(self.base_model, module_name)
                     handles.append(module.register_forward_hook(self._row_module_hook(module_name), with_kwargs=True))
             yield
@@ -217,9 +223,9 @@ class ServingModel(DePTModel):
             return super().forward(input_ids, attention_mask, inputs_embeds, *args, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None, **kwargs):
+    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, *args, adapter_names=None, **kwargs):
         with self.rows(self.adapter_index(adapter_names, _batch_size(input_ids, attention_mask, inputs_embeds))):
-            return super().generate(input_ids, attention_mask, inputs_embeds, **kwargs)
+            return super().generate(input_ids, attention_mask, inputs_embeds, *args, **kwargs)
 
     def embed(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter_names=None):
         with self.rows(self.adapter_index(adapter_names, _batch_size(input_ids, attention_mask, inputs_embeds))):
@@ -243,13 +249,14 @@ class ServedCausalLM(ServingModel, DePTModelForCausalLM):
     stacked into one table (zero-padded to the longest m) for the batch's rows to pick from."""
 
     def _compute_prompt_states(self) -> PromptStates | None:
-        bank, states = self.prompt_encoder, []
+        bank = self.prompt_encoder
+        states: list[PromptStates | None] = []
         for index, (name, config) in enumerate(zip(bank.names, bank.configs)):
             if config.num_virtual_tokens == 0:
                 states.append(None)
                 continue
             cache = self.prompt_caches.setdefault(name, PromptKVCache())
-            if (state := cache.get(self.base_model, lambda index=index: self._adapter_prompt_states(index))) is None:
+            if (state := cache.get(self.base_model, functools.partial(self._adapter_prompt_states, index))) is None:
                 return None  # this base model's cache is not plain keys and values
             states.append(state)
         return stack_prompt_states(states, bank.num_virtual_tokens)

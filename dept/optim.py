@@ -12,7 +12,6 @@ import math
 
 import torch
 from torch import nn
-from transformers import get_scheduler
 
 from dept.training_args import TrainingArguments
 
@@ -22,8 +21,9 @@ def parameter_groups(model: nn.Module, args: TrainingArguments) -> list[dict]:
 
     Each group is a dict for `torch.optim.AdamW` with `params`, `lr`, `weight_decay` and a `name` used in logs.
     """
-    if hasattr(model, "optimizer_param_groups"):
-        groups = model.optimizer_param_groups(
+    own_groups = getattr(model, "optimizer_param_groups", None)
+    if own_groups is not None:
+        groups = own_groups(
             learning_rate=args.learning_rate,
             lora_embedding_lr=args.lora_embedding_lr,
             weight_decay=args.weight_decay,
@@ -69,6 +69,8 @@ def build_scheduler(
     """
     if num_training_steps < 1:
         raise ValueError(f"num_training_steps must be >= 1, got {num_training_steps}.")
+    from transformers import get_scheduler  # here: transformers.optimization imports its Trainer's utilities
+
     return get_scheduler(
         args.lr_scheduler_type,
         optimizer,

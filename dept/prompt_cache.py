@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +27,15 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .embedding import real_token_position_ids
+from .hf_compat import input_embedding_weight
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedModel
+
+    from .model import DePTModel
+
+    class GenerativeModel(PreTrainedModel, GenerationMixin):
+        """A Hugging Face model that generates (a decoder-only LM), for type checking only."""
 
 # Forward arguments the cached path handles; any other (hidden states, attentions, a cache of the caller's own,
 # logits_to_keep, ...) takes the uncached path, whose outputs cover the prompt positions too.
@@ -46,9 +56,9 @@ def cache_argument(model: nn.Module) -> str:
     return _CACHE_ARGUMENT[kind]
 
 
-def computation_precision(model: nn.Module) -> tuple:
+def computation_precision(model: PreTrainedModel) -> tuple:
     """The dtype and device the base computes in, autocast included: states computed in another are not reused."""
-    weight = model.get_input_embeddings().weight
+    weight = input_embedding_weight(model)
     device_type = weight.device.type
     autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     return weight.dtype, weight.device, autocast
@@ -97,22 +107,28 @@ class PromptStates:
 
 
 @torch.no_grad()
-def compute_prompt_states(base_model: nn.Module, prompt: torch.Tensor) -> PromptStates | None:
+def compute_prompt_states(base_model: PreTrainedModel, prompt: torch.Tensor) -> PromptStates | None:
     """Run the frozen `base_model` on the prompt alone, (m, d), at positions 0..m-1.
 
     Returns None for models whose cache is not plain keys and values per layer (sliding windows, linear
     attention, quantised caches): they keep the uncached path.
     """
-    dtype = base_model.get_input_embeddings().weight.dtype
+    dtype = input_embedding_weight(base_model).dtype
     length = prompt.shape[0]
     positions = torch.arange(length, device=prompt.device).unsqueeze(0)
     output = base_model(inputs_embeds=prompt.to(dtype).unsqueeze(0), position_ids=positions,
                         attention_mask=torch.ones_like(positions), use_cache=True)
     cache = getattr(output, cache_argument(base_model), None)
-    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+    if not isinstance(cache, DynamicCache):
         return None
-    return PromptStates(tuple(layer.keys for layer in cache.layers), tuple(layer.values for layer in cache.layers),
-                        output.logits)
+    keys, values = [], []
+    for layer in cache.layers:  # plain DynamicLayers only: not a subclass such as a sliding window's
+        if not isinstance(layer, DynamicLayer) or type(layer) is not DynamicLayer or layer.keys is None \
+                or layer.values is None:
+            return None
+        keys.append(layer.keys)
+        values.append(layer.values)
+    return PromptStates(tuple(keys), tuple(values), output.logits)
 
 
 def stack_prompt_states(states: list[PromptStates | None], width: int) -> PromptStates | None:
@@ -120,21 +136,20 @@ def stack_prompt_states(states: list[PromptStates | None], width: int) -> Prompt
     present = [s for s in states if s is not None]
     if not present:
         return None
-    first = present[0]
 
-    def stack(part: Callable[[PromptStates], torch.Tensor]) -> torch.Tensor:
-        sample = part(first)  # (1, ..., m, features)
-        table = sample.new_zeros(len(states), *sample.shape[1:-2], width, sample.shape[-1])
-        for row, state in enumerate(states):
-            if state is not None:
-                tensor = part(state)
+    def stack(tensors: list[torch.Tensor | None]) -> torch.Tensor:
+        """One (prompts, ..., width, features) table from each prompt's (1, ..., m, features) tensor."""
+        sample = next(tensor for tensor in tensors if tensor is not None)
+        table = sample.new_zeros(len(tensors), *sample.shape[1:-2], width, sample.shape[-1])
+        for row, tensor in enumerate(tensors):
+            if tensor is not None:
                 table[row, ..., : tensor.shape[-2], :] = tensor[0]
         return table
 
-    layers = range(len(first.keys))
-    return PromptStates(tuple(stack(lambda s, i=i: s.keys[i]) for i in layers),
-                        tuple(stack(lambda s, i=i: s.values[i]) for i in layers),
-                        stack(lambda s: s.logits))
+    layers = range(len(present[0].keys))
+    return PromptStates(tuple(stack([None if s is None else s.keys[i] for s in states]) for i in layers),
+                        tuple(stack([None if s is None else s.values[i] for s in states]) for i in layers),
+                        stack([None if s is None else s.logits for s in states]))
 
 
 class PromptKVCache:
@@ -148,7 +163,7 @@ class PromptKVCache:
         self._states: PromptStates | None = None
         self.generation = 0
 
-    def get(self, base_model: nn.Module, compute: Callable[[], PromptStates | None]) -> PromptStates | None:
+    def get(self, base_model: PreTrainedModel, compute: Callable[[], PromptStates | None]) -> PromptStates | None:
         precision = computation_precision(base_model)
         if precision != self._precision:
             self._states = compute()
@@ -165,7 +180,7 @@ def needs_gradients(module: nn.Module) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
 
 
-def prompt_cache_applies(module: nn.Module, enabled: bool, kwargs: dict, generating: bool = False) -> bool:
+def prompt_cache_applies(module: DePTModel, enabled: bool, kwargs: dict, generating: bool = False) -> bool:
     """The cached path runs in eval mode (the cached states are dropout-free), when nothing needs gradients
     through P, no cache of the caller's own is given, and (for a forward) only the plain outputs are asked for."""
     if generating:  # generation options pass through; a cache of the caller's or per-layer outputs do not
@@ -220,7 +235,7 @@ def place_logits(states: PromptStates, token_logits: torch.Tensor, layout: torch
     return output
 
 
-def with_prompt_logits(base_model: nn.Module, output, states: PromptStates, layout: torch.Tensor | None, labels=None,
+def with_prompt_logits(base_model: PreTrainedModel, output, states: PromptStates, layout: torch.Tensor | None, labels=None,
                        num_items_in_batch=None):
     """The output of the uncached path rebuilt: the prompts' cached logits put in front of the tokens' (in the
     routing's `layout`) and the loss over the whole prompted sequence, as the base model computes it."""
@@ -241,7 +256,7 @@ def generation_expand_size(base_model: nn.Module, kwargs: dict) -> int:
     return max(num_beams, num_return_sequences)
 
 
-def generate_after_prompt(base_model: nn.Module, states: PromptStates, token_embeds: torch.Tensor,
+def generate_after_prompt(base_model: GenerativeModel, states: PromptStates, token_embeds: torch.Tensor,
                           attention_mask: torch.Tensor, prompt_mask: torch.Tensor, **kwargs) -> torch.Tensor:
     """`base_model.generate` continuing from the prompts' cached states: the prefill runs on the input alone.
 

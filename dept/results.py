@@ -59,12 +59,13 @@ def write_adapter(model: nn.Module, output_dir: Path, trainable: dict[str, torch
     FSDP the model's own tensors may be shards or bf16 casts of the master weights). A model without
     `save_pretrained` gets `trainable` in `adapter_model.safetensors`."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    if not hasattr(model, "save_pretrained"):
+    save_pretrained = getattr(model, "save_pretrained", None)
+    if save_pretrained is None:
         save_file(trainable, str(output_dir / FALLBACK_ADAPTER_NAME))
     elif sharded:
-        model.save_pretrained(str(output_dir), state_dict=trainable)
+        save_pretrained(str(output_dir), state_dict=trainable)
     else:
-        model.save_pretrained(str(output_dir))
+        save_pretrained(str(output_dir))
 
 
 def write_final_outputs(accelerator, model: nn.Module, output_dir: Path, state: TrainerState,

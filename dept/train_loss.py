@@ -33,8 +33,8 @@ class StepLosses:
     def __init__(self):
         self._window: torch.Tensor | None = None
         self._window_size = 0
-        self._steps_sum: torch.Tensor | None = None
-        self._first_non_finite: torch.Tensor | None = None  # the lowest step with a NaN/inf loss; inf if none
+        # The step losses' sum and the lowest step with a NaN/inf loss (inf if none), since the last collect.
+        self._totals: tuple[torch.Tensor, torch.Tensor] | None = None
         self._steps = 0
 
     def add_micro_batch(self, loss: torch.Tensor) -> None:
@@ -50,22 +50,22 @@ class StepLosses:
 
     def add_step(self, step_loss: torch.Tensor, step: int) -> None:
         non_finite_at = torch.where(torch.isfinite(step_loss), math.inf, float(step))
-        if self._steps_sum is None:
-            self._steps_sum, self._first_non_finite = step_loss, non_finite_at
+        if self._totals is None:
+            self._totals = (step_loss, non_finite_at)
         else:
-            self._steps_sum = self._steps_sum + step_loss
-            self._first_non_finite = torch.minimum(self._first_non_finite, non_finite_at)
+            steps_sum, first_non_finite = self._totals
+            self._totals = (steps_sum + step_loss, torch.minimum(first_non_finite, non_finite_at))
         self._steps += 1
 
     def collect(self, accelerator: Accelerator) -> tuple[float, int, int | None]:
         """(the step losses added since the last call, summed and averaged over processes; how many steps; the
         first step with a NaN/inf loss on any process, or None). One gather and one host sync, on every process
         at once (the step counts agree, so all skip it together when nothing was added)."""
-        if self._steps == 0:
+        if self._totals is None:
             return 0.0, 0, None
-        gathered = accelerator.gather(torch.stack([self._steps_sum, self._first_non_finite])).tolist()
+        gathered = accelerator.gather(torch.stack(self._totals)).tolist()
         sums, first = gathered[0::2], min(gathered[1::2])
-        steps, self._steps_sum, self._first_non_finite, self._steps = self._steps, None, None, 0
+        steps, self._totals, self._steps = self._steps, None, 0
         return sum(sums) / len(sums), steps, None if math.isinf(first) else int(first)
 
 

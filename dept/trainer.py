@@ -121,7 +121,7 @@ class Trainer:
         `train_samples_per_second`, `train_steps_per_second`, `epoch`, `nan_steps_skipped`, ...
         """
         args, accelerator, output_dir = self.args, self.accelerator, self.output_dir
-        if self.train_dataset is None or len(self.train_dataset) == 0:
+        if self.train_dataset is None or checkpoint.num_examples(self.train_dataset) == 0:
             raise ValueError("Trainer.train needs a non-empty train_dataset.")
         load_best_at_end = args.best_model_at_end(has_eval_data=self.eval_dataset is not None)
         resume_from = checkpoint.resolve_resume_checkpoint(accelerator, output_dir, args.resume_from_checkpoint)
@@ -139,7 +139,7 @@ class Trainer:
         # Stepped by hand, once per optimizer step. On the torch optimizer itself: DeepSpeed's ZeRO optimizer
         # is no torch Optimizer, but it steps with these same param_groups (and their learning rates).
         scheduler = build_scheduler(base_optimizer, args, total_steps)
-        order = checkpoint.data_order(args, accelerator.num_processes, len(self.train_dataset))
+        order = checkpoint.data_order(args, accelerator.num_processes, checkpoint.num_examples(self.train_dataset))
         self.state, self._losses = checkpoint.TrainerState(max_steps=total_steps, data_order=order), StepLosses()
         if args.report_to != "none":
             accelerator.init_trackers("runs", config=_hparams(args))
@@ -161,11 +161,11 @@ class Trainer:
                         continue  # inside an accumulation window
                     scheduler.step()
                     progress.update(1)
-                    self._log_evaluate_and_save("steps", optimizer, scheduler, progress)
+                    self._log_evaluate_and_save("steps", model, optimizer, scheduler, progress)
                     if self.state.global_step >= total_steps:
                         break
                 if self.state.end_epoch_if_finished(len(dataloader)):
-                    self._log_evaluate_and_save("epoch", optimizer, scheduler, progress)
+                    self._log_evaluate_and_save("epoch", model, optimizer, scheduler, progress)
         self._collect_losses(optimizer)  # the NaN check before anything is written, and the last steps' losses
         runtime = time.perf_counter() - start_time
 
@@ -174,7 +174,8 @@ class Trainer:
             logger.info(f"Loading the best checkpoint {best} ({self.best.metric}={self.state.best_metric}).")
             checkpoint.load_best_weights(accelerator, self.model, Path(best))
         metrics = results.train_metrics(self.state, args, runtime=runtime, steps_run=self.state.global_step - start_step,
-                                        num_examples=len(self.train_dataset), num_processes=accelerator.num_processes,
+                                        num_examples=checkpoint.num_examples(self.train_dataset),
+                                        num_processes=accelerator.num_processes,
                                         epoch=self._epoch())  # fmt: skip
         results.write_final_outputs(accelerator, model, output_dir, self.state, metrics)
         if args.report_to != "none":  # not accelerator.end_training(): evaluate() still needs the process group
@@ -213,7 +214,7 @@ class Trainer:
         optimizer.step()
         self._losses.add_step(step_loss, self.state.global_step)
 
-    def _log_evaluate_and_save(self, event: str, optimizer, scheduler, progress: tqdm) -> None:
+    def _log_evaluate_and_save(self, event: str, model: nn.Module, optimizer, scheduler, progress: tqdm) -> None:
         """Every trigger, written once. `event` is "steps" (an optimizer step ended) or "epoch" (an epoch did)."""
         args, step = self.args, self.state.global_step
 
@@ -224,9 +225,9 @@ class Trainer:
             self._log_training(optimizer, progress)
         if due(args.eval_strategy, args.eval_steps) and self.eval_dataset is not None:
             self._collect_losses(optimizer)  # never evaluate parameters that a NaN/inf step has touched
-            self._evaluate_during_training()
+            self._evaluate_during_training(model, self.eval_dataset)
         if due(args.save_strategy, args.save_steps):
-            self._save_checkpoint(optimizer, scheduler)
+            self._save_checkpoint(model, optimizer, scheduler)
 
     def _collect_losses(self, optimizer) -> None:
         """Bring the step losses since the last call to the host (one collective, one sync) into the state.
@@ -256,9 +257,9 @@ class Trainer:
         progress.set_postfix(loss=f"{loss:.4f}")
         state.loss_since_log, state.steps_since_log = 0.0, 0
 
-    def _evaluate_during_training(self) -> None:
+    def _evaluate_during_training(self, model: nn.Module, eval_dataset: Dataset) -> None:
         step = self.state.global_step
-        _, _, metrics = self._evaluation_loop(self._prepared_model, self.eval_dataset, prefix="eval")
+        _, _, metrics = self._evaluation_loop(model, eval_dataset, prefix="eval")
         self._last_evaluation = (step, metrics)
         self.state.log_history.append({**metrics, "step": step, "epoch": self._epoch()})
         self.accelerator.log({f"eval/{k[len('eval_') :]}": v for k, v in metrics.items()}, step=step)
@@ -271,7 +272,7 @@ class Trainer:
                     checkpoint.write_trainer_state(self.output_dir, self.state)
                 raise
 
-    def _save_checkpoint(self, optimizer, scheduler) -> Path:
+    def _save_checkpoint(self, model: nn.Module, optimizer, scheduler) -> Path:
         """`checkpoint-<global_step>` (`dept.checkpoint.save_checkpoint`), which becomes the best one if this step's
         evaluation beats the best so far; if its write fails, the best stays what it was."""
         self._collect_losses(optimizer)
@@ -280,7 +281,7 @@ class Trainer:
         if self._last_evaluation is not None and self._last_evaluation[0] == state.global_step:
             self.best.update(state, self._last_evaluation[1], path)
         try:
-            checkpoint.save_checkpoint(self.accelerator, self._prepared_model, scheduler, state, self.output_dir,
+            checkpoint.save_checkpoint(self.accelerator, model, scheduler, state, self.output_dir,
                                        self.args.save_total_limit)  # fmt: skip
         except checkpoint.CheckpointWriteError:
             state.best_metric, state.best_model_checkpoint = best_before
@@ -355,7 +356,8 @@ class Trainer:
         runtime = time.perf_counter() - start_time
 
         metrics = results.evaluation_metrics(self.evaluator, predictions, references, losses, runtime=runtime,
-                                             num_samples=len(dataset), num_batches=len(dataloader), prefix=prefix)
+                                             num_samples=checkpoint.num_examples(dataset), num_batches=len(dataloader),
+                                             prefix=prefix)
         return predictions, references, metrics
 
     def _eval_dataloader(self, dataset: Dataset) -> DataLoader:
@@ -382,8 +384,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     reaches P, A and B anyway).
     """
     for module in model.modules():
-        if hasattr(module, "gradient_checkpointing_enable") and getattr(module, "supports_gradient_checkpointing", False):
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(module, "gradient_checkpointing_enable", None)
+        if enable is not None and getattr(module, "supports_gradient_checkpointing", False):
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return
     raise ValueError(f"{type(model).__name__} holds no Hugging Face model that supports gradient checkpointing.")
 

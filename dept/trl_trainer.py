@@ -17,21 +17,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-import trl.trainer.sft_trainer as sft_trainer_module
-from trl import SFTTrainer
+from .extras import require
 
-from .hf_trainer import DePTTrainerMixin
-from .model import DePTModel
+require("trl", extra="peers")  # without TRL: one line naming `pip install 'dept[peers]'`, not a traceback
+
+import trl.trainer.sft_trainer as sft_trainer_module  # noqa: E402
+from trl import SFTTrainer  # noqa: E402
+
+from .hf_trainer import DePTTrainerMixin  # noqa: E402
+from .model import DePTModel  # noqa: E402
 
 
 @contextmanager
-def _fused_lm_head_on_base_model(model) -> Iterator[None]:
+def _fused_lm_head_on_base_model(dept_model) -> Iterator[None]:
     """While SFTTrainer sets up, its `add_fused_lm_head(model, ...)` patches `model.base_model` for a DePT model."""
     add_fused_lm_head = sft_trainer_module.add_fused_lm_head
 
-    def on_base_model(target, *args, **kwargs):
-        return add_fused_lm_head(target.base_model if target is model else target, *args, **kwargs)
+    def on_base_model(model: Any, *args: Any, **kwargs: Any) -> None:  # add_fused_lm_head's signature
+        add_fused_lm_head(model.base_model if model is dept_model else model, *args, **kwargs)
 
     sft_trainer_module.add_fused_lm_head = on_base_model
     try:

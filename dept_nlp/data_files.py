@@ -35,13 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 
 from dept.errors import UserError
+from dept.extras import LazyModule
 from dept_nlp.tasks import SPLITS, ColumnType, SplitRule, TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
+datasets = LazyModule("datasets")  # imported on first use: it costs a third of `import torch` at start-up
 
 SUPPORTED_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 VALIDATION_HOLDOUT = 1000

@@ -34,8 +34,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
-from sklearn.metrics import f1_score, matthews_corrcoef
 
 from dept_nlp.tasks import TaskSpec, get_task
 
@@ -149,6 +147,8 @@ def _gold_reference(task: TaskSpec, reference: object) -> str:
 def _classification_metrics(
     task: TaskSpec, predictions: list[str], references: list[str], names: Sequence[str]
 ) -> dict[str, float]:
+    from sklearn.metrics import f1_score, matthews_corrcoef  # here, not at the top: a second of start-up
+
     gold = np.array([int(reference) for reference in references])
     label_words = set(task.label_words)
     predicted = np.array([int(p) if p in label_words else -1 for p in predictions])  # -1: invalid
@@ -166,6 +166,8 @@ def _classification_metrics(
 
 
 def _correlations(predictions: list[str], references: list[str]) -> dict[str, float]:
+    from scipy import stats  # here, not at the top: half a second of start-up
+
     predicted = np.array([string_to_float(prediction) for prediction in predictions])
     gold = np.array([float(reference) for reference in references])
     return {

@@ -8,13 +8,7 @@ from the checkpoint's config, never from a substring of its name):
 
 from __future__ import annotations
 
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-)
+import transformers  # its Auto classes are imported on first use: they load the names of every model
 
 from dept.config import TASK_TYPES, ConfigError, infer_task_type
 from dept.errors import refusing_remote_code
@@ -38,13 +32,13 @@ def resolve_task_type(model_name_or_path: str, task_type: str | None = None, tra
     if task_type:
         return task_type
     with refusing_remote_code(model_name_or_path, REMOTE_CODE_HINT):
-        return infer_task_type(AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code))
+        return infer_task_type(transformers.AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code))
 
 
 def load_tokenizer(model_name_or_path: str, *, trust_remote_code: bool = False):
     """The tokenizer, right-padded, with eos as its pad token when it has none (the same for every task type)."""
     with refusing_remote_code(model_name_or_path, REMOTE_CODE_HINT):
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:  # LLaMA and GPT-2 ship without one; pads are masked, so eos serves
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -59,15 +53,15 @@ def load_model(model_name_or_path: str, task_type: str | None = None, *, num_lab
 
 
 def _load_model(model_name_or_path: str, task_type: str | None, num_labels: int, trust_remote_code: bool = False):
-    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    config = transformers.AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     task_type = task_type or infer_task_type(config)
     if task_type == "seq2seq":
-        return AutoModelForSeq2SeqLM.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        return transformers.AutoModelForSeq2SeqLM.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     if task_type == "causal":
-        return AutoModelForCausalLM.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        return transformers.AutoModelForCausalLM.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     if task_type == "cls":
         problem = "regression" if num_labels == 1 else "single_label_classification"
-        return AutoModelForSequenceClassification.from_pretrained(
+        return transformers.AutoModelForSequenceClassification.from_pretrained(
             model_name_or_path, num_labels=num_labels, problem_type=problem, trust_remote_code=trust_remote_code
         )
     raise ConfigError(f"Unknown task_type {task_type!r}: choose one of {TASK_TYPES}.")

@@ -13,9 +13,12 @@ from __future__ import annotations
 import logging
 import string
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import torch
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,12 @@ each to the lowest class indices, and a sample that cannot be made is an error.
 
 from __future__ import annotations
 
-import datasets
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import datasets
 
 STSB_K_SHOT_THRESHOLD = 2.5
 """STS-B k-shot classes, as the official code: score <= 2.5 is class 0, score > 2.5 is class 1."""

@@ -18,12 +18,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import uvicorn
-
 from dept import DePTConfig
 from dept.command_line import ArgumentParser, add_console_flags, check_model_name_or_path, run_console
 from dept.config import TASK_TYPES
 from dept.errors import FlagError
+from dept.extras import require
 from dept.hub import resolve_adapter_dir
 from dept_serve.app import create_app
 from dept_serve.engine import ServingEngine
@@ -121,6 +120,7 @@ def serve(argv: Sequence[str] | None = None) -> None:
     """Parse the flags, load the base model and the adapters, and serve until stopped (Ctrl-C or SIGTERM)."""
     args = parse_args(argv)
     app = build_app(args)
+    uvicorn = require("uvicorn", extra="serve")  # here: --help and the start-up checks run without it
     uvicorn.run(app, host=args.host, port=args.port,
                 log_level=logging.getLevelName(logging.getLogger("dept_serve").getEffectiveLevel()).lower())
 

@@ -22,10 +22,9 @@ import logging
 import sys
 from pathlib import Path
 
-import optuna
-
 from dept.command_line import ArgumentParser, add_console_flags, run_console
 from dept.errors import FlagError, UserError
+from dept.extras import LazyModule
 from dept_tune.pipelines import detect_pipeline
 from dept_tune.report import progress_line, write_report
 from dept_tune.space import KNOWN_PARAMETERS, SearchSpaceError, parse_search
@@ -40,6 +39,7 @@ from dept_tune.study import (
 )
 
 logger = logging.getLogger("dept_tune")
+optuna = LazyModule("optuna", extra="tune")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,9 +132,9 @@ def open_study(args: argparse.Namespace, settings: StudySettings):
 def tune(argv: list[str] | None = None) -> dict:
     """Run this worker's share of the study (or only `--report_only`); return the study's report. One line per
     trial goes to stderr; a bad command line raises `FlagError` before anything trains."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # dept-tune prints one line per trial itself
     parser = build_parser()
     args, pipeline_argv = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # dept-tune prints one line per trial itself
     try:
         pipeline = detect_pipeline(pipeline_argv)
         specs = parse_search(args.search, args.sampler)

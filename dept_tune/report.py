@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+from dept.extras import LazyModule, require
+from dept_tune.study import OUTPUT_ATTR, RETRY_ATTR, best_trial, counted_trials
 
-matplotlib.use("Agg")  # files only, no display
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
-import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-from optuna.trial import FrozenTrial, TrialState  # noqa: E402
-
-from dept_tune.study import OUTPUT_ATTR, RETRY_ATTR, best_trial, counted_trials  # noqa: E402
+optuna = LazyModule("optuna", extra="tune")
 
 REPORT_NAME = "tune_report"
 CONTOUR_PARAMS = ("learning_rate", "lora_embedding_lr")
@@ -42,7 +41,7 @@ def trial_rows(study: optuna.Study) -> list[dict]:
 
 def summary(study: optuna.Study) -> dict:
     trials = counted_trials(study)
-    counts = {state.name: sum(t.state == state for t in trials) for state in TrialState}
+    counts = {state.name: sum(t.state == state for t in trials) for state in optuna.trial.TrialState}
     best = best_trial(study)
     return {
         "study_name": study.study_name, "metric": f"eval_{study.user_attrs.get('metric')}",
@@ -92,7 +91,10 @@ def _metrics(metrics: dict) -> str:
 
 def draw_plots(study: optuna.Study, output_dir: Path) -> dict[str, str]:
     """PNG plots, by name -> file name, or -> why it was not drawn (too few finished trials, ...)."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    matplotlib = require("matplotlib", extra="tune")
+    matplotlib.use("Agg")  # files only, no display
+    plt = require("matplotlib.pyplot", extra="tune")
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     searched = sorted({name for trial in complete for name in trial.distributions})
     plot, target = optuna.visualization.matplotlib, f"eval_{study.user_attrs.get('metric')}"
     plots = {

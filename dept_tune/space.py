@@ -9,8 +9,10 @@ parameters as the recipe does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import optuna
+if TYPE_CHECKING:
+    import optuna
 
 LEARNING_RATES = ("learning_rate", "lora_embedding_lr")
 # The ranges of the official runs: every released run and the README sweep use lr 3e-1 or 4e-1; A·B's rate is

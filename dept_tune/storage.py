@@ -20,10 +20,10 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import optuna
-import sqlalchemy
-from optuna.storages import JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend
+from dept.extras import LazyModule
+
+optuna = LazyModule("optuna", extra="tune")
+sqlalchemy = LazyModule("sqlalchemy", extra="tune")  # comes with optuna
 
 JOURNAL_NAME = "optuna_journal.log"
 JOURNAL_SUFFIXES = (".log", ".journal")
@@ -59,7 +59,7 @@ def open_storage(storage: str, heartbeat_interval: int | None = None, grace_peri
             raise StorageError(f"--storage {storage!r}: the directory {path.parent} does not exist; create it or "
                                "choose another path.")
         try:
-            return JournalStorage(JournalFileBackend(str(path)))
+            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
         except OSError as error:
             raise StorageError(f"Cannot open the journal file {storage}: {error}.") from error
     if scheme not in RDB_SCHEMES:
@@ -72,7 +72,7 @@ def open_storage(storage: str, heartbeat_interval: int | None = None, grace_peri
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
-            return RDBStorage(storage, engine_kwargs=_engine_kwargs(scheme), **heartbeat)
+            return optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(scheme), **heartbeat)
     except Exception as error:  # sqlalchemy's OperationalError, a missing driver, a bad URL, ...
         raise _unreachable(storage, error) from error
 

@@ -25,18 +25,21 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import optuna
-from optuna.trial import FrozenTrial, TrialState
+from typing import TYPE_CHECKING
 
 from dept.checkpoint import ADAPTER_FILES, CHECKPOINT_PREFIX, write_text_atomically
+from dept.extras import LazyModule
 from dept.train_loss import NonFiniteLossError
 from dept_tune.pipelines import Pipeline
 from dept_tune.space import BUDGET_PARAMETERS, Budget, ParamSpec, budget_choices, grid_points, suggest
 
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
+optuna = LazyModule("optuna", extra="tune")
+
 logger = logging.getLogger("dept_tune")
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 NOT_SCORES = ("runtime", "samples", "samples_per_second", "steps_per_second")  # result-file bookkeeping
 WORKER_ATTR, OUTPUT_ATTR, RETRY_ATTR = "worker", "output_dir", "retry_of"
 PLAN_ATTR, FLAGS_ATTR = "planned_trials", "training_flags"
@@ -231,12 +234,12 @@ def recover_dead_trials(study: optuna.Study, storage) -> int:
     """
     host = socket.gethostname()
     recovered = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         worker_host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
         if worker_host != host or not pid.isdigit() or _process_is_alive(int(pid)):
             continue
         try:
-            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            if not storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
@@ -253,9 +256,9 @@ def pop_planned_trial(study: optuna.Study, storage, worker: str) -> optuna.Trial
 
     Unlike `Study.ask`, this never creates an unplanned trial when another worker took the last queued one.
     """
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
         try:
-            if not storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+            if not storage.set_trial_state_values(frozen._trial_id, state=optuna.trial.TrialState.RUNNING):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
@@ -368,13 +371,13 @@ def run_trial(settings: StudySettings, study: optuna.Study, trial: optuna.Trial)
         results = settings.pipeline.run(*parsed, on_evaluate=on_evaluate)
     except optuna.TrialPruned as pruned:
         logger.info("trial %d pruned: %s (its evaluations: %s)", trial.number, pruned, output_dir / PRUNED_NAME)
-        return study.tell(trial, state=TrialState.PRUNED)
+        return study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     except NonFiniteLossError as error:  # a learning rate too high for this run: a result, not a crash
         trial.set_user_attr("error", str(error).split(". ")[0])
         logger.warning("trial %d failed: %s", trial.number, error)
-        return study.tell(trial, state=TrialState.FAIL)
+        return study.tell(trial, state=optuna.trial.TrialState.FAIL)
     except BaseException:  # interrupted or broken: queue it again so that a resumed study runs it
-        frozen = study.tell(trial, state=TrialState.FAIL)
+        frozen = study.tell(trial, state=optuna.trial.TrialState.FAIL)
         retry_trial(study, frozen)
         raise
     trial.set_user_attr("validation", scores(results, "eval"))
@@ -405,7 +408,7 @@ def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
     """The study's trials that count towards its plan: all but the failed ones that were queued again."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs[RETRY_ATTR] for t in trials if RETRY_ATTR in t.user_attrs}
-    return [t for t in trials if not (t.state == TrialState.FAIL and t.number in retried)]
+    return [t for t in trials if not (t.state == optuna.trial.TrialState.FAIL and t.number in retried)]
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -421,7 +424,7 @@ def tidy_outputs(study: optuna.Study, root: Path, keep_all: bool) -> None:
     if keep_all:
         return
     best = best_trial(study)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
         if OUTPUT_ATTR not in trial.user_attrs:
             continue
         path = root / trial.user_attrs[OUTPUT_ATTR]

@@ -19,9 +19,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import datasets
 import numpy as np
 import torch
 
@@ -33,6 +32,9 @@ from dept_vl.features import (
     OnTheFlyFeatures,
     UnreadableImagesError,
 )
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 

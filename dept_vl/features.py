@@ -26,18 +26,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
-import timm
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dept.config import ConfigError
 from dept.errors import UserError
+from dept.extras import LazyModule
 from dept_vl.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, resolve_image_path
+
+h5py = LazyModule("h5py", extra="vl")  # the feature files only: on-the-fly features need none
+timm = LazyModule("timm")  # imported on first use: it costs more than `import torch` at start-up
 
 __all__ = [
     "ExtractionReport",
@@ -174,8 +175,8 @@ def grid_transform(model: torch.nn.Module, image_size: int | tuple[int, int] | N
     if image_size is not None:
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         overrides["input_size"] = (3, height, width)
-    data_config = resolve_data_config(args=overrides, model=model)
-    return data_config, create_transform(**data_config, is_training=False)
+    data_config = timm.data.resolve_data_config(args=overrides, model=model)
+    return data_config, timm.data.create_transform(**data_config, is_training=False)
 
 
 def feature_grid(model: torch.nn.Module, output: torch.Tensor, name: str = "") -> torch.Tensor:

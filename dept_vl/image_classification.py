@@ -25,21 +25,18 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import timm
 import torch
 import yaml
 from accelerate.utils import set_seed
-from datasets import ClassLabel, DatasetDict, Image, load_dataset
-from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import ImageOps
-from timm.data import create_transform, resolve_data_config
-from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
 from dept.command_line import MethodArguments, RunStages, config_flag, run_command_line, run_console
 from dept.config import ConfigError
 from dept.errors import UserError
+from dept.extras import LazyModule
 from dept.model import DePTModel
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
@@ -54,7 +51,11 @@ from dept_vl.vit import (
     trainable_parameter_report,
 )
 
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
 logger = logging.getLogger(__name__)
+timm = LazyModule("timm")  # imported on first use: it costs more than `import torch` at start-up
 
 RUN_FILE = "image_classification.json"  # what shapes the model an adapter was trained on (see check_adapter_run)
 SPLIT_ALIASES = {"validation": ("validation", "valid", "val", "dev")}
@@ -184,6 +185,8 @@ def image_folder_roots(data_args: ImageDataArguments) -> dict[str, Path]:
 def check_image_folders(roots: dict[str, Path]) -> None:
     """Refuse a folder that does not exist or holds no image; warn for each folder without images (an empty class
     folder is no class at all, for `datasets`), naming them. Hidden folders are skipped, as `datasets` skips them."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder  # here: datasets is slow to import
+
     for flag, root in roots.items():
         if not root.is_dir():
             raise ImageDataError(f"--{flag} {root} is not a directory.")
@@ -208,6 +211,8 @@ def check_image_folders(roots: dict[str, Path]) -> None:
 
 def load_image_splits(data_args: ImageDataArguments) -> DatasetDict:
     """The dataset's splits, named train / validation / test, with the label column as a `ClassLabel`."""
+    from datasets import DatasetDict, load_dataset  # here: datasets is slow to import
+
     check_image_folders(image_folder_roots(data_args))
     if data_args.dataset_name:
         splits = load_dataset(data_args.dataset_name, data_args.dataset_config_name, data_dir=data_args.data_dir)
@@ -234,6 +239,8 @@ def load_image_splits(data_args: ImageDataArguments) -> DatasetDict:
 
 def class_names(splits: DatasetDict, label_column: str) -> list[str]:
     """The class names (a `ClassLabel`'s, or the indices 0..n-1 as strings); at least two."""
+    from datasets import ClassLabel
+
     feature = next(iter(splits.values())).features[label_column]
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
@@ -261,6 +268,8 @@ def class_names(splits: DatasetDict, label_column: str) -> list[str]:
 def select_splits(splits: DatasetDict, data_args: ImageDataArguments) -> dict:
     """The splits this run needs, holding out validation from train when the dataset has none; `--max_*_samples`
     keep that many images drawn at random (`--data_seed`), since image folders list one class after another."""
+    from datasets import ClassLabel, DatasetDict
+
     needed = {"train": data_args.do_train, "validation": data_args.do_train or data_args.do_eval,
               "test": data_args.do_predict}
     if needed["test"] and "test" not in splits:
@@ -319,6 +328,8 @@ def check_every_class_trains(selected: dict, names: list[str], data_args: ImageD
 def image_sources(dataset, image_column: str) -> tuple:
     """The dataset with its images undecoded ({"path", "bytes"} per row), and whether they were `Image` features
     (else the column already holds PIL images, and is left as it is)."""
+    from datasets import Image
+
     if not isinstance(dataset.features[image_column], Image):
         return dataset, False
     return dataset.cast_column(image_column, Image(decode=False)), True
@@ -372,10 +383,10 @@ def image_transforms(model: torch.nn.Module, train_augmentation: str = "none") -
     `train_augmentation="timm"` (timm's training transform: random-resized crop, flip, colour jitter)."""
     vit = check_vision_transformer(model)
     input_size = (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
-    data_config = resolve_data_config(args={"input_size": input_size}, model=vit)
-    eval_transform = create_transform(**data_config, is_training=False)
+    data_config = timm.data.resolve_data_config(args={"input_size": input_size}, model=vit)
+    eval_transform = timm.data.create_transform(**data_config, is_training=False)
     if train_augmentation == "timm":
-        return create_transform(**data_config, is_training=True), eval_transform
+        return timm.data.create_transform(**data_config, is_training=True), eval_transform
     return eval_transform, eval_transform
 
 
@@ -439,7 +450,7 @@ def check_model_flags(model_args: ImageModelArguments, method_args: MethodArgume
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ConfigError(f"Unknown timm model {name!r}; similar names: {close}.")
     model = on_meta_device(lambda: timm.create_model(name, pretrained=False))
-    if model is not None and not isinstance(model, VisionTransformer):
+    if model is not None and not isinstance(model, timm.models.VisionTransformer):
         raise ConfigError(
             f"--model_name_or_path {name} is a {type(model).__name__}, not a ViT: visual DePT puts P and A @ B on a "
             "ViT's patch embeddings, so it needs timm's VisionTransformer (patch_embed, class token, position "

@@ -42,9 +42,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from dept import DePTConfig
@@ -54,6 +54,9 @@ from dept.errors import FlagError
 from dept_vl.features import create_backbone, feature_grid, grid_boxes, grid_transform, weights_fingerprint
 from dept_vl.model import load_dept_vl_model
 from dept_vl.vit import DePTModelForImageClassification, check_vision_transformer, prepare_vit_model, vit_dept_config
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 VISION_ADAPTER_DIR = "vision_adapter"  # the vision adapter's place inside the text adapter's directory
 VISION_PEFT_TYPES = ("PROMPT_TUNING_LORA", "PROMPT_TUNING", "NONE")

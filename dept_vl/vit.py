@@ -42,18 +42,22 @@ its dropout and drop-path are off; the head and the prompt train.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
-from timm.models import checkpoint_seq
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from dept import DePTConfig, DePTModel
 from dept.config import ConfigError
+from dept.extras import LazyModule
 from dept.methods import LoraSettings, prepare_model
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+
+timm = LazyModule("timm")  # imported on first use: it costs more than `import torch` at start-up
 
 VIT_MODEL_TYPE = "timm_vision_transformer"  # recorded as base_model_type, checked at load
 HEAD_MODULE = "head"
@@ -61,7 +65,7 @@ LORA_TARGET_MODULES = ["qkv"]  # timm's fused attention input projection
 
 
 def check_vision_transformer(model: nn.Module) -> VisionTransformer:
-    if not isinstance(model, VisionTransformer):
+    if not isinstance(model, timm.models.VisionTransformer):
         raise ConfigError(
             f"Visual DePT needs a timm VisionTransformer (patch_embed, class token, position embedding); got "
             f"{type(model).__name__}. Use a ViT such as timm.create_model('vit_base_patch16_224')."
@@ -148,7 +152,7 @@ class DePTModelForImageClassification(DePTModel):
         `pos_embed` when the grid is not the model's own (dynamic image size)."""
         update = self.prompt_encoder.embedding_update()  # (s, d); cached in eval mode
         if tuple(grid) != self.grid_size:
-            update = resample_abs_pos_embed(update.unsqueeze(0), new_size=list(grid), old_size=list(self.grid_size),
+            update = timm.layers.resample_abs_pos_embed(update.unsqueeze(0), new_size=list(grid), old_size=list(self.grid_size),
                                             num_prefix_tokens=0).squeeze(0)
         return update.view(*grid, -1)
 
@@ -186,7 +190,7 @@ class DePTModelForImageClassification(DePTModel):
         vit = self.base_model
         x = self.embed_patches(pixel_values)
         if self.gradient_checkpointing and self.training:
-            x = checkpoint_seq(vit.blocks, x, use_reentrant=False)
+            x = timm.models.checkpoint_seq(vit.blocks, x, use_reentrant=False)
         else:
             x = vit.blocks(x)
         x = vit.norm(x)
