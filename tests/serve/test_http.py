@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dept_serve import DePTServeClient, DePTServeError
 from dept_serve.client import wait_until_healthy
 from tests.conftest import free_port
-from tests.serve.fixtures import TEXTS
+from tests.serve.conftest import TEXTS
 
 pytestmark = pytest.mark.slow
 

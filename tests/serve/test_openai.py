@@ -15,8 +15,7 @@ from transformers import T5ForConditionalGeneration
 
 from dept_serve import ServingEngine
 from tests.conftest import T5_TOKENIZER_DIR, tiny_t5_config
-from tests.serve.conftest import on_loopback, t5_engine
-from tests.serve.fixtures import TEXTS, save_adapter, save_base
+from tests.serve.conftest import TEXTS, on_loopback, save_adapter, save_base, t5_engine
 
 pytestmark = pytest.mark.slow
 
