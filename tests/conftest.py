@@ -9,6 +9,7 @@ session-scoped (one copy per test worker), and tests only read what they save.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import importlib.util
@@ -53,7 +54,7 @@ torch.set_num_threads(1)  # the suite runs two workers on two cores
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _import_script(name: str) -> ModuleType:
+def import_script(name: str) -> ModuleType:
     """A module of scripts/ (a folder of scripts, not a package), imported from its file as `name`; not through
     sys.path, where scripts/evaluate.py would hide the `evaluate` library."""
     if name not in sys.modules:
@@ -64,19 +65,25 @@ def _import_script(name: str) -> ModuleType:
     return sys.modules[name]
 
 
-_tiny_models = _import_script("tiny_models")
+_tiny_models = import_script("tiny_models")
 build_word_tokenizer = _tiny_models.build_word_tokenizer
 save_tiny_model = _tiny_models.save_tiny_model
 tiny_t5_config = _tiny_models.tiny_t5_config
 tiny_llama_config = _tiny_models.tiny_llama_config
 tiny_gpt2_config = _tiny_models.tiny_gpt2_config
 tiny_bert_config = _tiny_models.tiny_bert_config
-synthetic_vl_data = _import_script("synthetic_vl_data")  # tests/vl/test_synthetic.py tests the module itself
+synthetic_vl_data = import_script("synthetic_vl_data")  # tests/vl/test_synthetic.py tests the module itself
 make_synthetic_vl_dataset = synthetic_vl_data.make_synthetic_vl_dataset
 
 SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 OFFICIAL_CHECKPOINTS = SHARED_REFERENCE / "dept-official-checkpoints"
 T5_TOKENIZER_DIR = SHARED_REFERENCE / "t5-tokenizer"
+
+
+def pytest_collection_modifyitems(items):
+    """The multi-process tests first (a stable sort): xdist hands tests out in this order, so the longest runs
+    start early and the two workers finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("multiprocess") is None)
 
 
 def free_port() -> int:
@@ -172,11 +179,17 @@ def any_model(request, tokenizer):
     return request.param, _seeded(builders[request.param])
 
 
-@pytest.fixture
-def t5_base_dims_model():
-    """A T5 with t5-base's d and vocabulary (random weights, one thin layer): what official adapters need."""
+@pytest.fixture(scope="session")
+def _t5_base_dims_prototype():
     config = tiny_t5_config(32128, d_model=768, d_kv=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2)
     return _seeded(lambda: T5ForConditionalGeneration(config))
+
+
+@pytest.fixture
+def t5_base_dims_model(_t5_base_dims_prototype):
+    """A T5 with t5-base's d and vocabulary (random weights, one thin layer): what official adapters need. Each test
+    gets its own copy of one model built per session (its 25M random weights take seconds to draw)."""
+    return copy.deepcopy(_t5_base_dims_prototype)
 
 
 # ------------------------------------------------------------------------------------ DePT on a tiny model

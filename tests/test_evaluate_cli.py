@@ -32,6 +32,8 @@ from tests.conftest import (
     write_task_fixture,
 )
 
+pytestmark = pytest.mark.xdist_group("evaluate_cli")  # shares module-scoped runs: one worker (--dist loadgroup)
+
 TASKS = ("sst2", "rte")
 GENERATION = ["--generation_max_length", "3"]
 

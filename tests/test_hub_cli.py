@@ -19,6 +19,8 @@ from dept_serve.cli import build_app
 from dept_serve.cli import parse_args as serve_args
 from tests.conftest import hub_row, put_in_hub_cache, save_tiny_model, text_train_argv, write_task_fixture
 
+pytestmark = pytest.mark.xdist_group("hub_cli")  # shares module-scoped runs: one worker (--dist loadgroup)
+
 REPO_ID = "user/dept-sst2"
 HUB_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_task.json", "README.md")
 

@@ -16,6 +16,8 @@ from dept_nlp.cli import train as dept_train
 from dept_nlp.tasks import get_task
 from tests.conftest import hub_row, save_tiny_model, text_train_argv, write_task_fixture
 
+pytestmark = pytest.mark.xdist_group("readme_api")  # shares module-scoped runs: one worker (--dist loadgroup)
+
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):

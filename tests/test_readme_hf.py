@@ -21,6 +21,8 @@ from dept import DePTModel
 from dept_nlp.tasks import get_task
 from tests.conftest import hub_row, put_in_hub_cache, save_tiny_model, write_task_fixture
 
+pytestmark = pytest.mark.xdist_group("readme_hf")  # shares module-scoped runs: one worker (--dist loadgroup)
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 SECTION = "## transformers' Trainer, TRL and the Hub"
 WEIGHT_FILES = {"model.safetensors", "pytorch_model.bin", "adapter_model.bin", "adapter_model.safetensors"}

@@ -26,6 +26,8 @@ from benchmarks.memory import (
     write_results,
 )
 
+pytestmark = pytest.mark.xdist_group("bench_memory")  # shares module-scoped runs: one worker (--dist loadgroup)
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = Settings(batch_size=2, max_length=32, isolation="inline")
 

@@ -14,6 +14,8 @@ from dept_nlp.modeling import load_tokenizer, resolve_task_type
 from dept_nlp.preprocess import CAUSAL_TEMPLATE, tokenize_rows
 from tests.conftest import save_tiny_model, write_task_fixture
 
+pytestmark = pytest.mark.xdist_group("nlp_evaluate")  # shares module-scoped runs: one worker (--dist loadgroup)
+
 WORDS = ["sentence", "good", "bad", "movie", "Answer", "Label", ":", "0", "1"]
 
 

@@ -39,6 +39,8 @@ from tests.reliability.conftest import (
 )
 
 pytestmark = pytest.mark.slow
+# The tests of the `reference` run (and of the run restarted after a kill) run on one worker (--dist loadgroup).
+REFERENCE_RUN = pytest.mark.xdist_group("console_reference")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,7 @@ def reference(text):
 # --------------------------------------------------------------------------------------------- success
 
 
+@REFERENCE_RUN
 def test_dept_train_exits_0_and_prints_its_results_once_to_stdout(reference):
     output_dir, finished = reference
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -61,6 +64,7 @@ def test_dept_train_exits_0_and_prints_its_results_once_to_stdout(reference):
     assert (output_dir / "adapter_model.safetensors").is_file()
 
 
+@REFERENCE_RUN
 def test_only_our_loggers_log_at_info_and_stderr_holds_no_escape_codes(reference):
     stderr = reference[1].stderr  # a pipe, not a terminal: the nested evaluation bar stays off
     assert foreign_info_lines(stderr) == []  # accelerate's five lines per checkpoint are gone
@@ -110,6 +114,7 @@ def test_dept_tune_prints_its_report_once_as_json_and_one_line_per_trial_to_stde
     assert "[dept-tune] report:" in finished.stderr and foreign_info_lines(finished.stderr) == []
 
 
+@REFERENCE_RUN
 def test_dept_serve_keeps_stdout_empty_and_logs_to_stderr(text, reference):
     port = free_port()
     server = subprocess.Popen([script("dept-serve"), "--model_name_or_path", str(text["model"]), "--adapter",
@@ -125,6 +130,7 @@ def test_dept_serve_keeps_stdout_empty_and_logs_to_stderr(text, reference):
     assert foreign_info_lines(stderr) == []
 
 
+@REFERENCE_RUN
 def test_dept_eval_takes_one_local_file_per_task_and_prints_its_table_once(text, reference, tmp_path):
     adapter = reference[0]
     files = text["files"]
@@ -142,6 +148,7 @@ def test_dept_eval_takes_one_local_file_per_task_and_prints_its_table_once(text,
     assert compared.stdout.count("| task | adapter (A) |") == 1 and "| task |" not in compared.stderr
 
 
+@REFERENCE_RUN
 def test_dept_eval_help_lists_the_data_flags_of_the_adapters_modality(reference):
     finished = run_in_process("dept-eval", "--adapter", reference[0], "--help")
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -194,6 +201,7 @@ def restarted(text, tmp_path_factory):
     return output_dir, finished, left
 
 
+@REFERENCE_RUN
 def test_auto_after_a_kill_during_the_first_checkpoint_starts_afresh_and_cleans_up(restarted, reference):
     output_dir, finished, _ = restarted
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -204,6 +212,7 @@ def test_auto_after_a_kill_during_the_first_checkpoint_starts_afresh_and_cleans_
         assert (adapter[name] == tensor).all(), name  # the same run as one never interrupted
 
 
+@REFERENCE_RUN
 def test_identical_adapters_from_two_processes_have_the_same_bytes(restarted, reference):
     # Two processes (PYTHONHASHSEED 1 and 2) that trained the same adapter write the same file.
     assert sha256(restarted[0] / "adapter_model.safetensors") == sha256(reference[0] / "adapter_model.safetensors")

@@ -348,6 +348,7 @@ def train_only_run(text, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("train_only_run")  # one run for both (--dist loadgroup)
 def test_plain_do_train_without_validation_data_trains_and_saves_the_last_adapter(train_only_run):
     finished, output_dir = train_only_run
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -373,6 +374,7 @@ def test_explicit_load_best_model_at_end_without_validation_data_is_a_clear_erro
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("train_only_run")  # one run for both (--dist loadgroup)
 def test_existing_output_dir_is_refused_at_the_console_naming_the_flags(text, train_only_run):
     _, output_dir = train_only_run
     before = {path: path.stat().st_mtime_ns for path in output_dir.rglob("*")}

@@ -23,7 +23,7 @@ from dept_serve.client import wait_until_healthy
 from tests.conftest import free_port
 from tests.serve.conftest import TEXTS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serve_http")]  # shares module-scoped runs: one worker (--dist loadgroup)
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,8 @@ from dept_vl.vit import DePTModelForImageClassification
 from tests.conftest import VLFixture, build_vl_fixture, float32_paths
 from tests.vl.conftest import predictions, read_json
 
+pytestmark = pytest.mark.xdist_group("vision_backbone")  # shares module-scoped runs: one worker (--dist loadgroup)
+
 TINY_VIT = dict(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2)
 VIT_DIM, GRID_CELLS = 32, 16
 
