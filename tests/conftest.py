@@ -56,13 +56,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def import_script(name: str) -> ModuleType:
     """A module of scripts/ (a folder of scripts, not a package), imported from its file as `name`; not through
-    sys.path, where scripts/evaluate.py would hide the `evaluate` library."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    sys.path, where scripts/evaluate.py would hide the `evaluate` library. It is registered under a prefixed name
+    for the same reason."""
+    module_name = f"_dept_script_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / "scripts" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before running it, as an import does (its dataclasses look it up)
+        sys.modules[module_name] = module  # before running it, as an import does (its dataclasses look it up)
         spec.loader.exec_module(module)
-    return sys.modules[name]
+    return sys.modules[module_name]
 
 
 _tiny_models = import_script("tiny_models")
