@@ -20,7 +20,7 @@ demo: install
 	$(OFFLINE) $(PY) scripts/demo.py
 
 test: install
-	$(OFFLINE) $(PY) -m pytest -q -n 2 --dist loadfile --doctest-modules tests dept dept_nlp dept_vl
+	$(OFFLINE) $(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 --doctest-modules tests dept dept_nlp dept_vl
 
 lint: install
 	$(VENV)/bin/ruff check .

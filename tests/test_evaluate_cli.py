@@ -21,10 +21,18 @@ from dept_nlp.tasks import get_task
 from dept_vl.cli import train as vl_train
 from dept_vl.data import task_file_paths
 from dept_vl.evaluate import VLEvaluator
-from tests.conftest import OFFICIAL_CHECKPOINTS, T5_TOKENIZER_DIR, TASK_TYPES, save_tiny_model, tiny_t5_config
-from tests.nlp.fixtures import hub_row, write_task_fixture
-from tests.nlp.test_pipeline import _flags
-from tests.vl.test_pipeline import build_vl_fixture
+from tests.conftest import (
+    OFFICIAL_CHECKPOINTS,
+    T5_TOKENIZER_DIR,
+    TASK_TYPES,
+    hub_row,
+    save_tiny_model,
+    text_train_argv,
+    tiny_t5_config,
+    write_task_fixture,
+)
+
+pytestmark = pytest.mark.xdist_group("evaluate_cli")  # shares module-scoped runs: one worker (--dist loadgroup)
 
 TASKS = ("sst2", "rte")
 GENERATION = ["--generation_max_length", "3"]
@@ -40,7 +48,7 @@ def _texts() -> list[str]:
 
 
 def _train(model_dir, out, task_name, files, steps):
-    dept_train(_flags(str(model_dir), out, task_name, files, steps=steps, learning_rate=1.0, lora_embedding_lr=0.05,
+    dept_train(text_train_argv(str(model_dir), out, task_name, files, steps=steps, learning_rate=1.0, lora_embedding_lr=0.05,
                       per_device_train_batch_size=8, generation_max_length=3))
     return out
 
@@ -229,12 +237,11 @@ def test_official_checkpoint_evaluates_on_a_model_with_t5_base_dims(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained_vl(tmp_path_factory):
+def trained_vl(vl_fixture, tmp_path_factory):
     """The synthetic VL data and features, a tiny T5, and a DePT adapter trained on vqa for 4 steps."""
-    root = tmp_path_factory.mktemp("dept_eval_vl")
-    fixture = build_vl_fixture(root)
-    vl_train(fixture.argv("vqa", root / "vqa", "--do_predict", "false"))
-    return fixture, root / "vqa"
+    output_dir = tmp_path_factory.mktemp("dept_eval_vl") / "vqa"
+    vl_train(vl_fixture.argv("vqa", output_dir, "--do_predict", "false"))
+    return vl_fixture, output_dir
 
 
 def _vl_eval_argv(fixture, pairs: list[str], output_dir) -> list[str]:

@@ -17,10 +17,9 @@ from dept_nlp.cli import train as dept_train
 from dept_nlp.tasks import get_task
 from dept_serve.cli import build_app
 from dept_serve.cli import parse_args as serve_args
-from tests.conftest import save_tiny_model
-from tests.dept.test_hub import put_in_hub_cache
-from tests.nlp.fixtures import hub_row, write_task_fixture
-from tests.nlp.test_pipeline import _flags
+from tests.conftest import hub_row, put_in_hub_cache, save_tiny_model, text_train_argv, write_task_fixture
+
+pytestmark = pytest.mark.xdist_group("hub_cli")  # shares module-scoped runs: one worker (--dist loadgroup)
 
 REPO_ID = "user/dept-sst2"
 HUB_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_task.json", "README.md")
@@ -33,7 +32,7 @@ def run(tmp_path_factory):
     files = write_task_fixture("sst2", root / "data", n_train=8, n_val=4, n_test=4)
     texts = [get_task("sst2").format_example(hub_row("sst2", i))[0] for i in range(20)]
     model_dir = save_tiny_model("seq2seq", root / "t5", texts)
-    dept_train(_flags(str(model_dir), root / "run", "sst2", files, steps=4))
+    dept_train(text_train_argv(str(model_dir), root / "run", "sst2", files, steps=4))
     put_in_hub_cache(root / "hub", REPO_ID, {name: (root / "run" / name).read_bytes() for name in HUB_FILES},
                      "9" * 40)
     return {"root": root, "files": files, "model": str(model_dir), "run": root / "run", "cache": root / "hub"}
@@ -47,7 +46,7 @@ def hub_cache(run, monkeypatch):
 def test_peft_model_id_starts_from_the_hub_adapter(run, hub_cache, tmp_path):
     adapters = {}
     for name, source in (("local", str(run["run"])), ("hub", REPO_ID)):
-        dept_train(_flags(run["model"], tmp_path / name, "sst2", run["files"], steps=2, peft_model_id=source,
+        dept_train(text_train_argv(run["model"], tmp_path / name, "sst2", run["files"], steps=2, peft_model_id=source,
                           prefix_length=4, r=2))
         adapters[name] = load_file(tmp_path / name / "adapter_model.safetensors")
     start = load_file(run["run"] / "adapter_model.safetensors")

@@ -14,9 +14,9 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from dept import DePTModel, MultiAdapterModel
 from dept_nlp.cli import train as dept_train
 from dept_nlp.tasks import get_task
-from tests.conftest import save_tiny_model
-from tests.nlp.fixtures import hub_row, write_task_fixture
-from tests.nlp.test_pipeline import _flags
+from tests.conftest import hub_row, save_tiny_model, text_train_argv, write_task_fixture
+
+pytestmark = pytest.mark.xdist_group("readme_api")  # shares module-scoped runs: one worker (--dist loadgroup)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def outputs(tmp_path_factory):
     files = write_task_fixture("sst2", root / "data", n_train=16, n_val=8, n_test=8)
     base_dir = save_tiny_model("seq2seq", root / "t5-base", texts)
     for name, steps in (("sst2", 150), ("sst2_early", 4)):
-        dept_train(_flags(str(base_dir), root / name, "sst2", files, steps=steps, learning_rate=1.0,
+        dept_train(text_train_argv(str(base_dir), root / name, "sst2", files, steps=steps, learning_rate=1.0,
                           lora_embedding_lr=0.05, per_device_train_batch_size=8, generation_max_length=3))
     validation = [json.loads(line) for line in open(files["validation_file"])]
     predicted = {name: [json.loads(line)["prediction"] for line in open(root / name / "predictions_eval.jsonl")]

@@ -19,9 +19,9 @@ from huggingface_hub import HfApi, ModelCard, RepoUrl, constants
 
 from dept import DePTModel
 from dept_nlp.tasks import get_task
-from tests.conftest import save_tiny_model
-from tests.dept.test_hub import put_in_hub_cache
-from tests.nlp.fixtures import hub_row, write_task_fixture
+from tests.conftest import hub_row, put_in_hub_cache, save_tiny_model, write_task_fixture
+
+pytestmark = pytest.mark.xdist_group("readme_hf")  # shares module-scoped runs: one worker (--dist loadgroup)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SECTION = "## transformers' Trainer, TRL and the Hub"

@@ -3,7 +3,6 @@ model, and its smoke run reports every figure and ratio."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +24,9 @@ from benchmarks.memory import (
     to_markdown,
     write_results,
 )
+from tests.conftest import import_script
+
+pytestmark = pytest.mark.xdist_group("bench_memory")  # shares module-scoped runs: one worker (--dist loadgroup)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = Settings(batch_size=2, max_length=32, isolation="inline")
@@ -149,9 +151,7 @@ def test_results_are_written_once_unless_overwritten(results, tmp_path):
 
 
 def test_cli_refuses_unknown_models_and_existing_results(results, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("benchmark_memory_cli", REPO_ROOT / "scripts" / "benchmark_memory.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = import_script("benchmark_memory")
     assert cli.main(["--models", "gpt-5", "--output_dir", str(tmp_path)]) == 2
     assert "unknown models" in capsys.readouterr().err
     write_results(results, tmp_path)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from benchmarks.prompt_cache import (
 )
 from dept.config import DePTConfig
 from dept.model import get_dept_model
+from tests.conftest import import_script
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -173,9 +172,7 @@ def test_md1_latency_is_service_plus_queueing_and_none_past_saturation():
     assert md1_latency(0.1, 10.0) is None
 
 
-def test_cli_refuses_a_model_without_a_decoder_only_shape(tmp_path):
-    completed = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "benchmark_prompt_cache.py"), "--model",
-                                "t5-small", "--output_dir", str(tmp_path)], capture_output=True, text=True,
-                               cwd=REPO_ROOT, timeout=120)
-    assert completed.returncode == 2
-    assert "decoder-only" in completed.stderr
+def test_cli_refuses_a_model_without_a_decoder_only_shape(tmp_path, capsys):
+    cli = import_script("benchmark_prompt_cache")  # the script's main, in this process
+    assert cli.main(["--model", "t5-small", "--output_dir", str(tmp_path)]) == 2
+    assert "decoder-only" in capsys.readouterr().err

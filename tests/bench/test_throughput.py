@@ -25,6 +25,8 @@ from benchmarks.throughput import (
     time_trainer_against_bare_loop,
 )
 
+pytestmark = pytest.mark.xdist_group("bench_throughput")  # shares module-scoped runs: one worker (--dist loadgroup)
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MODELS = ("t5-tiny", "llama-tiny")
 TRAIN_FIGURES = ("train_step_s", "train_peak_memory_mb", "train_added_memory_mb")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dept import DePTConfig, DePTModel, MultiAdapterModel
-from tests.dept.helpers import attach, dept_forward
-from tests.dept.test_multi_adapter import tokenize
+from tests.conftest import attach, dept_forward, float32_paths
+from tests.dept.conftest import tokenize
 
 TEXTS = ["the movie was great", "a dull and boring film with terrible acting and actors", "red circle"]
 OPTIMIZERS = {"fused": dict(fused=True), "foreach": dict(foreach=True)}
@@ -59,7 +59,8 @@ def test_eval_after_an_optimizer_step_sees_the_new_weights(kind, path, optimizer
     train_step(kind, dept_model, batch, adamw(dept_model, OPTIMIZERS[optimizer]))
     after = eval_outputs(kind, dept_model.eval(), batch, **path)
     assert not torch.allclose(after, before, atol=1e-3)
-    torch.testing.assert_close(after, eval_outputs(kind, fresh_copy(dept_model), batch, **path), atol=1e-5, rtol=0)
+    expected = eval_outputs(kind, fresh_copy(dept_model), batch, **path)
+    torch.testing.assert_close(after, expected, **float32_paths(expected))
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
@@ -72,7 +73,8 @@ def test_training_in_eval_mode_is_seen_by_the_next_no_grad_call(kind, path, opti
     train_step(kind, dept_model, batch, adamw(dept_model, OPTIMIZERS[optimizer]))
     after = eval_outputs(kind, dept_model, batch, **path)
     assert not torch.allclose(after, before, atol=1e-3)
-    torch.testing.assert_close(after, eval_outputs(kind, fresh_copy(dept_model), batch, **path), atol=1e-5, rtol=0)
+    expected = eval_outputs(kind, fresh_copy(dept_model), batch, **path)
+    torch.testing.assert_close(after, expected, **float32_paths(expected))
 
 
 @pytest.mark.parametrize("assign", [False, True])
@@ -88,7 +90,8 @@ def test_load_state_dict_of_other_weights_is_seen(kind, path, assign, request, t
     dept_model.load_state_dict({key: value.clone() for key, value in other.state_dict().items()}, assign=assign)
     after = eval_outputs(kind, dept_model, batch, **path)
     assert not torch.allclose(after, before, atol=1e-3)
-    torch.testing.assert_close(after, eval_outputs(kind, fresh_copy(other), batch, **path), atol=1e-5, rtol=0)
+    expected = eval_outputs(kind, fresh_copy(other), batch, **path)
+    torch.testing.assert_close(after, expected, **float32_paths(expected))
 
 
 @pytest.mark.parametrize("beside", [False, True], ids=["alone", "beside-another"])
@@ -111,7 +114,7 @@ def test_thirty_remove_and_readd_cycles_under_one_name_serve_the_new_adapter(lla
         with torch.no_grad():
             logits = multi(**batch, adapter_names="task").logits
         real = logits[multi.embed("task", **batch)[1].bool()]
-        if not torch.allclose(real, expected[seed], atol=1e-5, rtol=0):
+        if not torch.allclose(real, expected[seed], **float32_paths(expected[seed])):
             stale.append(cycle)
         multi.remove_adapter("task")
     assert stale == []
@@ -129,7 +132,8 @@ def test_an_in_place_edit_in_eval_mode_is_seen_after_invalidate_caches(llama_mod
     dept_model.invalidate_caches()
     after = eval_outputs("llama", dept_model, batch)
     assert not torch.allclose(after, before, atol=1e-3)
-    torch.testing.assert_close(after, eval_outputs("llama", fresh_copy(dept_model), batch), atol=1e-5, rtol=0)
+    expected = eval_outputs("llama", fresh_copy(dept_model), batch)
+    torch.testing.assert_close(after, expected, **float32_paths(expected))
 
 
 def test_no_grad_calls_in_train_mode_never_use_a_cache(t5_model, tokenizer):
@@ -141,4 +145,5 @@ def test_no_grad_calls_in_train_mode_never_use_a_cache(t5_model, tokenizer):
         dept_model.prompt_encoder.lora_embedding_B.mul_(-1.0)
         after = dept_forward("t5", dept_model, batch)
     assert not torch.allclose(after, before, atol=1e-3)
-    torch.testing.assert_close(after, eval_outputs("t5", fresh_copy(dept_model), batch), atol=1e-5, rtol=0)
+    expected = eval_outputs("t5", fresh_copy(dept_model), batch)
+    torch.testing.assert_close(after, expected, **float32_paths(expected))

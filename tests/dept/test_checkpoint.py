@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from dept import AdapterMismatchError, ConfigError, DePTConfig, DePTModel, get_dept_model
-from tests.conftest import OFFICIAL_CHECKPOINTS
-from tests.dept.helpers import attach
+from tests.conftest import OFFICIAL_CHECKPOINTS, attach
 
 OFFICIAL_TASKS = ["cola", "sst2", "superglue-wic", "nq", "hotpotqa"]
 needs_official = pytest.mark.skipif(not OFFICIAL_CHECKPOINTS.is_dir(), reason="../shared/reference is absent")

@@ -93,7 +93,7 @@ def pretend_two_ranks(monkeypatch):
 def test_generate_runs_synced_gpus_when_parameters_are_sharded_over_ranks(
     kind, t5_model, llama_model, tokenizer, monkeypatch
 ):
-    from tests.dept.helpers import attach
+    from tests.conftest import attach
 
     model = attach(kind, t5_model if kind == "t5" else llama_model, tokenizer)
     seen = []
@@ -114,7 +114,7 @@ def test_generate_runs_synced_gpus_when_parameters_are_sharded_over_ranks(
 
 
 def test_adapter_saved_from_gathered_tensors_equals_the_single_process_adapter(t5_model, tokenizer, tmp_path):
-    from tests.dept.helpers import attach
+    from tests.conftest import attach
 
     model = attach("t5", t5_model, tokenizer)
     model.save_pretrained(tmp_path / "single")
@@ -153,7 +153,7 @@ def test_fsdp_configs_wrap_the_blocks_and_leave_dept_in_the_root_unit(name, t5_m
     if fsdp["fsdp_version"] == 1:
         assert fsdp["fsdp_use_orig_params"] is True  # frozen and trainable parameters in one unit
 
-    from tests.dept.helpers import attach
+    from tests.conftest import attach
 
     model = attach(family, t5_model if family == "t5" else llama_model, tokenizer)
     layer_class = get_module_class_from_name(model, block)  # how accelerate resolves the name

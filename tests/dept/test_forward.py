@@ -1,33 +1,21 @@
 """The forward pass is exactly the formula, for each model kind, and does not depend on padding."""
 
-import math
-
 import pytest
 import torch
 
 from dept import DePTConfig, DePTEmbedding, InputTooLongError, get_dept_model
-from tests.conftest import T5_TOKENIZER_DIR, tiny_t5_config
-from tests.dept.helpers import TASK_TYPES, attach, base_forward, dept_forward
+from tests.conftest import (
+    T5_TOKENIZER_DIR,
+    TASK_TYPES,
+    attach,
+    base_forward,
+    dept_forward,
+    float32_paths,
+    tiny_t5_config,
+)
+from tests.dept.conftest import hand_computed_logits, paper_scaling
 
 TEXTS = ["the movie was great", "a dull and boring film with terrible acting and actors", "red circle"]
-
-
-def paper_scaling(config) -> float:
-    """The paper's (and the official code's) scale of A @ B, written out: lora_alpha / sqrt(r)."""
-    return config.lora_alpha / math.sqrt(config.r)
-
-
-def hand_computed_logits(kind, dept_model, input_ids):
-    """E' = E + lora_alpha / sqrt(r) * (A @ B)[:s]; X = [P ; E'] — written out for one unpadded example."""
-    encoder = dept_model.prompt_encoder
-    s = input_ids.shape[1]
-    E = dept_model.base_model.get_input_embeddings().weight[input_ids[0]]
-    update = paper_scaling(dept_model.config) * (encoder.lora_embedding_A @ encoder.lora_embedding_B)[:s]
-    X = torch.cat([encoder.prompt_embeddings, E + update])[None]
-    m = dept_model.config.num_virtual_tokens
-    mask = torch.ones(1, m + s, dtype=torch.long)
-    positions = torch.arange(m + s)[None]
-    return base_forward(kind, dept_model.base_model, X, mask, positions)
 
 
 def test_forward_matches_the_formula(any_model, tokenizer):
@@ -37,7 +25,7 @@ def test_forward_matches_the_formula(any_model, tokenizer):
     with torch.no_grad():
         expected = hand_computed_logits(kind, dept_model, batch["input_ids"])
         actual = dept_forward(kind, dept_model, batch)
-    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(actual, expected, **float32_paths(expected))
 
 
 def test_at_initialisation_dept_equals_prompt_tuning(any_model, tokenizer):
@@ -51,7 +39,7 @@ def test_at_initialisation_dept_equals_prompt_tuning(any_model, tokenizer):
     with torch.no_grad():
         prompt_tuning = base_forward(kind, model, torch.cat([P, E])[None], torch.ones(1, 5 + E.shape[0]).long(),
                                      torch.arange(5 + E.shape[0])[None])
-        torch.testing.assert_close(dept_forward(kind, dept_model, batch), prompt_tuning, atol=1e-6, rtol=0)
+        torch.testing.assert_close(dept_forward(kind, dept_model, batch), prompt_tuning, **float32_paths(prompt_tuning))
 
 
 def test_lora_A_starts_kaiming_uniform_and_B_at_zero():
@@ -106,7 +94,7 @@ def test_padding_does_not_change_logits(any_model, tokenizer, side):
     with torch.no_grad():
         alone = _logits_per_row(kind, dept_model, tokenizer, TEXTS[:1], side)[0]
         padded = _logits_per_row(kind, dept_model, tokenizer, TEXTS, side)[0]
-    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded, alone, **float32_paths(alone))
 
 
 def test_input_longer_than_max_length_names_max_length(t5_model, tokenizer):
@@ -128,7 +116,7 @@ def test_eval_cache_is_computed_once_and_never_stale(t5_model, tokenizer):
         dept_model.invalidate_caches()  # ... is announced, as the caching rule says
         after_update = encoder.embedding_update()
         expected = paper_scaling(dept_model.config) * encoder.lora_embedding_A @ encoder.lora_embedding_B
-        torch.testing.assert_close(after_update, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(after_update, expected, **float32_paths(expected))
         dept_model.load_adapter_state_dict({"lora_embedding_B": torch.zeros_like(encoder.lora_embedding_B)})
         assert torch.count_nonzero(encoder.embedding_update()) == 0
 
@@ -139,4 +127,4 @@ def test_a_classifier_without_a_prompt_does_not_depend_on_left_padding(bert_mode
     with torch.no_grad():
         alone = _logits_per_row("bert", dept_model, tokenizer, TEXTS[:1], "left")[0]
         padded = _logits_per_row("bert", dept_model, tokenizer, TEXTS, "left")[0]
-    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded, alone, **float32_paths(alone))

@@ -10,7 +10,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from dept import MultiAdapterModel
-from tests.dept.helpers import attach
+from tests.conftest import attach
 
 # What each base model takes besides input_ids and attention_mask, and must survive Trainer's column removal.
 BASE_COLUMNS = {"t5": {"labels", "decoder_input_ids", "decoder_attention_mask"}, "llama": {"labels"},

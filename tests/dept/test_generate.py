@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.dept.helpers import attach
+from tests.conftest import attach
 
 TEXTS = ["the movie was great", "a dull and boring film with terrible acting and actors", "red"]
 

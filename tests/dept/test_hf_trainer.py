@@ -26,10 +26,9 @@ from dept import DePTConfig, DePTModel, get_dept_model
 from dept.hf_trainer import DePTSeq2SeqTrainer, DePTTrainer
 from dept.trainer import Trainer as OurTrainer
 from dept.training_args import TrainingArguments as OurTrainingArguments
-from tests.conftest import tiny_bert_config, tiny_llama_config, tiny_t5_config
+from tests.conftest import TASK_TYPES, tiny_bert_config, tiny_llama_config, tiny_t5_config
 
 KINDS = ("t5", "llama", "bert")
-TASK_TYPES = {"t5": "seq2seq", "llama": "causal", "bert": "cls"}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 # Every weights file transformers could write; of these only the adapter's may appear.
 WEIGHT_FILES = {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "adapter_model.bin",

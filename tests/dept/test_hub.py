@@ -4,10 +4,8 @@ whose methods are replaced by recorders. The model card is read back with `huggi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,8 +17,7 @@ from safetensors.torch import load
 from dept import DePTConfig, DePTModel, get_dept_model
 from dept.config import read_training_task
 from dept.hub import AdapterNotFoundError, resolve_adapter_dir
-from tests.conftest import TASK_TYPES
-from tests.dept.helpers import dept_forward
+from tests.conftest import TASK_TYPES, dept_forward, put_in_hub_cache
 
 ADAPTER_UPLOAD = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 RUN_RECORD = "training_task.json"  # uploaded beside the adapter when the run wrote one
@@ -41,23 +38,6 @@ def adapter(kind: str, model, tokenizer, seed: int = 0, base_name: str | None = 
         for tensor in dept_model.prompt_encoder.adapter_tensors().values():
             tensor.copy_(torch.randn(tensor.shape, generator=generator))
     return dept_model.eval()
-
-
-def put_in_hub_cache(cache_dir: Path, repo_id: str, files: dict[str, bytes], commit: str, refs=("main",)) -> Path:
-    """Lay `files` out as huggingface_hub caches a download: blobs named by hash, the snapshot's files linked to
-    them, and each ref naming the commit."""
-    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
-    for name, data in files.items():
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref in refs:
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-    return repo / "snapshots" / commit
 
 
 def saved_files(dept_model: DePTModel, directory: Path) -> dict[str, bytes]:

@@ -8,16 +8,9 @@ import torch
 
 from dept import AdapterMismatchError, ConfigError, DePTModel, InputTooLongError, MultiAdapterModel
 from dept.model import DePTModelForCausalLM, DePTModelForSeq2SeqLM
-from tests.conftest import OFFICIAL_CHECKPOINTS
-from tests.dept.helpers import attach
+from tests.conftest import ADAPTER_SIZES, OFFICIAL_CHECKPOINTS, attach, float32_paths
+from tests.dept.conftest import ROW_ADAPTERS, save_adapters, tokenize
 
-# Different m and r, vanilla prompt tuning (r = 0), and an update without a prompt (m = 0).
-ADAPTERS = {
-    "long_prompt": dict(num_virtual_tokens=6, r=2, max_length=24),
-    "short_prompt": dict(num_virtual_tokens=2, r=5, max_length=16),
-    "prompt_tuning": dict(num_virtual_tokens=4, r=0, max_length=24),
-    "update_only": dict(num_virtual_tokens=0, r=3, max_length=20),
-}
 TEXTS = [
     "the movie was great",
     "a dull and boring film with terrible acting and actors",
@@ -25,27 +18,6 @@ TEXTS = [
     "question: what color is the sky?",
     "sentence1: a man is playing a guitar .",
 ]
-ROW_ADAPTERS = ["long_prompt", "short_prompt", "prompt_tuning", "update_only", "short_prompt"]
-
-
-def save_adapters(kind, model, tokenizer, directory):
-    """Train-free stand-ins for trained adapters: distinct P, A, B (and heads), saved the real way."""
-    paths = {}
-    for seed, (name, sizes) in enumerate(ADAPTERS.items()):
-        dept_model = attach(kind, copy.deepcopy(model), tokenizer, prompt_init="vocab", init_seed=seed, **sizes)
-        if kind == "bert":  # each task has its own head
-            with torch.no_grad():
-                dept_model.base_model.classifier.weight.normal_(generator=torch.Generator().manual_seed(seed))
-        paths[name] = dept_model.save_pretrained(directory / name)
-    return paths
-
-
-def tokenize(tokenizer, texts, side="right"):
-    tokenizer.padding_side = side
-    try:
-        return tokenizer(texts, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = "right"
 
 
 def logits(kind, model, batch, **kwargs):
@@ -72,7 +44,7 @@ def test_each_row_of_a_mixed_batch_gives_its_adapters_logits(any_model, tokenize
     for row, (text, name) in enumerate(zip(TEXTS, ROW_ADAPTERS)):
         with torch.no_grad():
             expected = logits(kind, alone(kind, model, paths[name]), tokenizer([text], return_tensors="pt"))[0]
-        torch.testing.assert_close(mixed[row], expected, atol=1e-5, rtol=0, msg=f"row {row} ({name})")
+        torch.testing.assert_close(mixed[row], expected, **float32_paths(expected), msg=f"row {row} ({name})")
 
 
 def test_classifier_rows_use_their_own_heads(bert_model, tokenizer, tmp_path):
@@ -87,8 +59,8 @@ def test_classifier_rows_use_their_own_heads(bert_model, tokenizer, tmp_path):
     with torch.no_grad():
         expected = [logits("bert", alone("bert", bert_model, paths[name]), batch)[0]
                     for name in ("long_prompt", "other_head")]
-    torch.testing.assert_close(mixed[0], expected[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(mixed[1], expected[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[0], expected[0], **float32_paths(expected[0]))
+    torch.testing.assert_close(mixed[1], expected[1], **float32_paths(expected[1]))
     assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)
 
 
@@ -117,7 +89,7 @@ def test_one_adapter_name_serves_the_whole_batch(t5_model, tokenizer, tmp_path):
     with torch.no_grad():
         single = logits("t5", alone("t5", t5_model, paths["short_prompt"]), batch)
     assert torch.equal(by_string, by_list)
-    torch.testing.assert_close(by_string, single, atol=1e-5, rtol=0)
+    torch.testing.assert_close(by_string, single, **float32_paths(single))
 
 
 def test_update_tables_hold_scaling_times_A_B_padded_with_zeros(t5_model, tokenizer, tmp_path):
@@ -127,12 +99,12 @@ def test_update_tables_hold_scaling_times_A_B_padded_with_zeros(t5_model, tokeni
     prompts, embedding_updates = bank.prompt_embeddings, bank.embedding_update()
     assert tuple(prompts.shape) == (4, 6, 32)  # the longest m
     assert tuple(embedding_updates.shape) == (4, 24, 32)  # the longest max_length
-    for i, (name, sizes) in enumerate(ADAPTERS.items()):
+    for i, (name, sizes) in enumerate(ADAPTER_SIZES.items()):
         encoder = DePTModel.from_pretrained(t5_model, paths[name]).prompt_encoder  # the adapter alone
         m, r, s = sizes["num_virtual_tokens"], sizes["r"], sizes["max_length"]
         scaling = 8.0 / r**0.5 if r else 0.0
         expected = scaling * encoder.lora_embedding_A @ encoder.lora_embedding_B
-        torch.testing.assert_close(embedding_updates[i, :s], expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(embedding_updates[i, :s], expected, **float32_paths(expected))
         assert torch.count_nonzero(embedding_updates[i, s:]) == 0
         assert torch.equal(prompts[i, :m], encoder.prompt_embeddings)
         assert torch.count_nonzero(prompts[i, m:]) == 0
@@ -158,7 +130,7 @@ def test_decoder_only_labels_are_ignored_over_every_prompt_slot(llama_model, tok
         shifted = single.insert_prompt(row_batch["input_ids"], row_batch["attention_mask"], -100)[:, 1:]
         total, count = total + loss * (shifted != -100).sum(), count + (shifted != -100).sum()
     expected = total / count
-    torch.testing.assert_close(mixed.loss, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed.loss, expected, **float32_paths(expected))
 
 
 def test_from_dept_models_equals_loading_from_directories(t5_model, tokenizer, tmp_path):

@@ -5,8 +5,10 @@ import torch
 from dept import DePTModel, MultiAdapterModel
 from dept.optim import build_optimizer
 from dept.training_args import TrainingArguments
-from tests.dept.helpers import attach, dept_forward
-from tests.dept.test_forward import TEXTS, hand_computed_logits
+from tests.conftest import attach, dept_forward, float32_paths
+from tests.dept.conftest import hand_computed_logits
+
+TEXTS = ["the movie was great", "a dull and boring film with terrible acting and actors", "red circle"]
 
 
 def test_no_prompt_forward_is_the_frozen_model_on_the_updated_embeddings(any_model, tokenizer):
@@ -17,7 +19,7 @@ def test_no_prompt_forward_is_the_frozen_model_on_the_updated_embeddings(any_mod
     with torch.no_grad():
         expected = hand_computed_logits(kind, dept_model, batch["input_ids"])  # X = E + scaling * (A @ B)[:s]
         actual = dept_forward(kind, dept_model, batch)
-    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(actual, expected, **float32_paths(expected))
 
 
 def test_no_prompt_trains_A_and_B_and_round_trips(any_model, tokenizer, tmp_path):
@@ -58,7 +60,7 @@ def test_no_prompt_adapter_mixes_with_a_prompted_one_in_one_batch(any_model, tok
                 mixed_row, alone = mixed[row][-batch["input_ids"].shape[1]:], alone[-batch["input_ids"].shape[1]:]
             else:
                 mixed_row = mixed[row]
-            torch.testing.assert_close(mixed_row, alone, atol=1e-5, rtol=0)
+            torch.testing.assert_close(mixed_row, alone, **float32_paths(alone))
 
 
 def test_no_prompt_decoder_generates_the_same_with_and_without_the_prompt_cache(llama_model, tokenizer):
@@ -70,5 +72,5 @@ def test_no_prompt_decoder_generates_the_same_with_and_without_the_prompt_cache(
         uncached = dept_model.generate(**batch, max_new_tokens=4, do_sample=False)
         logits = dept_model(**batch).logits
         dept_model.use_prompt_cache = True
-        torch.testing.assert_close(dept_model(**batch).logits, logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(dept_model(**batch).logits, logits, **float32_paths(logits))
     assert torch.equal(cached, uncached)

@@ -6,8 +6,7 @@ import torch
 from transformers import BertForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM
 
 from dept import ConfigError, DePTConfig, MultiAdapterModel, get_dept_model
-from tests.conftest import TASK_TYPES, tiny_bert_config, tiny_gpt2_config, tiny_llama_config
-from tests.dept.helpers import attach
+from tests.conftest import TASK_TYPES, attach, tiny_bert_config, tiny_gpt2_config, tiny_llama_config
 
 LIMIT = 64
 BUILDERS = {
@@ -15,13 +14,12 @@ BUILDERS = {
     "gpt2": lambda vocab: GPT2LMHeadModel(tiny_gpt2_config(vocab, n_positions=LIMIT)),
     "bert": lambda vocab: BertForSequenceClassification(tiny_bert_config(vocab, max_position_embeddings=LIMIT)),
 }
-KINDS = {**TASK_TYPES, "gpt2": "causal"}
 
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
 def test_a_prompt_and_input_beyond_the_position_limit_are_refused_naming_the_limit_and_the_flags(kind, tokenizer):
     model = BUILDERS[kind](len(tokenizer))
-    config = DePTConfig(num_virtual_tokens=10000, r=2, max_length=32, prompt_init="random", task_type=KINDS[kind])
+    config = DePTConfig(num_virtual_tokens=10000, r=2, max_length=32, prompt_init="random", task_type=TASK_TYPES[kind])
     with pytest.raises(ConfigError, match=r"10000 \+ 32 = 10032 exceeds the 64 positions.*--prefix_length.*"
                                           r"--max_seq_length.*at most 64"):
         get_dept_model(model, config)
@@ -32,7 +30,7 @@ def test_a_prompt_and_input_beyond_the_position_limit_are_refused_naming_the_lim
 def test_a_prompt_and_input_that_fill_the_positions_exactly_are_accepted(kind, tokenizer):
     model = BUILDERS[kind](len(tokenizer))
     config = DePTConfig(num_virtual_tokens=LIMIT - 40, r=2, max_length=40, prompt_init="random",
-                        task_type=KINDS[kind])
+                        task_type=TASK_TYPES[kind])
     dept_model = get_dept_model(model, config)
     batch = {"input_ids": torch.full((1, 40), 5), "attention_mask": torch.ones(1, 40, dtype=torch.long)}
     with torch.no_grad():

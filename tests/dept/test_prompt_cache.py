@@ -9,8 +9,8 @@ import torch
 from dept import DePTModel, MultiAdapterModel
 from dept.embedding import place, prompt_layout
 from dept.prompt_cache import PromptStates, place_logits
-from tests.dept.helpers import attach
-from tests.dept.test_multi_adapter import ROW_ADAPTERS, save_adapters, tokenize
+from tests.conftest import attach, float32_paths
+from tests.dept.conftest import ROW_ADAPTERS, save_adapters, tokenize
 
 TEXTS = [
     "the movie was great",
@@ -66,8 +66,8 @@ def test_cached_prompt_gives_the_logits_and_loss_of_the_full_sequence(causal_mod
     assert fed.lengths[-1] == batch["input_ids"].shape[1]  # the input alone: P came from the cache
     assert cached.logits.shape == full.logits.shape
     keep = real_positions(dept_model, batch)
-    torch.testing.assert_close(cached.logits[keep], full.logits[keep], atol=1e-5, rtol=0)
-    torch.testing.assert_close(cached.loss, full.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached.logits[keep], full.logits[keep], **float32_paths(full.logits[keep]))
+    torch.testing.assert_close(cached.loss, full.loss, **float32_paths(full.loss))
 
 
 @pytest.mark.parametrize("batch_size", [1, 5])
@@ -115,8 +115,9 @@ def test_mixed_batch_rows_get_their_adapters_cached_prompts(causal_model, tokeni
     assert fed.lengths == [6, 2, 4] + [batch["input_ids"].shape[1]] * 2
     full = multi(**batch, labels=labels, adapter_names=ROW_ADAPTERS, use_prompt_cache=False)
     _, mask, _ = multi.embed(ROW_ADAPTERS, **batch)
-    torch.testing.assert_close(cached.logits[mask.bool()], full.logits[mask.bool()], atol=1e-5, rtol=0)
-    torch.testing.assert_close(cached.loss, full.loss, atol=1e-5, rtol=0)
+    expected = full.logits[mask.bool()]
+    torch.testing.assert_close(cached.logits[mask.bool()], expected, **float32_paths(expected))
+    torch.testing.assert_close(cached.loss, full.loss, **float32_paths(full.loss))
     for options in (dict(GREEDY, num_beams=2), GREEDY):
         generated = multi.generate(**batch, adapter_names=ROW_ADAPTERS, **options)
         assert torch.equal(generated, multi.generate(**batch, adapter_names=ROW_ADAPTERS, use_prompt_cache=False,
@@ -177,7 +178,8 @@ def test_cache_is_recomputed_after_an_optimizer_step_on_the_prompt(causal_model,
     optimizer.step()
     after = eval_logits(dept_model.eval(), batch)
     assert not torch.allclose(after, before, atol=1e-3)
-    torch.testing.assert_close(after, eval_logits(dept_model, batch, use_prompt_cache=False), atol=1e-5, rtol=0)
+    expected = eval_logits(dept_model, batch, use_prompt_cache=False)
+    torch.testing.assert_close(after, expected, **float32_paths(expected))
 
 
 def test_cache_is_recomputed_after_loading_another_adapter(causal_model, tokenizer, tmp_path):
@@ -191,7 +193,8 @@ def test_cache_is_recomputed_after_loading_another_adapter(causal_model, tokeniz
     loaded = DePTModel.from_pretrained(copy.deepcopy(causal_model), tmp_path / "other")
     after = eval_logits(dept_model, batch)
     assert not torch.allclose(after, before, atol=1e-3)
-    torch.testing.assert_close(after, eval_logits(loaded, batch, use_prompt_cache=False), atol=1e-5, rtol=0)
+    expected = eval_logits(loaded, batch, use_prompt_cache=False)
+    torch.testing.assert_close(after, expected, **float32_paths(expected))
 
 
 def test_cache_is_recomputed_after_a_cast_of_the_model(llama_model, tokenizer):
@@ -213,8 +216,9 @@ def test_mixed_batch_cache_follows_an_adapter_replaced_under_the_same_name(llama
     multi.add_adapter("task", paths["short_prompt"])
     alone = DePTModel.from_pretrained(copy.deepcopy(llama_model), paths["short_prompt"])
     _, mask, _ = multi.embed("task", **batch)
-    torch.testing.assert_close(multi(**batch, adapter_names="task").logits[mask.bool()],
-                               eval_logits(alone, batch, use_prompt_cache=False), atol=1e-5, rtol=0)
+    expected = eval_logits(alone, batch, use_prompt_cache=False)
+    torch.testing.assert_close(multi(**batch, adapter_names="task").logits[mask.bool()], expected,
+                               **float32_paths(expected))
 
 
 def test_gradients_reach_the_prompt_in_eval_mode(llama_model, tokenizer):

@@ -19,6 +19,7 @@ from dept.checkpoint import (
 )
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
+from tests.conftest import float32_paths  # FLOAT32_PATHS there
 from tests.dept._toy import (
     EVAL_SIZE,
     LossRecordingModel,
@@ -31,16 +32,6 @@ from tests.dept._toy import (
     toy_trainer,
     trainable_tensors,
 )
-
-# FLOAT32_PATHS: one float32 result computed along two paths (another summation order, a recomputed forward, another
-# CPU's kernels) differs in its last bits. float32 keeps 24 bits (eps 1.2e-7); a few hundred roundings stay well
-# within rtol 1e-5, and an element near zero that sums terms as large as the tensor's largest value gets an atol of
-# 1e-5 of that value. A real fault (a lost gradient, a step taken twice) is orders of magnitude larger.
-
-
-def float32_paths(expected: torch.Tensor) -> dict[str, float]:
-    """assert_close tolerances for two float32 computation paths of `expected` (see FLOAT32_PATHS)."""
-    return {"rtol": 1e-5, "atol": 1e-5 * expected.abs().max().item()}
 
 
 def test_loss_falls_and_frozen_base_stays_bit_identical(tmp_path):
@@ -359,7 +350,7 @@ def test_dept_t5_trains_through_the_loop_and_checkpoints_only_its_adapter(tmp_pa
 
 def test_gradient_checkpointing_gives_the_same_gradients(t5_model, tokenizer):
     from dept.trainer import enable_gradient_checkpointing
-    from tests.dept.helpers import attach
+    from tests.conftest import attach
 
     dept_model = attach("t5", t5_model, tokenizer)
     dept_model.train()

@@ -2,7 +2,7 @@
 
 import torch
 
-from tests.dept.helpers import attach, dept_forward
+from tests.conftest import attach, dept_forward
 
 TEXTS = ["the movie was great", "a dull and boring film"]
 

@@ -22,7 +22,7 @@ from dept.training_args import TrainingArguments
 from dept_nlp.arguments import DataArguments, ModelArguments
 from dept_nlp.evaluate import TextEvaluator
 from dept_nlp.tasks import TASKS, get_task
-from tests.conftest import OFFICIAL_CHECKPOINTS, REPO_ROOT, free_port
+from tests.conftest import OFFICIAL_CHECKPOINTS, REPO_ROOT, free_port, import_script
 
 ACCELERATE_DIR = REPO_ROOT / "configs" / "accelerate"
 RECIPE_DIR = REPO_ROOT / "configs" / "nlp"
@@ -298,16 +298,16 @@ def _write_run(root: Path, name: str, eval_results: dict | None, test_results: d
         (run / "test_results.json").write_text(json.dumps({"test_loss": 0.2, "test_runtime": 5.0, **test_results}))
 
 
-def _summary_rows(root: Path) -> tuple[dict[str, list[str]], str]:
-    result = subprocess.run(
-        [sys.executable, str(SUMMARIZE), str(root)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    rows = [line.strip("|").split("|") for line in result.stdout.splitlines()[2:]]
-    return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows}, result.stderr
+def _summary_rows(root: Path, capsys) -> tuple[dict[str, list[str]], str]:
+    """The table scripts/summarize_sweep.py prints for `root` (its main, in this process), and its stderr."""
+    status = import_script("summarize_sweep").main([str(root)])
+    stdout, stderr = capsys.readouterr()
+    assert status == 0, stderr
+    rows = [line.strip("|").split("|") for line in stdout.splitlines()[2:]]
+    return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows}, stderr
 
 
-def test_summary_picks_the_best_validation_run_and_reports_its_test_scores(tmp_path):
+def test_summary_picks_the_best_validation_run_and_reports_its_test_scores(tmp_path, capsys):
     root = tmp_path / "saved_t5-base"
     # cola: the best validation run (58.5) is not the best test run (64.0): the test split must not choose.
     _write_run(root, "cola_lr3e-1_loralr5e-3_pl80_r15_st40000", {"eval_matthews_correlation": 50.0},
@@ -326,7 +326,7 @@ def test_summary_picks_the_best_validation_run_and_reports_its_test_scores(tmp_p
     _write_run(root, "superglue-wsc.fixed_lr3e-1_loralr1e-4_pl60_r30_st20000", {"eval_accuracy": 67.3})
     _write_run(root, "notes", None)
 
-    rows, stderr = _summary_rows(root)
+    rows, stderr = _summary_rows(root, capsys)
 
     assert rows["cola"] == ["3", "cola_lr4e-1_loralr5e-4_pl80_r15_st40000", "matthews_correlation", "58.50",
                             "matthews_correlation 61.25"]
@@ -339,6 +339,7 @@ def test_summary_picks_the_best_validation_run_and_reports_its_test_scores(tmp_p
 
 
 def test_summary_fails_clearly_on_a_missing_root(tmp_path):
+    # The script run as a user runs it (the other summary test calls its main in this process).
     result = subprocess.run(
         [sys.executable, str(SUMMARIZE), str(tmp_path / "absent")], capture_output=True, text=True, timeout=120,
     )

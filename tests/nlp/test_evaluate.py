@@ -12,8 +12,9 @@ from dept_nlp.data_files import load_task_datasets
 from dept_nlp.evaluate import TextEvaluation
 from dept_nlp.modeling import load_tokenizer, resolve_task_type
 from dept_nlp.preprocess import CAUSAL_TEMPLATE, tokenize_rows
-from tests.conftest import save_tiny_model
-from tests.nlp.fixtures import write_task_fixture
+from tests.conftest import save_tiny_model, write_task_fixture
+
+pytestmark = pytest.mark.xdist_group("nlp_evaluate")  # shares module-scoped runs: one worker (--dist loadgroup)
 
 WORDS = ["sentence", "good", "bad", "movie", "Answer", "Label", ":", "0", "1"]
 

@@ -12,8 +12,7 @@ from dept_nlp.evaluate import TextEvaluator
 from dept_nlp.pipeline import load_splits
 from dept_nlp.preprocess import tokenize_rows
 from dept_nlp.tasks import get_task
-from tests.conftest import build_word_tokenizer
-from tests.nlp.fixtures import hub_dataset_dict
+from tests.conftest import build_word_tokenizer, hub_dataset_dict
 
 # Words of the test vocabulary, one token each, none an article (SQuAD normalisation drops a/an/the).
 WORDS = "movie was great and actors were wonderful dull boring film with terrible acting sky blue today".split()

@@ -16,8 +16,16 @@ from safetensors.torch import load_file
 from dept.command_line import IGNORED_FLAGS
 from dept_nlp.cli import train as main
 from dept_nlp.data_files import sample_sst2_files
-from tests.conftest import REPO_ROOT, TASK_TYPES, free_port, save_tiny_model
-from tests.nlp.fixtures import hub_rows, write_task_fixture
+from tests.conftest import (
+    REPO_ROOT,
+    TASK_TYPES,
+    free_port,
+    hub_row,
+    hub_rows,
+    save_tiny_model,
+    text_train_argv,
+    write_task_fixture,
+)
 
 
 def _vocabulary(task_name: str) -> list[str]:
@@ -29,26 +37,9 @@ def _vocabulary(task_name: str) -> list[str]:
 
 def _model(tmp_path, kind: str, task_name: str) -> str:
     from dept_nlp.tasks import get_task
-    from tests.nlp.fixtures import hub_row
 
     texts = _vocabulary(task_name) + [get_task(task_name).format_example(hub_row(task_name, i))[0] for i in range(20)]
     return str(save_tiny_model(TASK_TYPES[kind], tmp_path / f"{kind}-model", texts))
-
-
-def _flags(model_dir, output_dir, task_name, files, steps=4, **extra):
-    flags = {
-        "model_name_or_path": model_dir, "task_name": task_name, "output_dir": str(output_dir),
-        "peft_type": "PROMPT_TUNING_LORA", "prefix_length": 4, "r": 2, "max_seq_length": 64,
-        "learning_rate": 0.3, "lora_embedding_lr": 0.01, "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 4, "max_steps": steps, "eval_steps": steps, "save_steps": steps,
-        "warmup_steps": 0, "weight_decay": 1e-5, "save_total_limit": 1, "report_to": "none", "seed": 7,
-        "generation_max_length": 6, **{k: str(v) for k, v in files.items()}, **extra,
-    }
-    argv = ["--do_train", "--do_eval", "--do_predict", "--load_best_model_at_end", "--save_strategy", "steps",
-            "--evaluation_strategy", "steps"]
-    for key, value in flags.items():
-        argv += [f"--{key}", str(value)]
-    return argv
 
 
 def _without_flags(argv: list[str], names) -> list[str]:
@@ -70,7 +61,7 @@ def _without_flags(argv: list[str], names) -> list[str]:
 )
 def test_each_input_format_runs_end_to_end_on_t5(tmp_path, task_name, metric):
     files = write_task_fixture(task_name, tmp_path / "data", n_train=8, n_val=4, n_test=4)
-    results = main(_flags(_model(tmp_path, "t5", task_name), tmp_path / "out", task_name, files))
+    results = main(text_train_argv(_model(tmp_path, "t5", task_name), tmp_path / "out", task_name, files))
     assert f"eval_{metric}" in results and f"test_{metric}" in results
     out = tmp_path / "out"
     for name in ("adapter_config.json", "adapter_model.safetensors", "all_results.json", "eval_results.json",
@@ -83,7 +74,7 @@ def test_each_input_format_runs_end_to_end_on_t5(tmp_path, task_name, metric):
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_classification_runs_on_decoder_only_and_encoder_classifier(tmp_path, kind):
     files = write_task_fixture("rte", tmp_path / "data", n_train=8, n_val=4, n_test=4)
-    results = main(_flags(_model(tmp_path, kind, "rte"), tmp_path / "out", "rte", files))
+    results = main(text_train_argv(_model(tmp_path, kind, "rte"), tmp_path / "out", "rte", files))
     assert 0.0 <= results["test_accuracy"] <= 100.0
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["task_type"] == TASK_TYPES[kind]
@@ -95,7 +86,7 @@ def test_training_loss_clearly_falls(tmp_path):
     files = sample_sst2_files()
     texts = [json.loads(line)["sentence"] for path in files.values() for line in open(path)]
     model_dir = save_tiny_model("seq2seq", tmp_path / "model", texts)
-    main(_flags(str(model_dir), tmp_path / "out", "sst2", files, steps=60, logging_steps=10, prefix_length=8, r=4,
+    main(text_train_argv(str(model_dir), tmp_path / "out", "sst2", files, steps=60, logging_steps=10, prefix_length=8, r=4,
                 max_eval_samples=8, per_device_train_batch_size=16, learning_rate=1.0, lora_embedding_lr=0.05,
                 warmup_steps=5))
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
@@ -110,7 +101,7 @@ def test_baselines_run_through_the_same_trainer_and_train_what_their_method_trai
     files = write_task_fixture("sst2", tmp_path / "data", n_train=8, n_val=4, n_test=4)
     model_dir = _model(tmp_path, "t5", "sst2")
     out = tmp_path / "out"
-    results = main(_without_flags(_flags(model_dir, out, "sst2", files, peft_type=peft_type, lora_embedding_lr=0.3),
+    results = main(_without_flags(text_train_argv(model_dir, out, "sst2", files, peft_type=peft_type, lora_embedding_lr=0.3),
                                   IGNORED_FLAGS[peft_type]))
     assert "test_accuracy" in results
     base = load_file(os.path.join(model_dir, "model.safetensors"))
@@ -147,15 +138,15 @@ def test_lora_rank_comes_from_r_and_a_disagreeing_lora_r_is_refused(tmp_path):
     assert MethodArguments().r == 30  # DePT's own default is unchanged
     files = write_task_fixture("sst2", tmp_path / "data", n_train=8, n_val=4, n_test=4)
     with pytest.raises(ValueError, match="--r 16 and --lora_r 8 disagree"):
-        main(_flags(_model(tmp_path, "t5", "sst2"), tmp_path / "out", "sst2", files, peft_type="LORA", r=16,
+        main(text_train_argv(_model(tmp_path, "t5", "sst2"), tmp_path / "out", "sst2", files, peft_type="LORA", r=16,
                     lora_r=8))
 
 
 def test_transfer_from_a_saved_adapter(tmp_path):
     files = write_task_fixture("sst2", tmp_path / "data", n_train=8, n_val=4, n_test=4)
     model_dir = _model(tmp_path, "t5", "sst2")
-    main(_flags(model_dir, tmp_path / "source", "sst2", files))
-    main(_flags(model_dir, tmp_path / "target", "sst2", files, steps=1, peft_model_id=tmp_path / "source",
+    main(text_train_argv(model_dir, tmp_path / "source", "sst2", files))
+    main(text_train_argv(model_dir, tmp_path / "target", "sst2", files, steps=1, peft_model_id=tmp_path / "source",
                 learning_rate=0.0, lora_embedding_lr=0.0))
     source = load_file(tmp_path / "source" / "adapter_model.safetensors")
     target = load_file(tmp_path / "target" / "adapter_model.safetensors")
@@ -165,13 +156,13 @@ def test_transfer_from_a_saved_adapter(tmp_path):
 
 def test_k_shot_flag_accepts_the_readme_spelling(tmp_path):
     files = write_task_fixture("sst2", tmp_path / "data", n_train=12, n_val=4, n_test=4)
-    results = main(_flags(_model(tmp_path, "t5", "sst2"), tmp_path / "out", "sst2", files, k_shot_example=4))
+    results = main(text_train_argv(_model(tmp_path, "t5", "sst2"), tmp_path / "out", "sst2", files, k_shot_example=4))
     assert results["train_samples"] == 4
 
 
 def test_yaml_config_with_flag_overrides(tmp_path):
     files = write_task_fixture("sst2", tmp_path / "data", n_train=8, n_val=4, n_test=4)
-    argv = _flags(_model(tmp_path, "t5", "sst2"), tmp_path / "out", "sst2", files)
+    argv = text_train_argv(_model(tmp_path, "t5", "sst2"), tmp_path / "out", "sst2", files)
     for flag in ("--prefix_length", "--r", "--max_steps"):  # these come from the file below
         index = argv.index(flag)
         del argv[index:index + 2]
@@ -187,16 +178,16 @@ def test_resumed_run_ends_with_the_same_adapter(tmp_path):
     files = write_task_fixture("sst2", tmp_path / "data", n_train=16, n_val=4, n_test=4)
     model_dir = _model(tmp_path, "t5", "sst2")
     extra = dict(save_total_limit=5, eval_steps=4, save_steps=4)
-    main(_flags(model_dir, tmp_path / "straight", "sst2", files, steps=8, **extra))
+    main(text_train_argv(model_dir, tmp_path / "straight", "sst2", files, steps=8, **extra))
     interrupted = tmp_path / "interrupted"
-    main(_flags(model_dir, interrupted, "sst2", files, steps=8, **extra))
+    main(text_train_argv(model_dir, interrupted, "sst2", files, steps=8, **extra))
     # Keep only checkpoint-4, as if the run had been killed right after writing it.
     shutil.rmtree(interrupted / "checkpoint-8", ignore_errors=True)
     for path in interrupted.iterdir():
         if path.is_file():
             path.unlink()
     assert [p.name for p in interrupted.iterdir()] == ["checkpoint-4"]
-    argv = _flags(model_dir, interrupted, "sst2", files, steps=8, **extra)
+    argv = text_train_argv(model_dir, interrupted, "sst2", files, steps=8, **extra)
     main(argv[:] + ["--resume_from_checkpoint", "auto"])
     straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     resumed = load_file(interrupted / "adapter_model.safetensors")
@@ -210,10 +201,10 @@ def test_two_processes_give_the_same_eval_metric(tmp_path):
     files = sample_sst2_files()
     texts = [json.loads(line)["sentence"] for path in files.values() for line in open(path)]
     model_dir = save_tiny_model("seq2seq", tmp_path / "model", texts)
-    main(_flags(str(model_dir), tmp_path / "adapter", "sst2", files, steps=20, max_eval_samples=10))
+    main(text_train_argv(str(model_dir), tmp_path / "adapter", "sst2", files, steps=20, max_eval_samples=10))
 
     def evaluate(output_dir, launcher):
-        argv = _flags(str(model_dir), output_dir, "sst2", files, peft_model_id=tmp_path / "adapter",
+        argv = text_train_argv(str(model_dir), output_dir, "sst2", files, peft_model_id=tmp_path / "adapter",
                       max_eval_samples=30)
         argv = [a for a in argv if a not in ("--do_train", "--do_predict", "--load_best_model_at_end")]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}

@@ -81,7 +81,7 @@ def test_stsb_k_shot_is_balanced_on_score_at_most_2_5_against_above_as_the_offic
 def test_the_text_pipeline_balances_stsb_k_shot_samples(tmp_path):
     from dept_nlp.arguments import DataArguments
     from dept_nlp.pipeline import load_splits
-    from tests.nlp.fixtures import write_task_fixture
+    from tests.conftest import write_task_fixture
 
     files = write_task_fixture("stsb", tmp_path, n_train=40, n_val=4, n_test=4)
     args = DataArguments(task_name="stsb", do_train=True, k_shot_examples=6, **{k: str(v) for k, v in files.items()})

@@ -17,7 +17,7 @@ from dept_nlp.data_files import (
     sample_sst2_files,
 )
 from dept_nlp.tasks import GLUE_TASKS, MRQA_TASKS, OTHER_TASKS, SUPERGLUE_TASKS, TASKS, get_task, pad_punctuation
-from tests.nlp.fixtures import hub_dataset_dict, hub_rows, write_rows, write_task_fixture
+from tests.conftest import hub_dataset_dict, hub_rows, write_rows, write_task_fixture
 
 PAPER_TASKS = {
     *("cola", "mrpc", "mnli", "qnli", "qqp", "rte", "sst2", "stsb"),

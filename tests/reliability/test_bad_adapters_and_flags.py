@@ -19,7 +19,7 @@ from dept.errors import FlagError
 from dept.methods import check_max_length, prepare_model
 from dept.training_args import TrainingArguments
 from dept_nlp.arguments import DataArguments, ModelArguments
-from tests.dept.helpers import attach
+from tests.conftest import attach
 
 
 def _saved_adapter(t5_model, tokenizer, directory, **config_edits):

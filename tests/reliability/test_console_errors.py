@@ -2,7 +2,10 @@
 --debug hint folded in), exit code 2, nothing on stdout, and the traceback only with --debug; and the ranks of a
 two-process run stopping at once, with one line each, when their launcher is SIGKILLed.
 
-Every test runs the installed console scripts as subprocesses (see `tests/reliability/console.py`).
+Each CLI has an error test that runs its installed console script as a subprocess (`run`, see conftest.py), and
+--debug's traceback and the killed launcher need real processes too. The other errors, all found before any work,
+call the same entry point in this process (`run_in_process`): the status and the line come from the same
+`run_console`.
 """
 
 from __future__ import annotations
@@ -21,26 +24,17 @@ from transformers import T5ForConditionalGeneration
 
 from dept import DePTConfig, get_dept_model
 from dept.checkpoint import complete_checkpoints
-from tests.conftest import free_port, save_tiny_model
-from tests.reliability.console import (
+from tests.conftest import REPO_ROOT, VISION_MODEL_FLAGS, free_port, save_tiny_model
+from tests.reliability.conftest import (
     ENV,
-    REPO_ROOT,
     assert_clear_error,
     launch_two_processes,
-    make_text_setup,
     run,
+    run_in_process,
     train_flags,
 )
-from tests.tune.fixtures import write_tiny_task
-from tests.vl.test_image_classification import MODEL_FLAGS as VISION_MODEL_FLAGS
-from tests.vl.test_pipeline import build_vl_fixture
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    return make_text_setup(tmp_path_factory.mktemp("console"))
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +48,6 @@ def adapter(text, tmp_path_factory):
     return directory
 
 
-@pytest.fixture(scope="module")
-def vl(tmp_path_factory):
-    return build_vl_fixture(tmp_path_factory.mktemp("console-vl"), n_images=12)
-
-
 # --------------------------------------------------------------------------------------------- clear errors
 
 
@@ -66,12 +55,12 @@ def test_non_utf8_data_names_the_file_and_the_line(text, tmp_path):
     bad = tmp_path / "latin1.jsonl"
     lines = text["files"]["sst2"]["train_file"].read_bytes().splitlines(keepends=True)
     bad.write_bytes(b"".join(lines[:2]) + '{"sentence": "caf\u00e9", "label": 1}\n'.encode("latin-1"))
-    finished = run("dept-train", *train_flags(text, tmp_path / "out", "--train_file", bad))
+    finished = run_in_process("dept-train", *train_flags(text, tmp_path / "out", "--train_file", bad))
     assert_clear_error(finished, str(bad), "line 3 is not UTF-8", "iconv")
 
 
 def test_a_directory_as_train_file_is_named_a_directory(text, tmp_path):
-    finished = run("dept-train", *train_flags(text, tmp_path / "out", "--train_file", tmp_path))
+    finished = run_in_process("dept-train", *train_flags(text, tmp_path / "out", "--train_file", tmp_path))
     assert_clear_error(finished, f"{tmp_path} is a directory, not a data file")
 
 
@@ -81,10 +70,10 @@ def test_a_missing_model_directory_is_not_found_and_not_a_hub_id(text, tmp_path)
 
 
 def test_an_unknown_task_name_is_one_line_in_dept_train_and_dept_eval(text, adapter, tmp_path):
-    finished = run("dept-train", *train_flags(text, tmp_path / "out", "--task_name", "sst3"))
+    finished = run_in_process("dept-train", *train_flags(text, tmp_path / "out", "--task_name", "sst3"))
     assert_clear_error(finished, "Unknown task 'sst3'. Did you mean 'sst2'?")
-    finished = run("dept-eval", "--model_name_or_path", text["model"], "--adapter", f"{adapter}:sst3",
-                   "--validation_file", text["files"]["sst2"]["validation_file"])
+    finished = run_in_process("dept-eval", "--model_name_or_path", text["model"], "--adapter", f"{adapter}:sst3",
+                              "--validation_file", text["files"]["sst2"]["validation_file"])
     assert_clear_error(finished, "Unknown task 'sst3'. Did you mean 'sst2'?")
 
 
@@ -97,10 +86,10 @@ def test_a_model_with_its_own_code_is_refused_without_running_it(text, adapter, 
     ran = tmp_path / "the model's code ran"
     (model / "configuration_custom.py").write_text(f"open({str(ran)!r}, 'w').close()\n"
                                                    "from transformers import T5Config as CustomConfig\n")
-    finished = run("dept-train", *train_flags(text, tmp_path / "out", "--model_name_or_path", model))
+    finished = run_in_process("dept-train", *train_flags(text, tmp_path / "out", "--model_name_or_path", model))
     assert_clear_error(finished, f"{model} comes with its own model code", "which was not run",
                        "pass --trust_remote_code")
-    finished = run("dept-serve", "--model_name_or_path", model, "--adapter", f"sst2={adapter}")
+    finished = run_in_process("dept-serve", "--model_name_or_path", model, "--adapter", f"sst2={adapter}")
     assert_clear_error(finished, f"{model} comes with its own model code", "dept-serve never run")
     assert not ran.exists()
 
@@ -108,16 +97,17 @@ def test_a_model_with_its_own_code_is_refused_without_running_it(text, adapter, 
 def test_dept_serve_command_line_errors_are_one_line_printed_once(text, adapter, tmp_path):
     finished = run("dept-serve", "--model_name_or_path", tmp_path / "nope", "--adapter", f"sst2={adapter}")
     assert_clear_error(finished, str(tmp_path / "nope"), "not found: no such directory, and not a hub id")
-    finished = run("dept-serve", "--model_name_or_path", text["model"], "--max_batch_size", "0")
+    finished = run_in_process("dept-serve", "--model_name_or_path", text["model"], "--max_batch_size", "0")
     assert_clear_error(finished, "--max_batch_size must be >= 1")
-    finished = run("dept-serve", "--model_name_or_path", text["model"], "--adapter", f"sst2={tmp_path / 'none'}")
+    finished = run_in_process("dept-serve", "--model_name_or_path", text["model"], "--adapter",
+                              f"sst2={tmp_path / 'none'}")
     assert_clear_error(finished, f"{tmp_path / 'none'} does not exist")
 
 
-def test_dept_tune_errors_are_one_line_before_anything_trains(tmp_path):
-    argv = [*write_tiny_task(tmp_path / "task"), "--output_dir", tmp_path / "study"]
+def test_dept_tune_errors_are_one_line_before_anything_trains(tiny_task, tmp_path):
+    argv = [*tiny_task, "--output_dir", tmp_path / "study"]
     assert_clear_error(run("dept-tune", *argv, "--search", "dropout=0.1:0.2"), "unknown parameter 'dropout'")
-    assert_clear_error(run("dept-tune", *argv, "--peft_type", "PROMPT_TUNING"),
+    assert_clear_error(run_in_process("dept-tune", *argv, "--peft_type", "PROMPT_TUNING"),
                        "--peft_type PROMPT_TUNING does not use --r")  # the recipe's flags, in a trial's run
     assert not (tmp_path / "study").exists()
 
@@ -128,18 +118,18 @@ def test_dept_train_vision_refuses_a_flag_its_method_ignores(tmp_path):
     assert_clear_error(finished, "--peft_type PROMPT_TUNING does not use --r")
 
 
-def test_a_yaml_typo_names_the_file_and_the_nearest_key(vl, tmp_path):
+def test_a_yaml_typo_names_the_file_and_the_nearest_key(vl_fixture, tmp_path):
     recipe = tmp_path / "vqa.yaml"
     recipe.write_text("tasks: vqa\nmax_stpes: 2\n")
-    finished = run("dept-train-vl", "--config", recipe, *vl.argv("vqa", tmp_path / "run"))
+    finished = run("dept-train-vl", "--config", recipe, *vl_fixture.argv("vqa", tmp_path / "run"))
     assert_clear_error(finished, f"--config {recipe}: unknown key 'max_stpes'. Did you mean 'max_steps'?")
 
 
 @pytest.mark.parametrize("kind", ["cls", "causal"])  # BERT's learned positions, LLaMA's max_position_embeddings
 def test_a_prompt_beyond_the_models_positions_is_refused_in_one_line(text, tmp_path, kind):
     model = save_tiny_model(kind, tmp_path / kind, ["sentence : a b c", "0 1"], max_position_embeddings=64)
-    finished = run("dept-train", *train_flags(text, tmp_path / "out", "--model_name_or_path", model,
-                                              "--prefix_length", "10000"))
+    finished = run_in_process("dept-train", *train_flags(text, tmp_path / "out", "--model_name_or_path", model,
+                                                         "--prefix_length", "10000"))
     assert_clear_error(finished, "10032", "positions")
     assert not (tmp_path / "out" / "checkpoint-2").exists()
 
@@ -160,7 +150,7 @@ def test_an_unusable_output_dir_is_refused_before_any_training(text, tmp_path, k
     else:
         output_dir = Path("/proc/dept-test-output")  # not writable, not even by root
         expected = "/proc is not writable"
-    finished = run("dept-train", *train_flags(text, output_dir))
+    finished = run_in_process("dept-train", *train_flags(text, output_dir))
     assert_clear_error(finished, expected)
     assert "Training " not in finished.stderr and "Loading " not in finished.stderr  # refused at parse time
 
@@ -176,20 +166,21 @@ def test_a_truncated_adapter_names_the_file_as_damaged(text, adapter, tmp_path):
 
 
 def test_sizes_that_disagree_with_the_peft_model_id_adapter_are_refused(text, adapter, tmp_path):
-    finished = run("dept-train", *train_flags(text, tmp_path / "out", "--peft_model_id", adapter,
-                                              "--prefix_length", "7", "--r", "2"))
+    finished = run_in_process("dept-train", *train_flags(text, tmp_path / "out", "--peft_model_id", adapter,
+                                                         "--prefix_length", "7", "--r", "2"))
     assert_clear_error(finished, "--prefix_length 7 (the adapter has 4)")
     assert "--r" not in finished.stderr.splitlines()[-1].split("but")[-1]  # --r 2 agrees with the adapter
 
 
-def test_corrupt_images_are_all_reported_before_training(vl, tmp_path):
+def test_corrupt_images_are_all_reported_before_training(vl_fixture, tmp_path):
     images = tmp_path / "images"
-    shutil.copytree(vl.root / "coco" / "images", images)
+    shutil.copytree(vl_fixture.root / "coco" / "images", images)
     broken = sorted(images.rglob("*.png"))[:2] or sorted(images.rglob("*.jpg"))[:2]
     for path in broken:
         path.write_bytes(path.read_bytes()[:40])
-    finished = run("dept-train-vl", *vl.argv("vqa", tmp_path / "run", "--feature_file", "", "--image_dir", images,
-                                             "--backbone", "resnet18", "--pretrained", "false", "--image_size", "64"))
+    finished = run_in_process("dept-train-vl", *vl_fixture.argv("vqa", tmp_path / "run", "--feature_file", "",
+                                                                "--image_dir", images, "--backbone", "resnet18",
+                                                                "--pretrained", "false", "--image_size", "64"))
     message = assert_clear_error(finished, "2 of the", "images the data refers to cannot be loaded")
     for path in broken:
         assert str(path) in message

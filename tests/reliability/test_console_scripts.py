@@ -4,8 +4,10 @@ nothing for dept-serve), also under a two-process launch; logs on stderr with no
 no terminal escape codes; a run SIGKILLed at its first checkpoint restarted with `auto`, byte-identical adapters
 from two processes, one local file per task in dept-eval, its --help, and --prefix_length 0.
 
-Every test runs the installed console scripts as subprocesses (see `tests/reliability/console.py`); the expected
-errors are in test_console_errors.py.
+The tests run the installed console scripts as subprocesses (`run`, see conftest.py): stdout kept clean of
+what imports print, and other libraries' log lines, show only in a fresh process. The three checks on files and
+--help alone (--prefix_length 0, dept-eval --compare and --help) call the same entry point in this process
+(`run_in_process`). The expected errors are in test_console_errors.py.
 """
 
 from __future__ import annotations
@@ -20,34 +22,25 @@ from safetensors.torch import load_file
 
 from dept.checkpoint import complete_checkpoints
 from dept_serve.client import wait_until_healthy
-from tests.conftest import free_port
-from tests.reliability.console import (
+from tests.conftest import REPO_ROOT, VISION_MODEL_FLAGS, free_port, write_image_folder
+from tests.reliability.conftest import (
     ENV,
     ESCAPE,
-    REPO_ROOT,
+    TABLE_HEADER,
     foreign_info_lines,
     launch_two_processes,
     log_lines,
-    make_text_setup,
     printed_results,
     run,
+    run_in_process,
     script,
     sha256,
     train_flags,
 )
-from tests.tune.fixtures import write_tiny_task
-from tests.vl.test_image_classification import MODEL_FLAGS as VISION_MODEL_FLAGS
-from tests.vl.test_image_classification import write_image_folder
-from tests.vl.test_pipeline import build_vl_fixture
 
 pytestmark = pytest.mark.slow
-
-TABLE_HEADER = "| adapter | task | metrics | examples | examples/s | trainable params |"
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    return make_text_setup(tmp_path_factory.mktemp("console"))
+# The tests of the `reference` run (and of the run restarted after a kill) run on one worker (--dist loadgroup).
+REFERENCE_RUN = pytest.mark.xdist_group("console_reference")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +54,7 @@ def reference(text):
 # --------------------------------------------------------------------------------------------- success
 
 
+@REFERENCE_RUN
 def test_dept_train_exits_0_and_prints_its_results_once_to_stdout(reference):
     output_dir, finished = reference
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -70,6 +64,7 @@ def test_dept_train_exits_0_and_prints_its_results_once_to_stdout(reference):
     assert (output_dir / "adapter_model.safetensors").is_file()
 
 
+@REFERENCE_RUN
 def test_only_our_loggers_log_at_info_and_stderr_holds_no_escape_codes(reference):
     stderr = reference[1].stderr  # a pipe, not a terminal: the nested evaluation bar stays off
     assert foreign_info_lines(stderr) == []  # accelerate's five lines per checkpoint are gone
@@ -109,8 +104,8 @@ def test_dept_train_vision_prints_its_results_once_as_json(tmp_path):
     assert foreign_info_lines(finished.stderr) == [] and ESCAPE not in finished.stderr
 
 
-def test_dept_tune_prints_its_report_once_as_json_and_one_line_per_trial_to_stderr(tmp_path):
-    argv = [*write_tiny_task(tmp_path / "task"), "--output_dir", tmp_path / "study", "--n_trials", "1",
+def test_dept_tune_prints_its_report_once_as_json_and_one_line_per_trial_to_stderr(tiny_task, tmp_path):
+    argv = [*tiny_task, "--output_dir", tmp_path / "study", "--n_trials", "1",
             "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--do_predict", "false"]
     finished = run("dept-tune", *argv)
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -119,6 +114,7 @@ def test_dept_tune_prints_its_report_once_as_json_and_one_line_per_trial_to_stde
     assert "[dept-tune] report:" in finished.stderr and foreign_info_lines(finished.stderr) == []
 
 
+@REFERENCE_RUN
 def test_dept_serve_keeps_stdout_empty_and_logs_to_stderr(text, reference):
     port = free_port()
     server = subprocess.Popen([script("dept-serve"), "--model_name_or_path", str(text["model"]), "--adapter",
@@ -134,6 +130,7 @@ def test_dept_serve_keeps_stdout_empty_and_logs_to_stderr(text, reference):
     assert foreign_info_lines(stderr) == []
 
 
+@REFERENCE_RUN
 def test_dept_eval_takes_one_local_file_per_task_and_prints_its_table_once(text, reference, tmp_path):
     adapter = reference[0]
     files = text["files"]
@@ -146,33 +143,30 @@ def test_dept_eval_takes_one_local_file_per_task_and_prints_its_table_once(text,
     report = json.loads((tmp_path / "a" / "dept_eval_validation.json").read_text())
     assert [(r["task"], r["num_examples"]) for r in report["results"]] == [("sst2", 4), ("rte", 6)]
 
-    compared = run("dept-eval", "--compare", tmp_path / "a", tmp_path / "a")
+    compared = run_in_process("dept-eval", "--compare", tmp_path / "a", tmp_path / "a")
     assert compared.returncode == 0, compared.stderr[-3000:]
     assert compared.stdout.count("| task | adapter (A) |") == 1 and "| task |" not in compared.stderr
 
 
+@REFERENCE_RUN
 def test_dept_eval_help_lists_the_data_flags_of_the_adapters_modality(reference):
-    finished = run("dept-eval", "--adapter", reference[0], "--help")
+    finished = run_in_process("dept-eval", "--adapter", reference[0], "--help")
     assert finished.returncode == 0, finished.stderr[-3000:]
     for flag in ("--validation_file", "--test_file", "--generation_max_length", "--task_type", "TASK=]PATH"):
         assert flag in finished.stdout, flag
 
 
-@pytest.fixture(scope="module")
-def vl(tmp_path_factory):
-    return build_vl_fixture(tmp_path_factory.mktemp("console-vl"), n_images=12)
-
-
-def test_dept_train_vl_exits_0_and_prints_its_results_once(vl, tmp_path):
-    finished = run("dept-train-vl", *vl.argv("vqa", tmp_path / "run", "--max_steps", "2", "--do_predict", "false"))
+def test_dept_train_vl_exits_0_and_prints_its_results_once(vl_fixture, tmp_path):
+    argv = vl_fixture.argv("vqa", tmp_path / "run", "--max_steps", "2", "--do_predict", "false")
+    finished = run("dept-train-vl", *argv)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert printed_results(finished.stdout)["total_steps"] == 2
     assert "'total_steps'" not in finished.stderr
 
 
 def test_prefix_length_0_trains_the_embedding_update_alone(text, tmp_path):
-    finished = run("dept-train", *train_flags(text, tmp_path / "run", "--prefix_length", "0",
-                                              "--lora_embedding_lr", "0.05"))
+    finished = run_in_process("dept-train", *train_flags(text, tmp_path / "run", "--prefix_length", "0",
+                                                         "--lora_embedding_lr", "0.05"))
     assert finished.returncode == 0, finished.stderr[-3000:]
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert (config["num_virtual_tokens"], config["r"]) == (0, 2)
@@ -207,6 +201,7 @@ def restarted(text, tmp_path_factory):
     return output_dir, finished, left
 
 
+@REFERENCE_RUN
 def test_auto_after_a_kill_during_the_first_checkpoint_starts_afresh_and_cleans_up(restarted, reference):
     output_dir, finished, _ = restarted
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -217,6 +212,7 @@ def test_auto_after_a_kill_during_the_first_checkpoint_starts_afresh_and_cleans_
         assert (adapter[name] == tensor).all(), name  # the same run as one never interrupted
 
 
+@REFERENCE_RUN
 def test_identical_adapters_from_two_processes_have_the_same_bytes(restarted, reference):
     # Two processes (PYTHONHASHSEED 1 and 2) that trained the same adapter write the same file.
     assert sha256(restarted[0] / "adapter_model.safetensors") == sha256(reference[0] / "adapter_model.safetensors")

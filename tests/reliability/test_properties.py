@@ -17,8 +17,7 @@ from transformers import LlamaForCausalLM, T5ForConditionalGeneration
 
 from dept_nlp.metrics import compute
 from dept_nlp.tasks import TASKS, ColumnType, get_task, pad_punctuation, remove_markup
-from tests.conftest import CORPUS, build_word_tokenizer, tiny_llama_config, tiny_t5_config
-from tests.dept.helpers import attach, dept_forward
+from tests.conftest import CORPUS, attach, build_word_tokenizer, dept_forward, tiny_llama_config, tiny_t5_config
 
 PAD_ID, EOS_ID = 0, 1
 

@@ -15,8 +15,7 @@ from transformers import AutoTokenizer
 
 from dept_nlp.data_files import DataValidationError, load_task_datasets
 from dept_nlp.preprocess import TextCollator, tokenize_rows
-from tests.conftest import T5_TOKENIZER_DIR, build_word_tokenizer
-from tests.nlp.fixtures import write_rows, write_task_fixture
+from tests.conftest import T5_TOKENIZER_DIR, build_word_tokenizer, write_rows, write_task_fixture
 
 # Values of the wrong type or outside the task, each in the formats that can hold it (CSV holds only text).
 BAD_VALUES = {

@@ -30,11 +30,10 @@ from dept.checkpoint import (
     read_checkpoint,
 )
 from dept.train_loss import NonFiniteLossError
+from tests.conftest import REPO_ROOT
 from tests.dept._toy import TRAIN_SIZE, ToyAdapterModel, expected_log_losses, make_dataset, toy_args, toy_trainer
-from tests.reliability.console import assert_clear_error, make_text_setup, printed_results
-from tests.reliability.console import run as run_console_script
+from tests.reliability.conftest import assert_clear_error, printed_results, run_in_process
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO_ROOT / "tests" / "dept" / "launch_toy_training.py"
 CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -334,11 +333,6 @@ def test_resume_with_a_different_batch_size_is_refused(tmp_path):
 # --------------------------------------------------------------------------------------------- through dept-train
 
 
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    return make_text_setup(tmp_path_factory.mktemp("trainer-console"))
-
-
 def train_only_flags(text, output_dir: Path, *extra) -> list:
     """A plain `--do_train` on a local training file, with no validation file."""
     return ["--model_name_or_path", text["model"], "--task_name", "sst2", "--output_dir", output_dir,
@@ -350,10 +344,11 @@ def train_only_flags(text, output_dir: Path, *extra) -> list:
 @pytest.fixture(scope="module")
 def train_only_run(text, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("train-only") / "out"
-    return run_console_script("dept-train", *train_only_flags(text, output_dir)), output_dir
+    return run_in_process("dept-train", *train_only_flags(text, output_dir)), output_dir
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("train_only_run")  # one run for both (--dist loadgroup)
 def test_plain_do_train_without_validation_data_trains_and_saves_the_last_adapter(train_only_run):
     finished, output_dir = train_only_run
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -372,17 +367,18 @@ def test_plain_do_train_without_validation_data_trains_and_saves_the_last_adapte
 
 @pytest.mark.slow
 def test_explicit_load_best_model_at_end_without_validation_data_is_a_clear_error(text, tmp_path):
-    finished = run_console_script("dept-train", *train_only_flags(text, tmp_path / "out", "--eval_steps", "2",
-                                                                     "--load_best_model_at_end"))
+    finished = run_in_process("dept-train", *train_only_flags(text, tmp_path / "out", "--eval_steps", "2",
+                                                              "--load_best_model_at_end"))
     assert_clear_error(finished, "--load_best_model_at_end", "no evaluation data", "--validation_file")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("train_only_run")  # one run for both (--dist loadgroup)
 def test_existing_output_dir_is_refused_at_the_console_naming_the_flags(text, train_only_run):
     _, output_dir = train_only_run
     before = {path: path.stat().st_mtime_ns for path in output_dir.rglob("*")}
-    finished = run_console_script("dept-train", *train_only_flags(text, output_dir))
+    finished = run_in_process("dept-train", *train_only_flags(text, output_dir))
     assert_clear_error(finished, str(output_dir), "--overwrite_output_dir", "--resume_from_checkpoint auto",
                        "--output_dir")  # fmt: skip
     assert "overwrite_output_dir=True" not in finished.stderr.split("--overwrite_output_dir")[0]  # the flag first

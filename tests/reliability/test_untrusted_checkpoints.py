@@ -11,6 +11,7 @@ import torch
 from dept import DePTModel, UnsafeCheckpointError
 from dept.adapter_files import DamagedAdapterError
 from dept.errors import UserError
+from tests.conftest import CORPUS, attach, save_tiny_model, write_task_fixture
 
 
 class _CreatesAFile:
@@ -47,8 +48,6 @@ def test_official_pickle_with_unexpected_keys_is_refused(t5_model, tmp_path):
 
 
 def test_our_format_is_safetensors(t5_model, tokenizer, tmp_path):
-    from tests.dept.helpers import attach
-
     attach("t5", t5_model, tokenizer).save_pretrained(tmp_path)
     header = (tmp_path / "adapter_model.safetensors").read_bytes()[:8]
     assert int.from_bytes(header, "little") > 0  # safetensors starts with its JSON header length, not a pickle
@@ -87,10 +86,8 @@ def test_a_damaged_official_checkpoint_is_one_user_error_naming_the_file(t5_mode
 @pytest.mark.parametrize("case", ["truncated", "a_list"])
 def test_dept_eval_exits_2_with_one_line_on_a_damaged_official_checkpoint(tmp_path, capsys, case):
     from dept_eval.cli import main
-    from tests.nlp.fixtures import write_task_fixture
-    from tests.serve.fixtures import save_base
 
-    base = save_base("seq2seq", tmp_path / "t5")  # d_model 32, as the adapter's token_dim
+    base = save_tiny_model("seq2seq", tmp_path / "t5", CORPUS)  # d_model 32, as the adapter's token_dim
     payload, save, message = DAMAGED[case]
     _official_looking_dir(tmp_path / "adapter", payload, save=save)
     files = write_task_fixture("sst2", tmp_path / "data", n_train=2, n_val=2, n_test=2)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.serve.conftest import served, t5_engine
-from tests.serve.fixtures import TEXTS
+from tests.serve.conftest import TEXTS, served, t5_engine
 
 NEW_TOKENS = 4
 

@@ -24,8 +24,7 @@ from dept_serve.engine import same_base
 from dept_serve.errors import InvalidInputError
 from dept_serve.schemas import BASE64_PATTERN, base64_file
 from tests.conftest import tiny_t5_config
-from tests.serve.conftest import served, t5_engine
-from tests.serve.fixtures import TEXTS, save_adapter, save_base
+from tests.serve.conftest import TEXTS, save_adapter, save_base, served, t5_engine
 
 
 class ForwardCounter:

@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from dept_serve import DePTServeClient, DePTServeError
 from dept_serve.client import wait_until_healthy
 from tests.conftest import free_port
-from tests.serve.fixtures import TEXTS
+from tests.serve.conftest import TEXTS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serve_http")]  # shares module-scoped runs: one worker (--dist loadgroup)
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,9 @@ from transformers import T5ForConditionalGeneration
 
 from dept_serve import ServingEngine
 from tests.conftest import T5_TOKENIZER_DIR, tiny_t5_config
-from tests.serve.conftest import on_loopback, t5_engine
-from tests.serve.fixtures import TEXTS, save_adapter, save_base
+from tests.serve.conftest import TEXTS, on_loopback, save_adapter, save_base, t5_engine
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serve_openai")]  # shares module-scoped runs: one worker (--dist loadgroup)
 
 NEW_TOKENS = 8
 LIMITS = {"max_new_tokens": 12, "max_inputs": 8, "max_wait_ms": 20}

@@ -10,8 +10,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dept_serve import ServingEngine
 from tests.conftest import save_tiny_model
-from tests.serve.conftest import served, t5_engine
-from tests.serve.fixtures import ADAPTER_SIZES, TEXTS, WORDS, OfflineReference, save_adapter, save_adapters, save_base
+from tests.serve.conftest import (
+    ADAPTER_SIZES,
+    TEXTS,
+    WORDS,
+    OfflineReference,
+    save_adapter,
+    save_adapters,
+    save_base,
+    served,
+    t5_engine,
+)
 
 NEW_TOKENS = 6
 

@@ -21,8 +21,7 @@ from dept_vl.images import load_image
 from dept_vl.model import VLT5Config, VLT5ForConditionalGeneration
 from dept_vl.modeling import load_vl_base_model
 from tests.conftest import build_word_tokenizer, tiny_t5_config
-from tests.serve.conftest import served
-from tests.serve.fixtures import WORDS
+from tests.serve.conftest import WORDS, served
 from tests.vl.conftest import save_trained_vl_adapter
 
 FEAT_DIM = 512  # resnet18's

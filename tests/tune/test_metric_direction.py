@@ -15,15 +15,9 @@ from dept.training_args import TrainingArguments
 from dept_nlp.cli import main as dept_train
 from dept_tune.cli import main, tune
 from dept_tune.storage import open_storage
-from tests.conftest import REPO_ROOT
-from tests.tune.fixtures import TASK, write_tiny_task
+from tests.conftest import REPO_ROOT, TUNE_TASK
 
-RECIPE = REPO_ROOT / "configs" / "nlp" / f"{TASK}.yaml"  # metric_for_best_model: accuracy
-
-
-@pytest.fixture(scope="module")
-def tiny_task(tmp_path_factory) -> list[str]:
-    return write_tiny_task(tmp_path_factory.mktemp("tiny-task"))
+RECIPE = REPO_ROOT / "configs" / "nlp" / f"{TUNE_TASK}.yaml"  # metric_for_best_model: accuracy
 
 
 def _eval_losses(run_dir: Path) -> dict[int, float]:

@@ -26,15 +26,9 @@ from dept_tune.cli import main, tune
 from dept_tune.space import SEED_GRID, Budget
 from dept_tune.storage import StorageError, open_storage
 from dept_tune.study import counted_trials, format_rate
-from tests.conftest import REPO_ROOT
-from tests.tune.fixtures import TASK, write_tiny_task
+from tests.conftest import REPO_ROOT, TUNE_TASK
 
 POSTGRES_URL_VAR = "DEPT_TEST_POSTGRES_URL"
-
-
-@pytest.fixture(scope="module")
-def tiny_task(tmp_path_factory) -> list[str]:
-    return write_tiny_task(tmp_path_factory.mktemp("tiny-task"))
 
 
 def _argv(tiny_task: list[str], output_dir: Path, *extra: str) -> list[str]:
@@ -46,7 +40,7 @@ def _load(storage: str, study_name: str) -> optuna.Study:
 
 
 def _run_dirs(root: Path) -> list[Path]:
-    return sorted(path for path in root.iterdir() if path.is_dir() and path.name.startswith(f"{TASK}_"))
+    return sorted(path for path in root.iterdir() if path.is_dir() and path.name.startswith(f"{TUNE_TASK}_"))
 
 
 def _worker(argv: list[str], log: Path, hostname: str | None = None) -> subprocess.Popen:
@@ -139,7 +133,7 @@ def test_grid_sampler_runs_exactly_the_seed_grid_in_sweep_sh_directories(tiny_ta
     assert all(t.state == TrialState.COMPLETE for t in study.get_trials())
     # The directories are the ones scripts/sweep.sh (the official README's loop) would use for the same runs.
     dry_run = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "sweep.sh")], capture_output=True, text=True,
-                             env={**os.environ, "DRY_RUN": "1", "TASKS": TASK, "ROOT": str(tmp_path / "sweep"), "PREFIX_LENGTH": "4",
+                             env={**os.environ, "DRY_RUN": "1", "TASKS": TUNE_TASK, "ROOT": str(tmp_path / "sweep"), "PREFIX_LENGTH": "4",
                                   "R": "2", "MAX_STEPS": "2"}, check=True)
     expected = sorted(Path(d).name for d in re.findall(r"--output_dir (\S+)", dry_run.stdout))
     assert len(expected) == 6 and [p.name for p in _run_dirs(root)] == expected

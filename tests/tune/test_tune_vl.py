@@ -8,8 +8,7 @@ import pytest
 
 from dept_tune.cli import tune
 from dept_tune.pipelines import detect_pipeline
-from tests.conftest import REPO_ROOT
-from tests.vl.test_pipeline import build_vl_fixture
+from tests.conftest import REPO_ROOT, build_vl_fixture
 
 
 def test_vl_recipes_select_the_vl_pipeline_and_its_metric():

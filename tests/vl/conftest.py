@@ -1,8 +1,13 @@
-"""Tiny VL-T5 fixtures: d_model 32, 16-dimensional region features, 4 regions per image."""
+"""Tiny VL-T5 fixtures (d_model 32, 16-dimensional region features, 4 regions per image), a tiny timm ViT, and
+readers of a run's result files."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import timm
 import torch
 
 from dept import DePTConfig
@@ -11,6 +16,7 @@ from tests.conftest import tiny_t5_config
 
 FEAT_DIM = 16
 N_REGIONS = 4
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
 
 
 def make_regions(batch: int, n_regions: int = N_REGIONS, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -42,3 +48,19 @@ def vl_config(tokenizer):
 def vl_model(vl_config):
     torch.manual_seed(0)
     return VLT5ForConditionalGeneration(vl_config).eval()
+
+
+def tiny_vit(seed: int = 0, **overrides):
+    """timm's ViT at TINY_VIT's sizes (random weights), in eval mode."""
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT, **overrides})
+    return model.eval()
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def predictions(output_dir: Path, split: str = "test") -> list[str]:
+    lines = (output_dir / f"predictions_{split}.jsonl").read_text().splitlines()
+    return [json.loads(line)["prediction"] for line in lines]

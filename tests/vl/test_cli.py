@@ -17,17 +17,11 @@ from dept.training_args import TrainingArguments
 from dept_vl.arguments import VLDataArguments, VLModelArguments
 from dept_vl.cli import train as main
 from tests.conftest import free_port
-from tests.vl.test_pipeline import VLFixture, build_vl_fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = Path(__file__).with_name("launch_two_processes.py")
 CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 ARGUMENT_TYPES = (VLModelArguments, VLDataArguments, MethodArguments, TrainingArguments)
-
-
-@pytest.fixture(scope="module")
-def vl_fixture(tmp_path_factory) -> VLFixture:
-    return build_vl_fixture(tmp_path_factory.mktemp("vl-cli"))
 
 
 def _flags_to_mapping(argv: list[str]) -> dict:

@@ -20,6 +20,7 @@ from dept_vl.features import (
     weights_fingerprint,
 )
 from dept_vl.images import load_image
+from tests.conftest import float32_paths
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,7 +100,8 @@ def test_cnn_regions_are_feature_map_cells_in_row_major_order(resnet):
     for row in range(2):
         for col in range(2):
             region = row * 2 + col
-            torch.testing.assert_close(torch.from_numpy(features[region]), feature_map[:, row, col], atol=1e-6, rtol=0)
+            expected = feature_map[:, row, col]
+            torch.testing.assert_close(torch.from_numpy(features[region]), expected, **float32_paths(expected))
             assert np.allclose(boxes[region], [col / 2, row / 2, (col + 1) / 2, (row + 1) / 2])
 
 
@@ -110,7 +112,7 @@ def test_vit_regions_are_patch_tokens_without_the_class_token(vit):
     assert features.shape == (4, 192) and np.array_equal(boxes, grid_boxes(2, 2))
     with torch.inference_mode():
         tokens = vit.model.forward_features(vit.transform(image)[None])[0]  # (1 + 4, 192)
-    torch.testing.assert_close(torch.from_numpy(features), tokens[1:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(features), tokens[1:], **float32_paths(tokens[1:]))
 
 
 def test_preprocessing_keeps_the_whole_image(resnet):
@@ -128,7 +130,8 @@ def test_batched_extraction_matches_one_image_at_a_time(resnet):
     images = [_image(2), _image(3, size=(30, 70))]
     batched = resnet(images)
     for image, (features, _) in zip(images, batched):
-        np.testing.assert_allclose(features, resnet([image])[0][0], atol=1e-5)
+        expected = resnet([image])[0][0]
+        np.testing.assert_allclose(features, expected, **float32_paths(expected))
 
 
 def test_unknown_backbone_is_refused_with_its_name():
@@ -266,7 +269,7 @@ def test_extraction_writes_vlt5_layout_that_the_store_reads_back(tmp_path, resne
     for i in range(3):
         features, boxes = store[f"img{i}"]
         expected = resnet([load_image(image_dir / f"img{i}.png")])[0][0]
-        np.testing.assert_allclose(features, expected, atol=1e-5)
+        np.testing.assert_allclose(features, expected, **float32_paths(expected))
         np.testing.assert_allclose(boxes, grid_boxes(2, 2), atol=1e-6)
 
 
@@ -299,8 +302,9 @@ def test_interrupted_extraction_loses_at_most_one_batch(tmp_path, resnet):
         report = extract_to_h5(image_dir, output, resnet, batch_size=2, progress=False)
     assert counter.images == 3 and report.n_skipped == 2  # the partial group was redone, not trusted
     assert len(FeatureStore(output, n_regions=4).image_ids()) == 5
+    expected = resnet([load_image(image_dir / "img2.png")])[0][0]
     np.testing.assert_allclose(
-        FeatureStore(output)["img2"][0], resnet([load_image(image_dir / "img2.png")])[0][0], atol=1e-5
+        FeatureStore(output)["img2"][0], expected, **float32_paths(expected)
     )
 
 
@@ -342,7 +346,8 @@ def test_on_the_fly_features_compute_once_and_match_the_extractor(tmp_path, vit)
         features[:] = 0  # a caller changing its copy must not change the cache
         again, _ = source["img1"]
     assert counter.calls == 1
-    np.testing.assert_allclose(again, vit([load_image(image_dir / "img1.png")])[0][0], atol=1e-5)
+    expected = vit([load_image(image_dir / "img1.png")])[0][0]
+    np.testing.assert_allclose(again, expected, **float32_paths(expected))
     assert np.array_equal(boxes, grid_boxes(2, 2)) and "img0" in source and len(source) == 2
     with pytest.raises(MissingFeaturesError, match="'img7'"):
         source["img7"]

@@ -29,31 +29,11 @@ from dept_vl.image_classification import (
     with_pixel_values,
 )
 from dept_vl.images import ImageLoadError
-from tests.conftest import free_port
-from tests.vl.test_vit import tiny_vit
+from tests.conftest import IMAGE_CLASSES, VISION_MODEL_FLAGS, free_port, write_image_folder
+from tests.vl.conftest import tiny_vit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-CLASSES = ("blue", "green", "red")  # imagefolder sorts class folders by name
-MODEL_FLAGS = ["--model_name_or_path", "vit_tiny_patch16_224", "--pretrained", "false",
-               "--model_kwargs", "{img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}"]
-
-
-def write_image_folder(root: Path, per_class: dict[str, int], seed: int = 0, size: int = 40) -> Path:
-    """Noisy images whose dominant colour is the class, one subfolder per class (grayscale and RGBA among them)."""
-    rng = np.random.default_rng(seed)
-    for split, count in per_class.items():
-        for channel, name in zip((2, 1, 0), CLASSES, strict=True):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                pixels = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
-                pixels[..., channel] = rng.integers(160, 256, size=(size, size), dtype=np.uint8)
-                image = Image.fromarray(pixels)
-                if index == 0:
-                    image = image.convert("RGBA")  # other modes become RGB
-                image.save(folder / f"{index}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +48,7 @@ def data_args(**kwargs) -> ImageDataArguments:
 def test_image_folder_splits_and_separate_folders_share_one_set_of_class_names(image_folder, tmp_path):
     splits = load_image_splits(data_args(data_dir=str(image_folder)))
     assert sorted(splits) == ["test", "train", "validation"] and len(splits["train"]) == 48
-    assert class_names(splits, "label") == list(CLASSES)
+    assert class_names(splits, "label") == list(IMAGE_CLASSES)
 
     only_red = write_image_folder(tmp_path, {"test": 1})
     for name in ("blue", "green"):
@@ -76,8 +56,8 @@ def test_image_folder_splits_and_separate_folders_share_one_set_of_class_names(i
             path.unlink()
         (only_red / "test" / name).rmdir()
     separate = load_image_splits(data_args(train_dir=str(image_folder / "train"), test_dir=str(only_red / "test")))
-    assert class_names(separate, "label") == list(CLASSES)
-    assert {separate["test"][i]["label"] for i in range(len(separate["test"]))} == {CLASSES.index("red")}
+    assert class_names(separate, "label") == list(IMAGE_CLASSES)
+    assert {separate["test"][i]["label"] for i in range(len(separate["test"]))} == {IMAGE_CLASSES.index("red")}
 
 
 def test_validation_is_held_out_from_train_when_missing_stratified_and_seeded(image_folder):
@@ -124,7 +104,7 @@ def test_top1_and_top5_accuracy_are_counted_by_class_name():
 
 
 def run_flags(image_folder: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [*MODEL_FLAGS, "--data_dir", str(image_folder), "--output_dir", str(output_dir),
+    return [*VISION_MODEL_FLAGS, "--data_dir", str(image_folder), "--output_dir", str(output_dir),
             "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--report_to", "none",
             "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false", "--logging_steps", "5", "--seed", "3", *extra]
 
@@ -141,11 +121,11 @@ def test_end_to_end_loss_falls_and_a_reloaded_adapter_gives_the_same_accuracy(im
     assert len(losses) == 8 and max(losses[-2:]) < 0.7 * losses[0], losses
     assert results["eval_accuracy"] > 100 / 3 and results["eval_top5_accuracy"] == 100.0
     record = json.loads((trained_dir / "image_classification.json").read_text())
-    assert record["class_names"] == list(CLASSES)
+    assert record["class_names"] == list(IMAGE_CLASSES)
     assert record["trainable_parameters"] == {"prompt": 4 * 32, "lora_embedding": 16 * 4 + 4 * 32,
                                               "head": 32 * 3 + 3, "total": 419, "other": 0}
     predictions = [json.loads(line) for line in (trained_dir / "predictions_test.jsonl").read_text().splitlines()]
-    assert len(predictions) == 12 and predictions[0]["prediction"]["label"] in CLASSES
+    assert len(predictions) == 12 and predictions[0]["prediction"]["label"] in IMAGE_CLASSES
 
     reloaded = train(run_flags(image_folder, tmp_path / "reloaded", "--do_eval", "--do_predict",
                               "--peft_model_id", str(trained_dir)))
@@ -213,7 +193,7 @@ def test_two_processes_under_accelerate_launch_train_and_match_the_one_process_e
     one_process = train(run_flags(image_folder, tmp_path / "one", "--do_eval", "--peft_model_id", str(output_dir)))
     assert one_process["eval_samples"] == two_process["eval_samples"] == 12
     assert one_process["eval_accuracy"] == pytest.approx(two_process["eval_accuracy"])
-    assert one_process["eval_loss"] == pytest.approx(two_process["eval_loss"], abs=1e-5)
+    assert one_process["eval_loss"] == pytest.approx(two_process["eval_loss"], rel=1e-5)  # FLOAT32_PATHS
 
 
 # ------------------------------------------------------------------------------------- user errors, at the console
@@ -340,7 +320,7 @@ def test_an_empty_class_folder_warns_and_a_class_missing_from_training_is_refuse
     with caplog.at_level("WARNING", logger="dept_vl.image_classification"):
         splits = load_image_splits(data_args(data_dir=str(data)))
     assert f"hold no images, so they are no class and no split: {data / 'test' / 'green'}" in caplog.text
-    assert class_names(splits, "label") == list(CLASSES)  # green still comes from train and validation
+    assert class_names(splits, "label") == list(IMAGE_CLASSES)  # green still comes from train and validation
 
     for path in (data / "train" / "red").iterdir():
         path.unlink()

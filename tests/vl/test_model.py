@@ -19,11 +19,9 @@ from dept_vl.model import (
     load_dept_vl_model,
     prepare_vl_model,
 )
-from tests.conftest import tiny_t5_config
+from tests.conftest import float32_paths, tiny_t5_config
 from tests.vl.conftest import FEAT_DIM, N_REGIONS, make_regions
 
-# Logits of the tiny random T5 are ~10, so reordering a float sum moves them by a few 1e-6.
-LOGITS_ATOL = 1e-5
 # A tiny random T5 often emits the same tokens whatever its input, so generate tests compare the scores too.
 GENERATE_OPTIONS = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_scores=True,
                         return_dict_in_generate=True)
@@ -96,7 +94,7 @@ def test_visual_embedding_matches_hand_computation(vl_config, individual_vis_lay
     expected = rms_norm(feat) + rms_norm(pos) + image if individual_vis_layer_norm else rms_norm(feat + pos + image)
     with torch.no_grad():
         actual = embedding(feature.view(1, 1, -1), box.view(1, 1, -1))[0, 0]
-    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(actual, expected, **float32_paths(expected))
 
 
 def test_two_images_are_flattened_with_their_image_ids(vl_model):
@@ -110,7 +108,8 @@ def test_two_images_are_flattened_with_their_image_ids(vl_model):
         same_regions_other_image = embedding(regions["vis_feats"], regions["vis_boxes"], torch.ones(4).long())
     assert stacked.shape == (2, 2 * N_REGIONS, vl_model.config.d_model)
     torch.testing.assert_close(stacked, flat, atol=0, rtol=0)
-    torch.testing.assert_close(stacked[:, N_REGIONS:], same_regions_other_image.flip(1), atol=1e-6, rtol=0)
+    expected = same_regions_other_image.flip(1)
+    torch.testing.assert_close(stacked[:, N_REGIONS:], expected, **float32_paths(expected))
     assert not torch.allclose(stacked[:, :N_REGIONS], same_regions_other_image)  # the image id is seen
 
 
@@ -142,7 +141,8 @@ def test_encoder_input_is_text_then_regions_and_mask_is_text_mask_then_ones(vl_m
     with torch.no_grad():
         text = vl_model.shared(batch["input_ids"])
         visual = vl_model.visual_embedding(regions["vis_feats"], regions["vis_boxes"])
-    torch.testing.assert_close(hidden, torch.cat([text, visual], dim=1), atol=1e-6, rtol=0)
+    expected = torch.cat([text, visual], dim=1)
+    torch.testing.assert_close(hidden, expected, **float32_paths(expected))
 
     joint_mask = torch.cat([batch["attention_mask"], torch.ones(2, N_REGIONS, dtype=torch.long)], dim=1)
     expected_mask = create_bidirectional_mask(config=vl_model.encoder.config, inputs_embeds=hidden,
@@ -164,7 +164,7 @@ def test_without_regions_the_model_is_exactly_t5(vl_model, tokenizer):
     with torch.no_grad():
         expected = t5(**batch, decoder_input_ids=decoder_input_ids).logits
         actual = vl_model(**batch, decoder_input_ids=decoder_input_ids).logits
-    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(actual, expected, **float32_paths(expected))
 
 
 def test_region_order_does_not_matter(vl_model, tokenizer):
@@ -176,8 +176,9 @@ def test_region_order_does_not_matter(vl_model, tokenizer):
         shuffled = vl_model(**batch, **permuted, decoder_input_ids=torch.zeros(2, 2).long())
     L = batch["input_ids"].shape[1]
     original_regions = original.encoder_last_hidden_state[:, L:][:, [2, 0, 3, 1]]
-    torch.testing.assert_close(shuffled.encoder_last_hidden_state[:, L:], original_regions, atol=1e-6, rtol=0)
-    torch.testing.assert_close(shuffled.logits, original.logits, atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(shuffled.encoder_last_hidden_state[:, L:], original_regions,
+                               **float32_paths(original_regions))
+    torch.testing.assert_close(shuffled.logits, original.logits, **float32_paths(original.logits))
 
 
 def test_masked_regions_are_ignored(vl_model, tokenizer):
@@ -185,11 +186,12 @@ def test_masked_regions_are_ignored(vl_model, tokenizer):
     regions = make_regions(1, n_regions=6)
     first_four = {key: value[:, :4] for key, value in regions.items()}
     vis_attention_mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    expected = decoder_logits(vl_model, batch, first_four)
     masked = decoder_logits(vl_model, batch, {**regions, "vis_attention_mask": vis_attention_mask})
-    torch.testing.assert_close(masked, decoder_logits(vl_model, batch, first_four), atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(masked, expected, **float32_paths(expected))
     without_text_mask = {"input_ids": batch["input_ids"]}  # one unpadded example: its text mask is all ones
     masked = decoder_logits(vl_model, without_text_mask, {**regions, "vis_attention_mask": vis_attention_mask})
-    torch.testing.assert_close(masked, decoder_logits(vl_model, batch, first_four), atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(masked, expected, **float32_paths(expected))
 
 
 @pytest.mark.parametrize("with_dept", [False, True])
@@ -200,7 +202,7 @@ def test_padding_does_not_change_logits_with_regions(vl_model, tokenizer, side, 
     batched = decoder_logits(model, tokenize(tokenizer, TEXTS, side), regions)
     for i, text in enumerate(TEXTS):
         alone = decoder_logits(model, tokenize(tokenizer, [text]), {k: v[i : i + 1] for k, v in regions.items()})
-        torch.testing.assert_close(batched[i], alone[0], atol=LOGITS_ATOL, rtol=0)
+        torch.testing.assert_close(batched[i], alone[0], **float32_paths(alone[0]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def test_dept_changes_the_text_positions_only(vl_model, tokenizer):
     for row in range(2):
         n = int(batch["attention_mask"][row].sum())
         difference = prompted[row, m : m + n] - plain[row, :n]
-        torch.testing.assert_close(difference, update[:n], atol=1e-6, rtol=0)
+        torch.testing.assert_close(difference, update[:n], **float32_paths(prompted[row, m : m + n]))  # E' - E
         torch.testing.assert_close(prompted[row, m + n : m + L], plain[row, n:L], atol=0, rtol=0)  # pads: no update
     assert dept_model.config.scaling == pytest.approx(8 / math.sqrt(2))
 
@@ -244,9 +246,10 @@ def test_generate_through_dept_with_regions_does_not_depend_on_padding(vl_model,
         assert torch.equal(batched.sequences[i], alone.sequences[0])
         if num_beams == 1:
             for batched_step, alone_step in zip(batched.scores, alone.scores):
-                torch.testing.assert_close(batched_step[i], alone_step[0], atol=LOGITS_ATOL, rtol=0)
+                torch.testing.assert_close(batched_step[i], alone_step[0], **float32_paths(alone_step[0]))
         else:
-            torch.testing.assert_close(batched.sequences_scores[i], alone.sequences_scores[0], atol=1e-6, rtol=0)
+            expected = alone.sequences_scores[0]
+            torch.testing.assert_close(batched.sequences_scores[i], expected, **float32_paths(expected))
 
 
 def test_greedy_generate_equals_step_by_step_argmax_of_forward(vl_model, tokenizer):
@@ -259,7 +262,7 @@ def test_greedy_generate_equals_step_by_step_argmax_of_forward(vl_model, tokeniz
         with torch.no_grad():
             logits = dept_model(**batch, **regions, decoder_input_ids=decoder_input_ids).logits[:, -1]
         logits[:, tokenizer.eos_token_id] = float("-inf")  # min_new_tokens
-        torch.testing.assert_close(step_scores, logits, atol=LOGITS_ATOL, rtol=0)
+        torch.testing.assert_close(step_scores, logits, **float32_paths(logits))
         decoder_input_ids = torch.cat([decoder_input_ids, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated.sequences, decoder_input_ids)
     other_images = dept_model.generate(**batch, **make_regions(3, seed=7), **GENERATE_OPTIONS)

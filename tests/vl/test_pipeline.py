@@ -1,20 +1,17 @@
 """The vision-language pipeline end to end on a tiny VL-T5: every task trains, evaluates, predicts, saves and reloads.
 
-The data are `scripts.synthetic_vl_data` images with annotations in each official schema (VQAv2, GQA, NLVR2, Karpathy
+The data are `scripts/synthetic_vl_data.py` images with annotations in each official schema (VQAv2, GQA, NLVR2, Karpathy
 COCO); the features come from a random-weight resnet18 at 64 px (a 2 x 2 grid of 512-d regions).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import h5py
 import pytest
-import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer, T5ForConditionalGeneration
+from transformers import AutoTokenizer
 
 from dept.command_line import IGNORED_FLAGS
 from dept.trainer import Trainer
@@ -23,71 +20,13 @@ from dept_vl.arguments import VLDataArguments
 from dept_vl.cli import train as main
 from dept_vl.data import task_file_paths
 from dept_vl.evaluate import VLEvaluator, build_vl_eval_components
-from dept_vl.features import GridFeatureExtractor, MissingFeaturesError, extract_to_h5
+from dept_vl.features import MissingFeaturesError
 from dept_vl.model import load_dept_vl_model
 from dept_vl.modeling import load_vl_base_model
-from dept_vl.tasks import SPLITS, TASKS, TaskSources, load_task_splits, read_vqa
-from scripts.synthetic_vl_data import make_synthetic_vl_dataset
-from tests.conftest import build_word_tokenizer, tiny_t5_config
+from dept_vl.tasks import TASKS, TaskSources, load_task_splits, read_vqa
+from tests.vl.conftest import predictions, read_json
 
 TASK_METRICS = {name: [f"{name}_{metric}" for metric in spec.metrics] for name, spec in TASKS.items()}
-
-
-@dataclass
-class VLFixture:
-    """A synthetic dataset, its stored features, and a tiny T5 checkpoint with a tokenizer of its words."""
-
-    root: Path
-    feature_file: Path
-    model_dir: Path
-
-    def argv(self, tasks: str, output_dir: str | Path, *extra: str) -> list[str]:
-        """A full training command line for a short run (flags in `extra` come last and win)."""
-        data = [word for flag, path in task_file_paths(self.root).items() for word in (f"--{flag}", path)]
-        return [
-            "--tasks", tasks, *data, "--feature_file", str(self.feature_file),
-            "--model_name_or_path", str(self.model_dir), "--output_dir", str(output_dir),
-            "--peft_type", "PROMPT_TUNING_LORA", "--prefix_length", "4", "--r", "4", "--prompt_init", "vocab",
-            "--max_seq_length", "24", "--max_target_length", "24", "--generation_max_length", "12",
-            "--learning_rate", "0.3", "--lora_embedding_lr", "0.01",
-            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
-            "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1",
-            "--report_to", "none", "--seed", "0", "--do_train", "--do_eval", "--do_predict", *extra,
-        ]
-
-
-def build_vl_fixture(directory: Path, n_images: int = 20) -> VLFixture:
-    root = directory / "data"
-    make_synthetic_vl_dataset(root, n_images=n_images, seed=0, image_size=64)
-    torch.manual_seed(0)
-    feature_file = directory / "features.h5"
-    extract_to_h5(root, feature_file, GridFeatureExtractor("resnet18", pretrained=False, image_size=64),
-                  progress=False)
-
-    sources = TaskSources(**task_file_paths(root))
-    texts = ["true false"]
-    for split_rows in (load_task_splits([task], sources, SPLITS) for task in TASKS):
-        for rows in split_rows.values():
-            texts += list(rows["source"]) + list(rows["target"])
-            texts += [answer for reference in rows["references"] for answer in reference["answers"]]
-    model_dir = directory / "t5"
-    tokenizer = build_word_tokenizer(texts, model_dir)
-    torch.manual_seed(0)
-    T5ForConditionalGeneration(tiny_t5_config(len(tokenizer))).save_pretrained(model_dir)
-    return VLFixture(root, feature_file, model_dir)
-
-
-@pytest.fixture(scope="session")
-def vl_fixture(tmp_path_factory) -> VLFixture:
-    return build_vl_fixture(tmp_path_factory.mktemp("vl"))
-
-
-def read_json(path: Path):
-    return json.loads(Path(path).read_text())
-
-
-def predictions(output_dir: Path, split: str = "test") -> list[str]:
-    return [json.loads(line)["prediction"] for line in (output_dir / f"predictions_{split}.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -7,15 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.synthetic_vl_data import (
-    COLORS,
-    SHAPE_RADIUS,
-    Scene,
-    SceneObject,
-    make_synthetic_vl_dataset,
-    render_scene,
-    shape_center,
-)
+from tests.conftest import synthetic_vl_data
+
+COLORS, SHAPE_RADIUS = synthetic_vl_data.COLORS, synthetic_vl_data.SHAPE_RADIUS
+Scene, SceneObject = synthetic_vl_data.Scene, synthetic_vl_data.SceneObject
+make_synthetic_vl_dataset, render_scene = synthetic_vl_data.make_synthetic_vl_dataset, synthetic_vl_data.render_scene
+shape_center = synthetic_vl_data.shape_center
 
 N_IMAGES = 40
 

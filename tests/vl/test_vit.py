@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
@@ -15,14 +14,8 @@ from dept_vl.vit import (
     trainable_parameter_report,
     vit_dept_config,
 )
-
-TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
-
-
-def tiny_vit(seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT, **overrides})
-    return model.eval()
+from tests.conftest import float32_paths
+from tests.vl.conftest import tiny_vit
 
 
 def images(batch: int = 3, size: int = 32, seed: int = 1) -> torch.Tensor:
@@ -65,7 +58,7 @@ def test_r0_equals_hand_written_vpt_shallow(variant):
     expected = hand_written_forward(vit, pixel_values, model.prompt_encoder.prompt_embeddings)
 
     assert model.config.r == 0 and model.num_trainable_parameters()["lora_embedding"] == 0
-    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits, expected, **float32_paths(expected))
     assert not torch.allclose(logits, vit(pixel_values), atol=1e-3)  # the prompt does change the output
 
 
@@ -90,7 +83,8 @@ def test_dept_equals_the_formula_at_init_and_after_a_step():
 
     model.eval()
     assert encoder.lora_embedding_B.abs().sum() == 0  # B = 0 at init: A @ B adds nothing yet
-    torch.testing.assert_close(model(pixel_values).logits, formula(), atol=1e-6, rtol=0)
+    expected = formula()
+    torch.testing.assert_close(model(pixel_values).logits, expected, **float32_paths(expected))
 
     model.train()
     optimizer = torch.optim.AdamW(model.optimizer_param_groups(learning_rate=0.1, lora_embedding_lr=0.1))
@@ -100,7 +94,8 @@ def test_dept_equals_the_formula_at_init_and_after_a_step():
     model.eval()
     assert encoder.lora_embedding_B.abs().sum() > 0
     with torch.no_grad():
-        torch.testing.assert_close(model(pixel_values).logits, formula(), atol=1e-6, rtol=0)
+        expected = formula()
+        torch.testing.assert_close(model(pixel_values).logits, expected, **float32_paths(expected))
         update = model.config.scaling * encoder.lora_embedding_A @ encoder.lora_embedding_B
         assert not torch.allclose(formula(), hand_written_forward(vit, pixel_values, encoder.prompt_embeddings,
                                                                   torch.zeros_like(update)), atol=1e-4)
@@ -161,7 +156,8 @@ def test_dynamic_img_size_at_the_native_size_matches_the_fixed_size_model():
     with torch.no_grad():
         models[1].prompt_encoder.lora_embedding_B.normal_()  # a non-zero update, the same in both
         models[0].prompt_encoder.lora_embedding_B.copy_(models[1].prompt_encoder.lora_embedding_B)
-    torch.testing.assert_close(models[0](images()).logits, models[1](images()).logits, atol=1e-6, rtol=0)
+    expected = models[1](images()).logits
+    torch.testing.assert_close(models[0](images()).logits, expected, **float32_paths(expected))
 
 
 @pytest.mark.parametrize("size", [24, 48, 56])
@@ -181,7 +177,7 @@ def test_dynamic_img_size_resamples_a_b_on_the_patch_grid_as_the_position_embedd
         patches = vit.patch_embed(pixel_values).flatten(1, 2)  # (batch, grid_h * grid_w, d), no positions
     grid = size // 8
     assert tokens.shape == (3, 1 + 2 + grid * grid, d)
-    torch.testing.assert_close(tokens[:, 3:], patches, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tokens[:, 3:], patches, **float32_paths(patches))
     resampled = resample_abs_pos_embed(vit.pos_embed, new_size=[grid, grid], num_prefix_tokens=1)
     torch.testing.assert_close(tokens[:, 0], (vit.cls_token[0, 0] + resampled[0, 0]).expand(3, -1))
     torch.testing.assert_close(tokens[:, 1:3], model.prompt_encoder.prompt_embeddings.expand(3, -1, -1))
@@ -250,4 +246,4 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(images(), labels=torch.tensor([0, 1, 2])).loss.backward()
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
     for plain, checkpointed in zip(*grads):
-        torch.testing.assert_close(plain, checkpointed, atol=1e-6, rtol=0)
+        torch.testing.assert_close(checkpointed, plain, **float32_paths(plain))  # a recomputed forward

@@ -1,22 +1,35 @@
-"""Helpers of the console-script tests: run the installed scripts (`dept-train`, `dept-train-vl`,
-`dept-train-vision`, `dept-eval`, `dept-serve`, `dept-tune`, next to sys.executable) as subprocesses with this
-checkout first on PYTHONPATH, check what they print, and the tiny text setup."""
+"""Helpers of the console-script tests. `run` runs an installed script (`dept-train`, `dept-train-vl`,
+`dept-train-vision`, `dept-eval`, `dept-serve`, `dept-tune`, next to sys.executable) as a subprocess with this checkout
+first on PYTHONPATH; `run_in_process` calls the same entry point in this process, for the checks a fresh
+interpreter adds nothing to (errors found before any work, result files, --help: the exit status, stdout and the
+one-line error come from `dept.command_line.run_console` either way, and our log lines reach its stderr). What
+only a fresh process shows (stdout kept clean of what imports print, other libraries' log lines, Python's own
+traceback, signals, launches) stays with `run`: every CLI keeps real subprocess tests, of success and of an error.
+Also: what the scripts print, parsed, and the tiny text setup.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from importlib.metadata import entry_points
 from pathlib import Path
+from unittest import mock
+
+import pytest
 
 from dept_nlp.tasks import get_task
-from tests.conftest import save_tiny_model
-from tests.nlp.fixtures import hub_row, write_task_fixture
+from tests.conftest import REPO_ROOT, hub_row, save_tiny_model, write_task_fixture
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = Path(sys.executable).parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -106,3 +119,47 @@ def train_flags(text, output_dir, *extra) -> list[str]:
             "--report_to", "none", "--seed", "7", *extra]
 
 
+def run_in_process(name: str, *argv) -> subprocess.CompletedProcess:
+    """`run`'s twin in this process: `sys.argv` set as the console script sees it, its installed entry point called
+    as the script calls it (`sys.exit(main())`), and (exit status, stdout, stderr) captured at file descriptors 1
+    and 2. Log records go to that stderr through the handler `run_console` installs on a root logger that has none
+    (pytest's own handlers are set aside meanwhile, and restored)."""
+    (entry,) = entry_points(group="console_scripts", name=name)
+    main = entry.load()
+    root = logging.getLogger()
+    kept = root.handlers[:]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        with _captured(1, "stdout", out), _captured(2, "stderr", err), \
+                mock.patch.object(sys, "argv", [script(name), *map(str, argv)]):
+            root.handlers.clear()
+            try:
+                status = main()
+            except SystemExit as exit_:  # argparse's --help
+                status = exit_.code
+            finally:
+                root.handlers[:] = kept
+        out.seek(0), err.seek(0)
+        stdout, stderr = (file.read().decode("utf-8", errors="replace") for file in (out, err))
+    return subprocess.CompletedProcess([name, *map(str, argv)], status or 0, stdout, stderr)
+
+
+@contextlib.contextmanager
+def _captured(fd: int, name: str, file) -> Iterator[None]:
+    """File descriptor `fd` and `sys.<name>` both write to `file` meanwhile, in the order written."""
+    getattr(sys, name).flush()
+    saved_fd, saved_stream = os.dup(fd), getattr(sys, name)
+    os.dup2(file.fileno(), fd)
+    setattr(sys, name, io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8", write_through=True))
+    try:
+        yield
+    finally:
+        getattr(sys, name).flush()
+        setattr(sys, name, saved_stream)
+        os.dup2(saved_fd, fd)
+        os.close(saved_fd)
+
+
+@pytest.fixture(scope="session")
+def text(tmp_path_factory) -> dict:
+    """`make_text_setup`, once per session."""
+    return make_text_setup(tmp_path_factory.mktemp("console"))
