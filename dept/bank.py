@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .caching import EvalCachingModule, builds_graph
 from .config import DePTConfig
 from .embedding import (
     ADAPTER_KEYS,
@@ -27,7 +28,6 @@ from .embedding import (
     add_update,
     initialize_adapter,
     input_too_long,
-    invalidate_after_load,
     low_rank_update,
     prompt_layout,
     real_token_positions,
@@ -69,7 +69,7 @@ class BankRouting(PromptRouting):
         return states.select(self.adapter_index.repeat_interleave(expand), self.width)
 
 
-class AdapterBank(nn.Module):
+class AdapterBank(EvalCachingModule):
     """n DePT adapters stacked (see the module docstring), applied to already-embedded inputs row by row.
 
     Shapes:
@@ -110,7 +110,6 @@ class AdapterBank(nn.Module):
         self.register_buffer("adapter_max_lengths", torch.tensor([c.max_length for c in configs], dtype=torch.long),
                              persistent=False)
         self._cached_update: torch.Tensor | None = None
-        self.register_load_state_dict_post_hook(invalidate_after_load)
 
     @classmethod
     @torch.no_grad()
@@ -145,7 +144,7 @@ class AdapterBank(nn.Module):
     def embedding_update(self) -> torch.Tensor:
         """scaling_a * (A_a @ B_a) for every adapter a, (n, s_max, d)."""
         A, B = self.lora_embedding_A, self.lora_embedding_B
-        if self.training or (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)):
+        if builds_graph(self, A, B):
             self._cached_update = None
             return low_rank_update(A, B, self.scaling)
         if self._cached_update is None:
@@ -154,16 +153,6 @@ class AdapterBank(nn.Module):
 
     def invalidate_caches(self) -> None:
         self._cached_update = None
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.invalidate_caches()
-        return self
-
-    def _apply(self, fn, *args, **kwargs):
-        result = super()._apply(fn, *args, **kwargs)
-        self.invalidate_caches()
-        return result
 
     # ----------------------------------------------------------------------------------------------------------
     # The forward, in the three steps of a single adapter, row by row

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import nn
 
+from .caching import EvalCachingModule, builds_graph
 from .config import ConfigError, DePTConfig
 from .distributed import full_shape, gathered_parameters
 
@@ -32,15 +32,6 @@ ADAPTER_KEYS = ("prompt_embeddings", "lora_embedding_A", "lora_embedding_B")
 
 class InputTooLongError(ValueError):
     """An input has more real tokens than the adapter's max_length covers."""
-
-
-class CachingModule(Protocol):
-    def invalidate_caches(self) -> None: ...
-
-
-def invalidate_after_load(module: CachingModule, incompatible_keys) -> None:
-    """A load_state_dict post-hook: whatever was loaded, the module's caches are recomputed."""
-    module.invalidate_caches()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,7 +228,7 @@ class PromptRouting:
 # One adapter
 
 
-class DePTEmbedding(nn.Module):
+class DePTEmbedding(EvalCachingModule):
     """One DePT adapter applied to already-embedded inputs:
 
         E' = E + scaling * (A @ B)[position]   position = index of the token among the row's real tokens
@@ -275,7 +266,6 @@ class DePTEmbedding(nn.Module):
         self.lora_embedding_A = nn.Parameter(torch.zeros(self.max_length, self.r))
         self.lora_embedding_B = nn.Parameter(torch.zeros(self.r, token_dim))
         self._cached_update: torch.Tensor | None = None
-        self.register_load_state_dict_post_hook(invalidate_after_load)
         self.reset_lora_parameters()
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
@@ -298,8 +288,8 @@ class DePTEmbedding(nn.Module):
         """scaling * (A @ B)[:length], (length, d)."""
         length = self.max_length if length is None else length
         A, B = self.lora_embedding_A, self.lora_embedding_B
-        if self.training or (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)):
-            self._cached_update = None  # a graph through A and B: a step may follow
+        if builds_graph(self, A, B):
+            self._cached_update = None  # a step may follow
             return low_rank_update(A[:length], B, self.scaling)
         if self._cached_update is None:
             self._cached_update = low_rank_update(A, B, self.scaling)
@@ -308,16 +298,6 @@ class DePTEmbedding(nn.Module):
     def invalidate_caches(self) -> None:
         """Drop the cached table; the next eval call computes it from the current A and B."""
         self._cached_update = None
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.invalidate_caches()
-        return self
-
-    def _apply(self, fn, *args, **kwargs):
-        result = super()._apply(fn, *args, **kwargs)
-        self.invalidate_caches()  # a move or a cast
-        return result
 
     # ----------------------------------------------------------------------------------------------------------
     # The forward, in three steps

@@ -11,10 +11,10 @@ Each model kind gets one small class that knows where the prompt goes:
 Each holds one adapter, the one it trains (`get_dept_model`) or loads (`DePTModel.from_pretrained`). The math
 lives once, in `dept.embedding`; serving several adapters in one batch is `dept.MultiAdapterModel`'s job.
 
-Caching rule: the eval caches (the scaling * A @ B table, the prompt's KV cache) are recomputed after every
-`train()`/`eval()` call, load (`load_state_dict`, `load_adapter_state_dict`), move or cast, adapter add or remove,
-and forward that needs gradients, never keyed on tensor versions or addresses, and after any other in-place change
-of P, A, B or the base's weights in eval mode you call `invalidate_caches()`.
+Caching rule (`dept.caching`): the eval caches (the scaling * A @ B table, the prompt's KV cache) are recomputed
+after every `train()`/`eval()` call, load (`load_state_dict`, `load_adapter_state_dict`), move or cast, adapter add
+or remove, and forward that needs gradients, never keyed on tensor versions or addresses, and after any other
+in-place change of P, A, B or the base's weights in eval mode you call `invalidate_caches()`.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ import torch
 from torch import nn
 
 from .adapter_files import load_adapter, save_adapter
+from .caching import EvalCachingModule, builds_graph
 from .config import ConfigError, DePTConfig, infer_task_type
 from .distributed import full_shape, needs_synced_generation
 from .embedding import (
     PADDING_OFFSET_MODEL_TYPES,
     DePTEmbedding,
     PromptRouting,
-    invalidate_after_load,
     real_token_position_ids,
 )
 from .errors import UserError
@@ -50,7 +50,6 @@ from .prompt_cache import (
     forward_after_prompt,
     generate_after_prompt,
     generation_expand_size,
-    needs_gradients,
     prompt_cache_applies,
     with_prompt_logits,
 )
@@ -119,7 +118,7 @@ def embed_inputs(word_embeddings: nn.Module, input_ids, attention_mask, inputs_e
     return inputs_embeds, attention_mask
 
 
-class DePTModel(HuggingFaceModelMixin, nn.Module):
+class DePTModel(HuggingFaceModelMixin, EvalCachingModule):
     """A frozen Hugging Face model plus one DePT adapter: P, A, B, and any trainable modules such as a head.
 
     Build one with `get_dept_model(model, config)`, or load one with `DePTModel.from_pretrained(model, dir)`.
@@ -165,7 +164,6 @@ class DePTModel(HuggingFaceModelMixin, nn.Module):
         """Hold the frozen base model (`dept.MultiAdapterModel`'s models attach the same way)."""
         self.token_dim = token_dim
         self.base_model = base_model.requires_grad_(False)
-        self.register_load_state_dict_post_hook(invalidate_after_load)
         if self.forwards_to_base:
             expose_forward_signature(self, base_model)
 
@@ -190,16 +188,6 @@ class DePTModel(HuggingFaceModelMixin, nn.Module):
     def invalidate_caches(self) -> None:
         """Drop every cached value; the next eval call recomputes it from the current weights."""
         self.prompt_encoder.invalidate_caches()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.invalidate_caches()
-        return self
-
-    def _apply(self, fn, *args, **kwargs):
-        result = super()._apply(fn, *args, **kwargs)
-        self.invalidate_caches()  # a move or a cast
-        return result
 
     # ----------------------------------------------------------------------------------------------------------
     # The prompt
@@ -500,7 +488,7 @@ class DePTModelForCausalLM(DePTModel):
 
     def _cached_prompt(self, use_prompt_cache: bool | None, routing: PromptRouting, kwargs: dict,
                        generating: bool = False) -> PromptStates | None:
-        if not self.training and needs_gradients(self):  # a graph through P: a step may follow
+        if not self.training and builds_graph(self):  # a graph through P in eval mode: a step may follow
             self.invalidate_caches()
         enabled = self.use_prompt_cache if use_prompt_cache is None else use_prompt_cache
         if routing.width == 0 or not prompt_cache_applies(self, enabled, kwargs, generating):

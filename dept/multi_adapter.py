@@ -23,6 +23,7 @@ from torch import nn
 
 from .adapter_files import load_adapter
 from .bank import AdapterBank, BankRouting
+from .caching import EvalCachingModule
 from .config import DePTConfig, infer_task_type
 from .embedding import DePTEmbedding
 from .model import (
@@ -59,7 +60,7 @@ class ServingModel(DePTModel):
     config: DePTConfig | None  # type: ignore[assignment]
 
     def __init__(self, base_model: nn.Module):
-        nn.Module.__init__(self)  # no adapter of its own to attach, as DePTModel.__init__ does
+        EvalCachingModule.__init__(self)  # no adapter of its own to attach, as DePTModel.__init__ does
         self._attach(base_model, self.describe_base(base_model)["token_dim"])
         self.config = None
         self.modules_to_save = ()

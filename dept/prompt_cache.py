@@ -26,6 +26,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .caching import builds_graph
 from .embedding import real_token_position_ids
 from .hf_compat import input_embedding_weight
 
@@ -175,11 +176,6 @@ class PromptKVCache:
         self._precision, self._states = None, None
 
 
-def needs_gradients(module: nn.Module) -> bool:
-    """Whether a call would build a graph through the module's trainable parameters (an optimizer step may follow)."""
-    return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
-
-
 def prompt_cache_applies(module: DePTModel, enabled: bool, kwargs: dict, generating: bool = False) -> bool:
     """The cached path runs in eval mode (the cached states are dropout-free), when nothing needs gradients
     through P, no cache of the caller's own is given, and (for a forward) only the plain outputs are asked for."""
@@ -190,7 +186,7 @@ def prompt_cache_applies(module: DePTModel, enabled: bool, kwargs: dict, generat
         return False
     if not set(kwargs) <= PROMPT_CACHE_FORWARD_ARGUMENTS or kwargs.get("return_dict") is False:
         return False
-    return not needs_gradients(module)
+    return not builds_graph(module)
 
 
 def forward_after_prompt(base_model: nn.Module, states: PromptStates, token_embeds: torch.Tensor,
