@@ -147,11 +147,13 @@ def test_dept_serve_serves_an_adapter_of_a_saved_vl_t5_in_a_fresh_process(saved_
 @pytest.mark.slow
 def test_dept_tune_reads_the_hidden_size_of_a_saved_vl_t5_in_a_fresh_process(vl_fixture, saved_vl_t5, tmp_path):
     root = tmp_path / "study"
-    # r = 4 at the budget of m = 4, r = 4, s = 24 and d = 32 (read from the saved VL-T5's config): m = 4.
-    finished = run("dept-tune", *_short_run(vl_fixture, saved_vl_t5, root), "--sampler", "grid", "--search", "r=4",
-                   "--search", "learning_rate=3e-1", "--pruner", "none")
+    # The (m, r) pairs at the budget of m = 4, r = 4, s = 24 and d = 32 (read from the saved VL-T5's config before
+    # anything trains): 4·32 + 4·(24 + 32) = 352, also spent by m = 11, r = 0.
+    finished = run("dept-tune", *_short_run(vl_fixture, saved_vl_t5, root), "--sampler", "grid", "--search",
+                   "r=0,4", "--search", "learning_rate=3e-1", "--pruner", "none")
     assert finished.returncode == 0, finished.stderr[-3000:]
     report = printed_results(finished.stdout)
-    assert report["counts"] == {"COMPLETE": 1}
-    trainable = json.loads((root / report["best"]["output_dir"] / "training_task.json").read_text())
-    assert trainable["trainable_parameters"]["prompt"] == 4 * 32
+    assert report["counts"] == {"COMPLETE": 2}
+    for row in report["trials"]:
+        trainable = json.loads((root / row["output_dir"] / "training_task.json").read_text())["trainable_parameters"]
+        assert trainable["prompt"] + trainable["lora_embedding"] == 352
