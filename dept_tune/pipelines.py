@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig
+import transformers  # its Auto classes are imported on first use: they load the names of every model
 
 from dept.command_line import MethodArguments, parse_arguments, yaml_to_argv
 from dept.errors import refusing_remote_code
@@ -63,7 +63,8 @@ class Pipeline:
 
 def text_config(model_args: ModelArguments):
     with refusing_remote_code(model_args.model_name_or_path, REMOTE_CODE_HINT):
-        return AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+        return transformers.AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                                       trust_remote_code=model_args.trust_remote_code)
 
 
 def vl_config(model_args: VLModelArguments):
