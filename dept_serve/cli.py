@@ -22,13 +22,16 @@ from dept import DePTConfig
 from dept.command_line import ArgumentParser, add_console_flags, check_model_name_or_path, run_console
 from dept.config import TASK_TYPES
 from dept.errors import FlagError
-from dept.extras import require
+from dept.extras import LazyModule, require
 from dept.hub import resolve_adapter_dir
-from dept_serve.app import create_app
-from dept_serve.engine import ServingEngine
-from dept_serve.errors import ServeError
-from dept_serve.schemas import Limits
-from dept_serve.service import DePTService
+from dept_serve.limits import Limits
+
+# The server (FastAPI, the base model's code: VL-T5 subclasses transformers' T5) is imported on first use, once the
+# flags are parsed: `--help` and a bad flag answer without it.
+app = LazyModule("dept_serve.app")
+engine = LazyModule("dept_serve.engine")
+errors = LazyModule("dept_serve.errors")
+service = LazyModule("dept_serve.service")
 
 
 def _adapter_spec(value: str) -> tuple[str, str]:
@@ -106,14 +109,14 @@ def build_app(args: argparse.Namespace):
                       if args.backbone else None)
     adapters = {name: str(resolve_adapter_dir(path)) for name, path in args.adapter}  # a dir or a Hub id
     try:
-        engine = ServingEngine.load(
+        loaded = engine.ServingEngine.load(
             args.model_name_or_path, adapters, modality=args.modality, task_type=args.task_type,
             tokenizer_name=args.tokenizer_name, num_labels=args.num_labels, feat_dim=args.feat_dim,
             feature_file=args.feature_file, image_features=image_features, device=args.device,
             allow_other_base=args.allow_other_base)
-    except ServeError as err:  # what a request would get as an HTTP error is, at start, an --adapter to fix
+    except errors.ServeError as err:  # what a request would get as an HTTP error is, at start, an --adapter to fix
         raise FlagError(f"--adapter: {err}") from err
-    return create_app(DePTService(engine, limits_from_args(args), args.adapter_root))
+    return app.create_app(service.DePTService(loaded, limits_from_args(args), args.adapter_root))
 
 
 def serve(argv: Sequence[str] | None = None) -> None:

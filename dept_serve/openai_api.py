@@ -24,7 +24,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from dept_serve.errors import ErrorJSONResponse, UnknownAdapterError
-from dept_serve.schemas import Limits, Text
+from dept_serve.limits import Limits
+from dept_serve.schemas import Text
 from dept_serve.service import DePTService
 
 PATHS = ("/v1/completions", "/v1/models")

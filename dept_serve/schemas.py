@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
+from dept_serve.limits import Limits
+
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
 # Standard base64 (RFC 4648 alphabet, '=' padding, no whitespace) of a non-empty file: what the server decodes.
 BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$"
@@ -45,18 +47,6 @@ Text = Annotated[str, AfterValidator(valid_unicode)]
 Base64File = Annotated[str, AfterValidator(base64_file), WithJsonSchema(
     {"type": "string", "pattern": BASE64_PATTERN, "contentEncoding": "base64",
      "description": "An image file (JPEG, PNG, ...), base64-encoded."})]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for, and how batches form."""
-
-    max_inputs: int = 64
-    max_new_tokens: int = 256
-    max_num_beams: int = 8
-    max_body_bytes: int = 16 * 2**20
-    max_batch_size: int = 32
-    max_wait_ms: float = 5.0
 
 
 class Timing(BaseModel):

@@ -31,8 +31,8 @@ from dept_serve.errors import (
     NotFoundError,
     UnknownAdapterError,
 )
+from dept_serve.limits import Limits
 from dept_serve.metrics import UNKNOWN_ADAPTER, ServerMetrics
-from dept_serve.schemas import Limits
 from dept_vl.images import ImageLoadError, decode_image
 
 

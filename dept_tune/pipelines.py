@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from transformers import AutoConfig
+import transformers  # its Auto classes are imported on first use: they load the names of every model
 
 from dept.command_line import MethodArguments, parse_arguments, yaml_to_argv
 from dept.errors import refusing_remote_code
@@ -21,7 +22,9 @@ from dept_nlp.modeling import REMOTE_CODE_HINT
 from dept_nlp.tasks import get_task
 from dept_vl import pipeline as vl
 from dept_vl.arguments import ARGUMENT_TYPES as VL_ARGUMENT_TYPES
+from dept_vl.arguments import VLModelArguments
 from dept_vl.evaluate import VLEvaluator
+from dept_vl.modeling import load_vl_config
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Pipeline:
     modality: str
     dataclass_types: tuple
     run: Callable[..., dict]
+    load_config: Callable[[Any], Any]  # model_args -> the base model's config (no weights are loaded)
 
     def parse(self, argv: list[str]) -> tuple:
         return tuple(parse_arguments(self.dataclass_types, argv))
@@ -46,13 +50,10 @@ class Pipeline:
             return get_task(data_args.task_name).main_metric
         return VLEvaluator(data_args.task_names, tokenizer=None).main_metric
 
-    @staticmethod
-    def hidden_size(parsed: tuple) -> int:
+    def hidden_size(self, parsed: tuple) -> int:
         """d of the base model, read from its config (no weights are loaded)."""
         model_args = parsed[0]
-        with refusing_remote_code(model_args.model_name_or_path, REMOTE_CODE_HINT):
-            config = AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                                trust_remote_code=getattr(model_args, "trust_remote_code", False))
+        config = self.load_config(model_args)
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         for name in ("d_model", "hidden_size", "n_embd"):
             if getattr(config, name, None):
@@ -60,12 +61,22 @@ class Pipeline:
         raise ValueError(f"Cannot read the hidden size of {model_args.model_name_or_path} from its config.")
 
 
+def text_config(model_args: ModelArguments):
+    with refusing_remote_code(model_args.model_name_or_path, REMOTE_CODE_HINT):
+        return transformers.AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                                       trust_remote_code=model_args.trust_remote_code)
+
+
+def vl_config(model_args: VLModelArguments):
+    return load_vl_config(model_args.model_name_or_path)  # a saved VL-T5's config too ("vlt5", see dept_vl.modeling)
+
+
 def text_pipeline() -> Pipeline:
-    return Pipeline("text", (ModelArguments, DataArguments, MethodArguments, TrainingArguments), text.run)
+    return Pipeline("text", (ModelArguments, DataArguments, MethodArguments, TrainingArguments), text.run, text_config)
 
 
 def vl_pipeline() -> Pipeline:
-    return Pipeline("vl", VL_ARGUMENT_TYPES, vl.run)
+    return Pipeline("vl", VL_ARGUMENT_TYPES, vl.run, vl_config)
 
 
 def detect_pipeline(argv: list[str]) -> Pipeline:

@@ -99,7 +99,7 @@ def make_settings(pipeline: Pipeline, argv: list[str], specs: dict[str, ParamSpe
     if budget_specs:
         method_args, data_args = base[2], base[1]
         budget = Budget(method_args.prefix_length, method_args.r, data_args.max_seq_length,
-                        Pipeline.hidden_size(base))
+                        pipeline.hidden_size(base))
         budget_pairs = budget_choices(budget_specs[0], budget)
     if sampler == "grid":
         points = len(grid_points(specs))

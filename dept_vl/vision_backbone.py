@@ -51,12 +51,16 @@ from dept import DePTConfig
 from dept.command_line import config_flag
 from dept.config import ConfigError, read_training_task
 from dept.errors import FlagError
+from dept.extras import LazyModule
 from dept_vl.features import create_backbone, feature_grid, grid_boxes, grid_transform, weights_fingerprint
-from dept_vl.model import load_dept_vl_model
 from dept_vl.vit import DePTModelForImageClassification, check_vision_transformer, prepare_vit_model, vit_dept_config
 
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
+
+# VL-T5 subclasses transformers' T5, whose import costs more than `import torch`; it is imported on first use, when
+# a pair is loaded onto a VL-T5 already built, so that `--help` (these are `dept-train-vl`'s flags) needs none of it.
+vl_t5 = LazyModule("dept_vl.model")
 
 VISION_ADAPTER_DIR = "vision_adapter"  # the vision adapter's place inside the text adapter's directory
 VISION_PEFT_TYPES = ("PROMPT_TUNING_LORA", "PROMPT_TUNING", "NONE")
@@ -274,7 +278,7 @@ class VLT5WithVisionBackbone(nn.Module):
                         is_trainable: bool = False, **kwargs) -> VLT5WithVisionBackbone:
         """The pair saved by `save_pretrained` on its two bases: the text adapter (and visual projection) onto
         the VL-T5 `vl_base`, the vision adapter, if any, onto the frozen `vit`."""
-        vl_model = load_dept_vl_model(vl_base, adapter_dir, is_trainable=is_trainable)
+        vl_model = vl_t5.load_dept_vl_model(vl_base, adapter_dir, is_trainable=is_trainable)
         vision = load_vision_adapter(vit, adapter_dir, is_trainable) or vit
         model = cls(vision, vl_model, **kwargs)
         return model if is_trainable else model.eval()

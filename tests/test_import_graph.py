@@ -1,6 +1,7 @@
 """The import graph of our packages has no cycle, counting the imports inside functions too (a cycle hidden behind
 a function-level import is still a cycle), and no module imports one of ours inside a function: every dependency
-shows at the top of the module that has it."""
+shows at the top of the module that has it. A module of ours bound at the top to be imported on first use,
+`LazyModule("dept_vl.model")` (`dept.extras`), is an import like any other."""
 
 from __future__ import annotations
 
@@ -29,24 +30,35 @@ def _is_type_checking_block(node: ast.AST) -> bool:
         or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
 
 
+def _is_lazy_module(node: ast.AST) -> bool:
+    """`LazyModule("name", ...)`: an import on first use."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return False
+    name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+    return name == "LazyModule" and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+
+
 def imports(tree: ast.Module):
-    """(import node, whether it runs inside a function) for every import that runs: `if TYPE_CHECKING:` blocks
-    never do."""
+    """(import node, whether it runs inside a function) for every import that runs, `LazyModule(...)` calls
+    included: `if TYPE_CHECKING:` blocks never do."""
     def visit(node: ast.AST, in_function: bool):
         for child in ast.iter_child_nodes(node):
             if _is_type_checking_block(child):
                 continue
-            if isinstance(child, (ast.Import, ast.ImportFrom)):
+            if isinstance(child, (ast.Import, ast.ImportFrom)) or _is_lazy_module(child):
                 yield child, in_function
             yield from visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
                                                                      ast.Lambda)))
     yield from visit(tree, False)
 
 
-def imported_modules(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool, modules) -> set[str]:
-    """Which of `modules` an import statement in module `importer` loads (not counting the parent packages that
-    Python imports on the way: a package importing its own modules is no cycle)."""
-    if isinstance(node, ast.Import):
+def imported_modules(node: ast.Import | ast.ImportFrom | ast.Call, importer: str, is_package: bool, modules
+                     ) -> set[str]:
+    """Which of `modules` an import statement (or a `LazyModule` call) in module `importer` loads (not counting
+    the parent packages that Python imports on the way: a package importing its own modules is no cycle)."""
+    if isinstance(node, ast.Call):
+        names = [node.args[0].value]
+    elif isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
     else:
         base = node.module or ""
@@ -112,6 +124,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_our_modules_import_each_other_without_a_cycle():
     graph, _ = import_graph()
     assert len(graph) > 60 and graph["dept_vl.pipeline"] >= {"dept_vl.evaluate", "dept_vl.arguments"}
+    assert "dept_vl.model" in graph["dept_vl.modeling"]  # bound with LazyModule: imported on first use
     assert cycles(graph) == []
 
 
