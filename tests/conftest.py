@@ -82,10 +82,40 @@ OFFICIAL_CHECKPOINTS = SHARED_REFERENCE / "dept-official-checkpoints"
 T5_TOKENIZER_DIR = SHARED_REFERENCE / "t5-tokenizer"
 
 
-def pytest_collection_modifyitems(items):
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook
+def pytest_collection_modifyitems(config, items):
     """The multi-process tests first (a stable sort): xdist hands tests out in this order, so the longest runs
-    start early and the two workers finish together."""
+    start early and the two workers finish together. On an xdist worker under --dist loadgroup, each
+    `xdist_group` test's node id gets its group name (see `_name_the_xdist_group`)."""
     items.sort(key=lambda item: item.get_closest_marker("multiprocess") is None)
+    if getattr(config.option, "loadgroup", False):  # set on xdist workers only
+        for item in items:
+            _name_the_xdist_group(item)
+
+
+def _name_the_xdist_group(item) -> None:
+    """--dist loadgroup sends the tests whose node ids end in the same `@group` to one worker. pytest-xdist 3.8
+    appends it by setting `item._nodeid`, which pytest 9.2 no longer reads (the id lives in `item._id`): the groups
+    were lost, each test went its own way, and a module-scoped run ran once per worker. Append it here where xdist
+    could not (idempotent: an id that already ends in its group is left alone)."""
+    names = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                    for mark in item.iter_markers("xdist_group")})
+    suffix = "@" + "_".join(names)
+    if not names or item.nodeid.endswith(suffix) or not hasattr(item, "_id"):
+        return
+    item._id = type(item._id).parse(item.nodeid + suffix)
+
+
+@pytest.fixture(autouse=True)
+def _no_mixed_precision_left_behind():
+    """accelerate keeps one AcceleratorState per process. A test that trains in bf16 (HF's or TRL's Trainer with
+    bf16=True) leaves it at bf16, and every later Accelerator of that test worker, ours included (it takes the
+    state's precision when none is asked for), would then train and evaluate under bf16 autocast: a later test's
+    result would depend on which tests ran before it on the same worker. Reset the state after such a test."""
+    yield
+    state = sys.modules.get("accelerate.state")
+    if state is not None and state.AcceleratorState._shared_state.get("_mixed_precision", "no") != "no":
+        state.AcceleratorState._reset_state()
 
 
 def free_port() -> int:

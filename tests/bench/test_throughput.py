@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,10 +19,10 @@ from benchmarks.throughput import (
     make_batches,
     time_trainer_against_bare_loop,
 )
+from tests.conftest import import_script
 
 pytestmark = pytest.mark.xdist_group("bench_throughput")  # shares module-scoped runs: one worker (--dist loadgroup)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MODELS = ("t5-tiny", "llama-tiny")
 TRAIN_FIGURES = ("train_step_s", "train_peak_memory_mb", "train_added_memory_mb")
 EVAL_FIGURES = ("eval_forward_s", "eval_peak_memory_mb", "eval_added_memory_mb")
@@ -35,14 +30,12 @@ EVAL_FIGURES = ("eval_forward_s", "eval_peak_memory_mb", "eval_added_memory_mb")
 
 @pytest.fixture(scope="module")
 def smoke_dir(tmp_path_factory):
-    """One CLI run at tiny dims on the short-text workload (both paddings), two measured steps."""
+    """One CLI run at tiny dims on the short-text workload (both paddings), two measured steps: the script's main,
+    called in this process (each measurement still runs in a fresh process of its own, as on the command line)."""
     output_dir = tmp_path_factory.mktemp("bench")
-    command = [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--sizes", "tiny", "--workloads", "short",
-               "--device", "cpu", "--batch_size", "2", "--warmup", "1", "--steps", "2", "--threads", "1",
-               "--output_dir", str(output_dir)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    argv = ["--sizes", "tiny", "--workloads", "short", "--device", "cpu", "--batch_size", "2", "--warmup", "1",
+            "--steps", "2", "--threads", "1", "--output_dir", str(output_dir)]
+    assert import_script("benchmark").main(argv) == 0
     return output_dir
 
 
@@ -123,9 +116,7 @@ def test_existing_results_are_refused_unless_overwrite(smoke_dir, capsys):
     with pytest.raises(FileExistsError, match="--overwrite"):
         check_output_dir(smoke_dir, overwrite=False)
     assert check_output_dir(smoke_dir, overwrite=True) == smoke_dir
-    spec = importlib.util.spec_from_file_location("benchmark_cli", REPO_ROOT / "scripts" / "benchmark.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = import_script("benchmark")
     before = (smoke_dir / "results.json").read_bytes()
     assert cli.main(["--sizes", "tiny", "--device", "cpu", "--output_dir", str(smoke_dir)]) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -197,30 +198,35 @@ def test_resumed_run_ends_with_the_same_adapter(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_two_processes_give_the_same_eval_metric(tmp_path):
+def test_two_processes_give_the_same_eval_metric(tmp_path, caplog):
     files = sample_sst2_files()
     texts = [json.loads(line)["sentence"] for path in files.values() for line in open(path)]
     model_dir = save_tiny_model("seq2seq", tmp_path / "model", texts)
     main(text_train_argv(str(model_dir), tmp_path / "adapter", "sst2", files, steps=20, max_eval_samples=10))
 
-    def evaluate(output_dir, launcher):
+    def evaluation_argv(output_dir):
         argv = text_train_argv(str(model_dir), output_dir, "sst2", files, peft_model_id=tmp_path / "adapter",
                       max_eval_samples=30)
         argv = [a for a in argv if a not in ("--do_train", "--do_predict", "--load_best_model_at_end")]
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-        run = subprocess.run([*launcher, str(REPO_ROOT / "scripts" / "train_nlp.py"), *argv,
-                              "--load_best_model_at_end", "false"],
-                             capture_output=True, text=True, env=env, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        return run.stderr + run.stdout, json.loads((output_dir / "eval_results.json").read_text())
+        return [*argv, "--load_best_model_at_end", "false"]
 
-    log_one, one = evaluate(tmp_path / "one", [sys.executable])
+    def results(output_dir):
+        return json.loads((output_dir / "eval_results.json").read_text())
+
+    # One process: this one (a fresh interpreter would only add its start-up).
+    with caplog.at_level(logging.INFO, logger="dept_nlp.pipeline"):
+        main(evaluation_argv(tmp_path / "one"))
+    log_one, one = caplog.text, results(tmp_path / "one")
     # `accelerate launch --cpu --num_processes 2` starts one process; --multi_gpu starts two, and the trainer
     # makes them CPU processes (gloo) when CUDA is absent.
-    log_two, two = evaluate(tmp_path / "two", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                                               "--num_processes", "2", "--num_machines", "1",
-                                               "--mixed_precision", "no", "--dynamo_backend", "no",
-                                               "--main_process_port", str(free_port())])
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port())]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([*launcher, str(REPO_ROOT / "scripts" / "train_nlp.py"), *evaluation_argv(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log_two, two = run.stderr + run.stdout, results(tmp_path / "two")
     assert "on 1 process(es)" in log_one and "on 2 process(es)" in log_two
     assert one["eval_samples"] == two["eval_samples"] == 30
     assert one["eval_accuracy"] == two["eval_accuracy"]

@@ -279,9 +279,12 @@ def test_overwrite_output_dir_replaces_the_old_checkpoints(tmp_path):
 @pytest.mark.multiprocess
 def test_two_processes_train_report_the_single_process_eval_metric_and_resume_bit_identically(tmp_path):
     settings = dict(max_steps=6, save_steps=3, eval_steps=3)
-    run, report = tmp_path / "two_processes", tmp_path / "report"
+    run, report, resumed = tmp_path / "two_processes", tmp_path / "report", tmp_path / "resumed"
+    resumed.mkdir()
+    # The same two processes then resume a copy of the run cut back to checkpoint-3 (see the launcher).
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(LAUNCHER), str(run), "--report", str(report), "--args", json.dumps(settings)]  # fmt: skip
+               str(LAUNCHER), str(run), "--report", str(report), "--args", json.dumps(settings),
+               "--resume_copy", str(resumed)]  # fmt: skip
     finished = subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
@@ -308,14 +311,8 @@ def test_two_processes_train_report_the_single_process_eval_metric_and_resume_bi
     two_predictions = (run / "predictions_eval.jsonl").read_text().splitlines()
     assert two_predictions == (tmp_path / "single" / "predictions_eval.jsonl").read_text().splitlines()
 
-    # A copy cut back to checkpoint-3 (as if killed after it) resumes under 2 processes through load_state, with
+    # The copy cut back to checkpoint-3 (as if killed after it) resumed under 2 processes through load_state, with
     # each process's RNG, to the same adapter bit for bit.
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(run / "checkpoint-3", resumed / "checkpoint-3")
-    command = [*command[:-5], str(resumed), "--args", json.dumps({**settings, "resume_from_checkpoint": "auto"})]
-    finished = subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-3000:]
     assert (resumed / "checkpoint-3" / "random_states_1.pkl").is_file()  # accelerate's save_state, per process
     for name, tensor in load_file(str(run / "adapter_model.safetensors")).items():
         assert torch.equal(load_file(str(resumed / "adapter_model.safetensors"))[name], tensor), name
