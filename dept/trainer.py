@@ -17,6 +17,7 @@ checkpoint), `dept.distributed` (what DeepSpeed's and FSDP's sharded parameters 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,7 +26,8 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.state import AcceleratorState, is_initialized
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -60,6 +62,25 @@ class Evaluator(Protocol):
         ...
 
 
+def new_accelerator(args: TrainingArguments) -> Accelerator:
+    """The run's Accelerator, in the precision `args.mixed_precision` names, else the launcher's (`accelerate
+    launch` sets ACCELERATE_MIXED_PRECISION), else "no". accelerate keeps one precision per process: one left by
+    an earlier run in this process (transformers' Trainer with bf16=True, in a notebook) is dropped first, as
+    transformers' Trainer does, so that it never sets this run's precision unasked."""
+    mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if is_initialized():
+        state = AcceleratorState()
+        if state.mixed_precision != mixed_precision and state.distributed_type != DistributedType.DEEPSPEED:
+            AcceleratorState._reset_state()
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with="tensorboard" if args.report_to == "tensorboard" else None,
+        project_dir=args.output_dir,
+    )
+
+
 class Trainer:
     """Train, evaluate and predict with one accelerate loop.
 
@@ -91,13 +112,7 @@ class Trainer:
         self.train_dataset, self.eval_dataset, self.test_dataset = train_dataset, eval_dataset, test_dataset
         self.on_evaluate = on_evaluate
         self.output_dir = Path(args.output_dir)
-        self.accelerator = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=args.mixed_precision,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            log_with="tensorboard" if args.report_to == "tensorboard" else None,
-            project_dir=args.output_dir,
-        )
+        self.accelerator = accelerator or new_accelerator(args)
         if self.accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:
             raise ValueError(
                 f"The accelerator accumulates {self.accelerator.gradient_accumulation_steps} steps but "

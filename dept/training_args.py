@@ -57,7 +57,8 @@ class TrainingArguments:
             derived; one that contradicts the metric (a loss maximised) is refused.
         seed: seed of the data order, of dropout and of anything else random in the run.
         mixed_precision: "no", "fp16" or "bf16", handed to accelerate; None (the default) takes the accelerate
-            config's setting (`accelerate launch --config_file ...`), which is "no" without one.
+            config's setting (`accelerate launch --config_file ...`), which is "no" without one, never a precision
+            left in the process by an earlier run (see `dept.trainer.new_accelerator`).
         resume_from_checkpoint: a checkpoint directory to resume from, or "auto" for the latest complete
             checkpoint in `output_dir` (a fresh start when there is none).
         skip_nan_steps: on a NaN/inf loss, skip that optimizer step (and count it) instead of stopping the run.

@@ -451,3 +451,25 @@ def test_the_loss_reaches_the_host_only_when_logged(tmp_path, skip_nan_steps):
         assert [step for name, step in collectives if name == "reduce"] == steps
         assert [step for name, step in SyncRecordingTensor.reads if name == "item"] == steps
         assert [step for name, step in collectives if name == "gather"] == [4, 8, 12]
+
+
+@pytest.mark.parametrize(("left_behind", "asked", "launcher", "expected"), [
+    ("bf16", None, None, "no"),  # transformers' Trainer with bf16=True ran earlier in this process
+    ("bf16", None, "bf16", "bf16"),  # `accelerate launch --mixed_precision bf16`
+    ("no", "bf16", None, "bf16"),
+])
+def test_the_precision_is_the_one_asked_for_not_one_left_by_an_earlier_run(tmp_path, monkeypatch, left_behind, asked,
+                                                                            launcher, expected):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    Accelerator(cpu=True, mixed_precision=left_behind)
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    trainer = toy_trainer(toy_args(tmp_path, mixed_precision=asked))
+    assert trainer.accelerator.mixed_precision == expected
+    trainer.train()  # and the loop runs in it
+    assert trainer.accelerator.mixed_precision == expected
