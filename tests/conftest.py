@@ -42,6 +42,7 @@ from transformers import (  # noqa: E402
 )
 
 from dept import DePTConfig, get_dept_model  # noqa: E402
+from dept.command_line import IGNORED_FLAGS  # noqa: E402
 from dept_nlp.tasks import SPLITS, TaskSpec, get_task  # noqa: E402
 from dept_vl.data import task_file_paths  # noqa: E402
 from dept_vl.features import GridFeatureExtractor, extract_to_h5  # noqa: E402
@@ -116,6 +117,30 @@ def _no_mixed_precision_left_behind():
     state = sys.modules.get("accelerate.state")
     if state is not None and state.AcceleratorState._shared_state.get("_mixed_precision", "no") != "no":
         state.AcceleratorState._reset_state()
+
+
+def flags_the_method_reads(argv: list[str], peft_type: str) -> list[str]:
+    """`argv` without the flags (and their values) that `peft_type`'s method ignores (`IGNORED_FLAGS`): a baseline
+    is given only the flags its method reads, as a user would."""
+    ignored, kept, skip = IGNORED_FLAGS[peft_type], [], False
+    for word in argv:
+        if skip and not word.startswith("--"):
+            continue
+        skip = word.startswith("--") and word[2:] in ignored
+        if not skip:
+            kept.append(word)
+    return kept
+
+
+@pytest.fixture
+def network_cut(monkeypatch):
+    """The hub offline and no socket able to connect: what passes under it never reached the network."""
+    def no_network(*args, **kwargs):
+        raise OSError("network access attempted")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
 
 
 def free_port() -> int:

@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dept.command_line import IGNORED_FLAGS
 from dept_nlp.cli import train as main
 from dept_nlp.data_files import sample_sst2_files
 from tests.conftest import (
     REPO_ROOT,
     TASK_TYPES,
+    flags_the_method_reads,
     free_port,
     hub_row,
     hub_rows,
@@ -41,18 +41,6 @@ def _model(tmp_path, kind: str, task_name: str) -> str:
 
     texts = _vocabulary(task_name) + [get_task(task_name).format_example(hub_row(task_name, i))[0] for i in range(20)]
     return str(save_tiny_model(TASK_TYPES[kind], tmp_path / f"{kind}-model", texts))
-
-
-def _without_flags(argv: list[str], names) -> list[str]:
-    """`argv` without the flags `names` (and their values): a baseline gets only the flags its method reads."""
-    kept, skip = [], False
-    for word in argv:
-        if skip and not word.startswith("--"):
-            continue
-        skip = word.startswith("--") and word[2:] in names
-        if not skip:
-            kept.append(word)
-    return kept
 
 
 @pytest.mark.parametrize(
@@ -102,8 +90,8 @@ def test_baselines_run_through_the_same_trainer_and_train_what_their_method_trai
     files = write_task_fixture("sst2", tmp_path / "data", n_train=8, n_val=4, n_test=4)
     model_dir = _model(tmp_path, "t5", "sst2")
     out = tmp_path / "out"
-    results = main(_without_flags(text_train_argv(model_dir, out, "sst2", files, peft_type=peft_type, lora_embedding_lr=0.3),
-                                  IGNORED_FLAGS[peft_type]))
+    argv = text_train_argv(model_dir, out, "sst2", files, peft_type=peft_type, lora_embedding_lr=0.3)
+    results = main(flags_the_method_reads(argv, peft_type))
     assert "test_accuracy" in results
     base = load_file(os.path.join(model_dir, "model.safetensors"))
     d_model = base["shared.weight"].shape[1]

@@ -13,7 +13,6 @@ import pytest
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from dept.command_line import IGNORED_FLAGS
 from dept.trainer import Trainer
 from dept.training_args import TrainingArguments
 from dept_vl.arguments import VLDataArguments
@@ -24,6 +23,7 @@ from dept_vl.features import MissingFeaturesError
 from dept_vl.model import load_dept_vl_model
 from dept_vl.modeling import load_vl_base_model
 from dept_vl.tasks import TASKS, TaskSources, load_task_splits, read_vqa
+from tests.conftest import flags_the_method_reads
 from tests.vl.conftest import predictions, read_json
 
 TASK_METRICS = {name: [f"{name}_{metric}" for metric in spec.metrics] for name, spec in TASKS.items()}
@@ -77,24 +77,12 @@ def test_dept_training_lowers_the_vqa_loss(vl_fixture, tmp_path):
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
 
 
-def _without_flags(argv: list[str], names) -> list[str]:
-    """`argv` without the flags `names` (and their values): a baseline gets only the flags its method reads."""
-    kept, skip = [], False
-    for word in argv:
-        if skip and not word.startswith("--"):
-            continue
-        skip = word.startswith("--") and word[2:] in names
-        if not skip:
-            kept.append(word)
-    return kept
-
-
 @pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "LORA", "FULL"])
 def test_baselines_run_through_the_same_pipeline(vl_fixture, tmp_path, peft_type):
     output_dir = tmp_path / "run"
     argv = vl_fixture.argv("gqa", output_dir, "--peft_type", peft_type, "--max_steps", "2", "--learning_rate",
                            "0.001", "--do_predict", "false")
-    results = main(_without_flags(argv, IGNORED_FLAGS[peft_type]))  # the flags its method reads
+    results = main(flags_the_method_reads(argv, peft_type))
     assert "eval_gqa_accuracy" in results
     trainable = read_json(output_dir / "training_task.json")["trainable_parameters"]
     assert trainable["visual_embedding"] > 0
