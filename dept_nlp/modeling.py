@@ -24,6 +24,12 @@ def recorded_task_type(training_task: dict | None) -> str | None:
     return training_task.get("task_type") or training_task.get("model_family")
 
 
+def load_config(model_name_or_path: str, *, trust_remote_code: bool = False):
+    """The base model's config (no weights are read); a model with its own code is refused unless trusted."""
+    with refusing_remote_code(model_name_or_path, REMOTE_CODE_HINT):
+        return transformers.AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+
+
 def resolve_task_type(model_name_or_path: str, task_type: str | None = None, training_task: dict | None = None,
                       trust_remote_code: bool = False) -> str:
     """`task_type` when given (the flag), else the one the adapter was trained with, else detected from the base
@@ -31,8 +37,7 @@ def resolve_task_type(model_name_or_path: str, task_type: str | None = None, tra
     task_type = task_type or recorded_task_type(training_task)
     if task_type:
         return task_type
-    with refusing_remote_code(model_name_or_path, REMOTE_CODE_HINT):
-        return infer_task_type(transformers.AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code))
+    return infer_task_type(load_config(model_name_or_path, trust_remote_code=trust_remote_code))
 
 
 def load_tokenizer(model_name_or_path: str, *, trust_remote_code: bool = False):

@@ -11,14 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import transformers  # its Auto classes are imported on first use: they load the names of every model
-
 from dept.command_line import MethodArguments, parse_arguments, yaml_to_argv
-from dept.errors import refusing_remote_code
 from dept.training_args import TrainingArguments
 from dept_nlp import pipeline as text
 from dept_nlp.arguments import DataArguments, ModelArguments
-from dept_nlp.modeling import REMOTE_CODE_HINT
+from dept_nlp.modeling import load_config
 from dept_nlp.tasks import get_task
 from dept_vl import pipeline as vl
 from dept_vl.arguments import ARGUMENT_TYPES as VL_ARGUMENT_TYPES
@@ -62,9 +59,7 @@ class Pipeline:
 
 
 def text_config(model_args: ModelArguments):
-    with refusing_remote_code(model_args.model_name_or_path, REMOTE_CODE_HINT):
-        return transformers.AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                                       trust_remote_code=model_args.trust_remote_code)
+    return load_config(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
 
 
 def vl_config(model_args: VLModelArguments):

@@ -110,9 +110,9 @@ def _name_the_xdist_group(item) -> None:
 @pytest.fixture(autouse=True)
 def _no_mixed_precision_left_behind():
     """accelerate keeps one AcceleratorState per process. A test that trains in bf16 (HF's or TRL's Trainer with
-    bf16=True) leaves it at bf16, and every later Accelerator of that test worker, ours included (it takes the
-    state's precision when none is asked for), would then train and evaluate under bf16 autocast: a later test's
-    result would depend on which tests ran before it on the same worker. Reset the state after such a test."""
+    bf16=True) leaves it at bf16, and a later plain `Accelerator()` of that test worker would then run under bf16
+    autocast (our Trainer resets such a state itself: `dept.trainer.new_accelerator`): a later test's result would
+    depend on which tests ran before it on the same worker. Reset the state after such a test."""
     yield
     state = sys.modules.get("accelerate.state")
     if state is not None and state.AcceleratorState._shared_state.get("_mixed_precision", "no") != "no":
